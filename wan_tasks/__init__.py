@@ -1,0 +1,48 @@
+"""wan-tasks: WaveSpeedAI's Wan 2.2 image-to-video as dependable Prefect steps."""
+
+from wan_tasks.client import AsyncWaveSpeedClient, WaveSpeedClient
+from wan_tasks.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ContentModerationError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    MediaAccessError,
+    OutputExpiredError,
+    RateLimitedError,
+    SubmissionUncertainError,
+    TaskFailedError,
+    TransientServerError,
+    WaitTimeoutError,
+    WaveSpeedError,
+)
+from wan_tasks.models import MODEL_ID, I2VRequest, LoraWeight, Prediction, PredictionStatus
+from wan_tasks.operations import Submission, Timeouts
+from wan_tasks.policies import PollPolicy, RetryPolicy
+
+__all__ = [
+    "MODEL_ID",
+    "AsyncWaveSpeedClient",
+    "AuthenticationError",
+    "ConfigurationError",
+    "ContentModerationError",
+    "I2VRequest",
+    "InsufficientBalanceError",
+    "InvalidRequestError",
+    "LoraWeight",
+    "MediaAccessError",
+    "OutputExpiredError",
+    "PollPolicy",
+    "Prediction",
+    "PredictionStatus",
+    "RateLimitedError",
+    "RetryPolicy",
+    "Submission",
+    "SubmissionUncertainError",
+    "TaskFailedError",
+    "Timeouts",
+    "TransientServerError",
+    "WaitTimeoutError",
+    "WaveSpeedClient",
+    "WaveSpeedError",
+]

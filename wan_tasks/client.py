@@ -1,0 +1,248 @@
+"""Typed sync and async clients for the WaveSpeed API.
+
+Both drive the same sans-I/O operations (`operations.py`) over one httpx connection pool each.
+The API key is a SecretStr end to end and is only ever put in the Authorization header of
+requests to the API's own base URL; output downloads (a CDN) never carry it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+from pydantic import SecretStr
+
+from wan_tasks.config import resolve_api_key, resolve_base_url
+from wan_tasks.models import MODEL_ID, HistoryPage, HistoryStatus, I2VRequest, Prediction
+from wan_tasks.operations import Operation, Operations, Sleep, Submission, Timeouts
+from wan_tasks.policies import PollPolicy, RetryPolicy
+from wan_tasks.protocol import error_for_response
+
+T = TypeVar("T")
+
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+_USER_AGENT = "wan-tasks/0.1"
+
+
+class _Base:
+    def __init__(
+        self,
+        api_key: SecretStr | str | None = None,
+        base_url: str | None = None,
+        *,
+        model: str = MODEL_ID,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
+    ) -> None:
+        self.ops = Operations(
+            api_key=resolve_api_key(api_key),
+            base_url=resolve_base_url(base_url),
+            model=model,
+            timeouts=timeouts,
+            retry=retry,
+            poll=poll,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self.ops.base_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.ops.model!r})"
+
+    def _download_request(self, url: str) -> httpx.Request:
+        # No Authorization header: output URLs live on a CDN, not the API.
+        return httpx.Request(
+            "GET", url, extensions={"timeout": self.ops.timeouts.for_call()}
+        )
+
+
+class WaveSpeedClient(_Base):
+    """Blocking client. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        api_key: SecretStr | str | None = None,
+        base_url: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(api_key, base_url, **kwargs)
+        self._http = httpx.Client(
+            transport=transport, limits=_LIMITS, headers={"User-Agent": _USER_AGENT},
+            timeout=httpx.Timeout(30.0, connect=10.0),
+        )
+
+    def _run(self, op: Operation[T]) -> T:
+        try:
+            step = next(op)
+            while True:
+                if isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                    step = op.send(None)
+                    continue
+                try:
+                    response = self._http.send(step)
+                except httpx.TransportError as exc:
+                    step = op.throw(exc)
+                    continue
+                step = op.send(response)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Submission:
+        """Upload local images and submit. Never sends the POST twice."""
+        return self._run(self.ops.submit(request, webhook=webhook))
+
+    def prepare(self, request: I2VRequest) -> dict[str, Any]:
+        return self._run(self.ops.prepare(request))
+
+    def submit_payload(self, payload: dict[str, Any], *, webhook: str | None = None
+                       ) -> Prediction:
+        return self._run(self.ops.submit_payload(payload, webhook=webhook))
+
+    def get_prediction(self, prediction_id: str) -> Prediction:
+        return self._run(self.ops.get_prediction(prediction_id))
+
+    def wait(self, prediction_id: str, **kwargs: Any) -> Prediction:
+        return self._run(self.ops.wait(prediction_id, **kwargs))
+
+    def run(self, request: I2VRequest, **wait_kwargs: Any) -> Prediction:
+        submission = self.submit(request)
+        return self.wait(submission.prediction.id, poll_first=False, **wait_kwargs)
+
+    def upload(self, path: Path) -> str:
+        return self._run(self.ops.upload_file(path)).download_url
+
+    def cancel(self, prediction_id: str) -> Prediction:
+        return self._run(self.ops.cancel(prediction_id))
+
+    def balance(self) -> Decimal:
+        return self._run(self.ops.balance())
+
+    def history(self, **kwargs: Any) -> HistoryPage:
+        return self._run(self.ops.history(**kwargs))
+
+    @contextmanager
+    def stream_output(self, url: str) -> Iterator[httpx.Response]:
+        """Stream an output file; raises the typed error for a non-200 answer."""
+        response = self._http.send(self._download_request(url), stream=True)
+        try:
+            if response.status_code != 200:
+                response.read()
+                raise error_for_response(response, operation=f"download {url}")
+            yield response
+        finally:
+            response.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncWaveSpeedClient(_Base):
+    """Asyncio client with the same methods as WaveSpeedClient."""
+
+    def __init__(
+        self,
+        api_key: SecretStr | str | None = None,
+        base_url: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(api_key, base_url, **kwargs)
+        self._http = httpx.AsyncClient(
+            transport=transport, limits=_LIMITS, headers={"User-Agent": _USER_AGENT},
+            timeout=httpx.Timeout(30.0, connect=10.0),
+        )
+
+    async def _run(self, op: Operation[T]) -> T:
+        try:
+            step = next(op)
+            while True:
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = op.send(None)
+                    continue
+                try:
+                    response = await self._http.send(step)
+                except httpx.TransportError as exc:
+                    step = op.throw(exc)
+                    continue
+                step = op.send(response)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Submission:
+        return await self._run(self.ops.submit(request, webhook=webhook))
+
+    async def prepare(self, request: I2VRequest) -> dict[str, Any]:
+        return await self._run(self.ops.prepare(request))
+
+    async def submit_payload(
+        self, payload: dict[str, Any], *, webhook: str | None = None
+    ) -> Prediction:
+        return await self._run(self.ops.submit_payload(payload, webhook=webhook))
+
+    async def get_prediction(self, prediction_id: str) -> Prediction:
+        return await self._run(self.ops.get_prediction(prediction_id))
+
+    async def wait(self, prediction_id: str, **kwargs: Any) -> Prediction:
+        return await self._run(self.ops.wait(prediction_id, **kwargs))
+
+    async def run(self, request: I2VRequest, **wait_kwargs: Any) -> Prediction:
+        submission = await self.submit(request)
+        return await self.wait(submission.prediction.id, poll_first=False, **wait_kwargs)
+
+    async def upload(self, path: Path) -> str:
+        return (await self._run(self.ops.upload_file(path))).download_url
+
+    async def cancel(self, prediction_id: str) -> Prediction:
+        return await self._run(self.ops.cancel(prediction_id))
+
+    async def balance(self) -> Decimal:
+        return await self._run(self.ops.balance())
+
+    async def history(
+        self, *, status: HistoryStatus | None = None, **kwargs: Any
+    ) -> HistoryPage:
+        return await self._run(self.ops.history(status=status, **kwargs))
+
+    @asynccontextmanager
+    async def stream_output(self, url: str) -> AsyncIterator[httpx.Response]:
+        response = await self._http.send(self._download_request(url), stream=True)
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                raise error_for_response(response, operation=f"download {url}")
+            yield response
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

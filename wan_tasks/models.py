@@ -1,0 +1,205 @@
+"""Request and prediction models for `wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast`.
+
+The request model enforces every rule of the API reference, so bad input fails here, before any
+HTTP call, with pydantic's error naming the field and the rule. Unknown fields are rejected, not
+dropped: a typo such as `negative_promt` must not silently produce a different video.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+
+from wan_tasks.media import check_image_reference
+
+MODEL_ID = "wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast"
+MAX_SEED = 2_147_483_647
+MAX_LORAS = 3
+PRICE_USD: dict[int, Decimal] = {5: Decimal("0.10"), 8: Decimal("0.16")}
+FPS = 16
+
+
+class LoraWeight(BaseModel):
+    """One LoRA: a path (URL or hub id the service resolves) and a blending scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[StrictStr, Field(min_length=1, max_length=2048)]
+    scale: Annotated[StrictFloat, Field(ge=0.0, le=4.0, allow_inf_nan=False)] = 1.0
+
+    @field_validator("path")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v.strip()
+
+
+LoraList = Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)]
+
+
+class I2VRequest(BaseModel):
+    """A Wan 2.2 image-to-video request, exactly as the service accepts it.
+
+    `image` and `last_image` are http(s) URLs or local file paths; a local file is checked here
+    (exists, supported image type, sane size) and uploaded by the client before submit.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: Annotated[StrictStr, Field(min_length=1, description="First frame: URL or local path")]
+    prompt: Annotated[StrictStr, Field(min_length=1, max_length=10_000)]
+    negative_prompt: Annotated[StrictStr, Field(max_length=10_000)] = ""
+    last_image: StrictStr | None = Field(default=None, description="Last frame: URL or path")
+    duration: Literal[5, 8] = 5
+    loras: LoraList = Field(default_factory=list)
+    high_noise_loras: LoraList = Field(default_factory=list)
+    low_noise_loras: LoraList = Field(default_factory=list)
+    seed: Annotated[StrictInt, Field(ge=-1, le=MAX_SEED)] = -1
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("image", "last_image")
+    @classmethod
+    def _image_reference(cls, v: str | None) -> str | None:
+        return None if v is None else check_image_reference(v)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        """What the service charges for this request."""
+        return PRICE_USD[self.duration]
+
+    @property
+    def frame_count(self) -> int:
+        return FPS * self.duration + 1
+
+    def with_concrete_seed(self, seed: int | None = None) -> I2VRequest:
+        """Resolve seed -1 to a concrete random seed, so the video is reproducible and its
+        cache key is meaningful. A concrete seed is kept as it is."""
+        if self.seed != -1:
+            return self
+        chosen = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        return self.model_copy(update={"seed": chosen})
+
+    def local_images(self) -> dict[str, Path]:
+        """The fields that name local files (and so need an upload before submit)."""
+        found: dict[str, Path] = {}
+        for name in ("image", "last_image"):
+            value: str | None = getattr(self, name)
+            if value is not None and not value.startswith(("http://", "https://")):
+                found[name] = Path(value)
+        return found
+
+    def to_payload(self, **urls: str) -> dict[str, Any]:
+        """The JSON body for submit. `urls` replaces local paths with their uploaded URLs."""
+        body = self.model_dump(exclude_none=True, exclude_defaults=False)
+        body.update(urls)
+        leftover = [k for k in ("image", "last_image") if k in body and k not in urls]
+        for name in leftover:
+            if not str(body[name]).startswith(("http://", "https://")):
+                raise ValueError(f"{name}: local file {body[name]!r} must be uploaded first")
+        for lora_field in ("loras", "high_noise_loras", "low_noise_loras"):
+            if not body[lora_field]:
+                del body[lora_field]
+        if not body["negative_prompt"]:
+            del body["negative_prompt"]
+        return body
+
+
+class PredictionStatus(StrEnum):
+    CREATED = "created"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    # Not in the model page, but the official SDK treats these as terminal too.
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    DELETED = "deleted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (PredictionStatus.CREATED, PredictionStatus.PROCESSING)
+
+    @property
+    def is_success(self) -> bool:
+        return self is PredictionStatus.COMPLETED
+
+
+class PredictionUrls(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    get: str | None = None
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    inference: int | None = Field(default=None, description="Inference time in milliseconds")
+
+
+class Prediction(BaseModel):
+    """The `data` of a prediction envelope. Extra fields from the service are kept, not lost."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    model: str = ""
+    outputs: list[str] = Field(default_factory=list)
+    urls: PredictionUrls = Field(default_factory=PredictionUrls)
+    has_nsfw_contents: list[bool] = Field(default_factory=list)
+    status: PredictionStatus
+    created_at: datetime | None = None
+    error: str | None = ""
+    timings: Timings | None = None
+    code: int | None = Field(default=None, description="Task error code of a failed task")
+    input: dict[str, Any] | None = Field(default=None, description="Echoed by history/webhooks")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    @property
+    def inference_ms(self) -> int | None:
+        return self.timings.inference if self.timings else None
+
+
+class HistoryPage(BaseModel):
+    """One page of `POST /api/v3/predictions` (the account's task history)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    items: list[Prediction] = Field(default_factory=list)
+    page: int = 1
+    page_size: int = 0
+    total: int | None = None
+
+
+class UploadResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    download_url: str
+    filename: str | None = None
+    size: int | None = None
+    type: str | None = None
+
+
+HistoryStatus = Literal["created", "processing", "completed", "failed"]
