@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Project-local state for the demo: Prefect's database and results, the embedded object store.
+DEMO_ENV := WAN_TASKS_HOME=$(CURDIR)/var/wan-tasks PREFECT_HOME=$(CURDIR)/var/prefect \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+
 .PHONY: demo test lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
@@ -13,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/wan-video demo
+	$(DEMO_ENV) $(BIN)/wan-video demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

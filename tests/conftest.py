@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+import os
+import shutil
+import tempfile
 
-import pytest
+# Isolate Prefect's home (result storage, cache keys, lock files) before anything imports prefect:
+# the test harness isolates the database only.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="wan-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
 
-from wan_tasks import PollPolicy, RetryPolicy, Timeouts, WaveSpeedClient
-from wan_tasks.emulator import Emulator, EmulatorConfig
+import logging  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from wan_tasks import PollPolicy, RetryPolicy, Timeouts, WaveSpeedClient  # noqa: E402
+from wan_tasks.emulator import Emulator, EmulatorConfig  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "wan_tasks" / "assets" / "sample.png"
 FAST_POLL = PollPolicy(first_poll_after=0.1, min_interval=0.1, max_interval=0.3, jitter=0.0)
@@ -63,6 +75,79 @@ def client(emulator: Emulator, make_client: Callable[..., WaveSpeedClient]) -> W
 
 @pytest.fixture
 def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """Capture every logger at DEBUG, for secret-leak checks."""
+    """Capture every logger at DEBUG, for secret-leak checks (named ones too: the CLI and
+    Prefect raise some, such as httpx, to WARNING)."""
     caplog.set_level(logging.DEBUG)
+    for name in ("httpx", "httpcore", "wan_tasks", "prefect", "botocore", "urllib3"):
+        caplog.set_level(logging.DEBUG, logger=name)
     return caplog
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+# -- the real stack: Prefect test server, SeaweedFS, emulator --------------------------------
+
+TEST_BUCKET = "test-videos"
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect server for the whole session (each start costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from wan_tasks.storage.seaweed import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweed"), buckets=[TEST_BUCKET]) as weed:
+        yield weed.endpoint
+
+
+@dataclass
+class Stack:
+    emulator: Emulator
+    s3: Any  # a boto3 S3 client on the test SeaweedFS
+    bucket: str
+
+    def stats(self) -> dict[str, Any]:
+        return self.emulator.stats()
+
+    def object(self, uri: str) -> tuple[bytes, dict[str, Any]]:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        answer = self.s3.get_object(Bucket=bucket, Key=key)
+        return answer["Body"].read(), answer
+
+
+@pytest.fixture
+def make_stack(
+    prefect_server: None, s3_store: Any, make_emulator: Callable[..., Emulator],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Stack]:
+    """Point the flows at a fresh emulator and the test S3, with the given in-flight limit."""
+
+    def make(in_flight: int = 3, **emulator_settings: Any) -> Stack:
+        from wan_tasks.limits import ensure_limits
+
+        emulator_settings.setdefault("latency_s", 0.5)
+        emulator_settings.setdefault("concurrency", 10)
+        emu = make_emulator(**emulator_settings)
+        monkeypatch.setenv("WAVESPEED_API_KEY", emu.api_key)
+        monkeypatch.setenv("WAVESPEED_BASE_URL", emu.base_url)
+        for key, value in s3_store.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("WAN_TASKS_BUCKET", TEST_BUCKET)
+        ensure_limits(in_flight, 6000)
+        return Stack(emu, s3_store.boto3_client(), TEST_BUCKET)
+
+    return make
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack()

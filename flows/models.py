@@ -1,0 +1,52 @@
+"""What the flows take and return."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from wan_tasks.models import I2VRequest
+
+Status = Literal["archived", "failed", "invalid", "skipped"]
+
+
+class VideoJob(BaseModel):
+    request: I2VRequest
+    item_id: str = ""
+    variant: str = ""
+    row: int | None = None
+
+
+class VideoOutcome(BaseModel):
+    """One row of a batch report (and of its JSONL summary)."""
+
+    item_id: str
+    status: Status
+    row: int | None = None
+    prediction_id: str | None = None
+    seed: int | None = None
+    cost_usd: Decimal = Decimal("0")
+    s3_uri: str | None = None
+    manifest_uri: str | None = None
+    presigned_url: str | None = None
+    contact_sheet_uri: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    already_archived: bool = False
+    error_type: str | None = None
+    error: str | None = None
+
+
+class BatchReport(BaseModel):
+    manifest: str
+    total: int
+    archived: int
+    failed: int
+    invalid: int
+    skipped: int
+    cost_usd: Decimal = Field(description="what the archived videos cost when made")
+    new_spend_usd: Decimal = Field(description="what this run submitted (re-runs: 0)")
+    summary_uri: str | None = None
+    outcomes: list[VideoOutcome] = Field(default_factory=list)

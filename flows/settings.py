@@ -1,0 +1,46 @@
+"""Flow parameters, as pydantic models so the Prefect UI renders them as forms."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from wan_tasks.keys import DEFAULT_TEMPLATE, validate_template
+from wan_tasks.limits import LimitSettings
+from wan_tasks.policies import PollPolicy
+
+
+class ArchiveOptions(BaseModel):
+    """Where the videos go. `bucket` empty: $WAN_TASKS_BUCKET, else the embedded store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str | None = None
+    prefix: str = "videos"
+    key_template: str = Field(DEFAULT_TEMPLATE, description="fields: " + ", ".join(
+        ["prefix", "model_slug", "date", "prediction_id", "seed", "sha256", "item_id",
+         "duration"]))
+    presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    contact_sheet: bool = True
+
+    def model_post_init(self, __context: object) -> None:
+        validate_template(self.key_template)
+
+
+class RunOptions(BaseModel):
+    """How the videos are made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    credentials_block: str | None = Field(
+        None, description="name of a saved WaveSpeedCredentials block; empty: the environment"
+    )
+    wait_timeout_s: float = Field(1800.0, gt=0)
+    poll: PollPolicy = Field(default_factory=PollPolicy)
+    max_attempts: int = Field(
+        2, ge=1, le=5,
+        description="submissions per video when the service fails a task with 5000/5003/5004",
+    )
+    budget_usd: Decimal | None = Field(None, ge=0, description="cap on new spend per flow run")
+    limits: LimitSettings = Field(default_factory=LimitSettings)

@@ -1,0 +1,191 @@
+"""Real Prefect flow runs against the emulator over HTTP and SeaweedFS.
+
+Every test uses prompts unique to itself: the task cache is shared across the session, as it
+would be across runs of a real pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flows.generate import BatchIncompleteError, VideoFailedError, generate_batch, generate_video
+from flows.settings import RunOptions
+from tests.conftest import SAMPLE, Stack
+from wan_tasks import I2VRequest, PollPolicy
+from wan_tasks.emulator.render import probe_mp4
+from wan_tasks.fingerprint import derive_seed
+from wan_tasks.limits import LimitSettings
+
+FAST = RunOptions(poll=PollPolicy(first_poll_after=0.3, min_interval=0.2, max_interval=0.5,
+                                  jitter=0.0))
+
+
+def req(name: str, **kw: Any) -> I2VRequest:
+    kw.setdefault("image", str(SAMPLE))
+    return I2VRequest(prompt=f"test {name}", **kw)
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any] | str]) -> str:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_generate_video_archives_a_verified_object(stack: Stack) -> None:
+    out = generate_video(req("verified", seed=21), options=FAST)
+    assert out.status == "archived" and out.s3_uri and out.manifest_uri
+    data, answer = stack.object(out.s3_uri)
+    manifest = json.loads(stack.object(out.manifest_uri)[0])
+    assert hashlib.sha256(data).hexdigest() == manifest["sha256"] == out.sha256
+    assert len(data) == manifest["size"] == out.size
+    assert answer["ContentType"] == "video/mp4"
+    meta = answer["Metadata"]
+    assert meta["prediction-id"] == out.prediction_id and meta["seed"] == "21"
+    assert meta["sha256"] == out.sha256 and meta["model"].endswith("i2v-480p-lora-ultra-fast")
+    assert manifest["prediction_id"] == out.prediction_id and manifest["seed"] == 21
+    assert manifest["prefect"]["flow_run_id"] and manifest["prefect"]["task_run_id"]
+    assert manifest["cost_usd"] == "0.10" and manifest["timings"]["inference_ms"] >= 500
+    assert manifest["request"]["image"] == str(SAMPLE.resolve())
+    assert probe_mp4(data).frames == 81
+    sheet, sheet_answer = stack.object(out.contact_sheet_uri or "")
+    assert sheet[:2] == b"\xff\xd8" and sheet_answer["ContentType"] == "image/jpeg"
+    assert httpx.get(out.presigned_url or "", timeout=10).content == data
+    stats = stack.stats()
+    assert stats["submissions"] == 1 and stats["downloads"] == 1
+
+
+def test_second_run_submits_nothing(stack: Stack) -> None:
+    first = generate_video(req("rerun"), options=FAST)
+    before = stack.stats()
+    second = generate_video(req("rerun"), options=FAST)
+    after = stack.stats()
+    assert second.s3_uri == first.s3_uri and second.sha256 == first.sha256
+    for counter in ("submissions", "result_polls", "uploads", "downloads"):
+        assert after[counter] == before[counter], counter
+    assert before["submissions"] == 1
+
+
+def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
+    request = req("seed-minus-one")
+    out = generate_video(request, options=FAST)
+    expected = derive_seed(request).seed
+    assert out.seed == expected != -1
+    manifest = json.loads(stack.object(out.manifest_uri or "")[0])
+    assert manifest["seed"] == expected and manifest["payload"]["seed"] == expected
+    (sent,) = stack.emulator._server.engine.tasks.values()
+    assert sent.input["seed"] == expected
+    other = generate_video(req("seed-minus-one"), variant="take-2", options=FAST)
+    assert other.seed != expected and stack.stats()["submissions"] == 2
+
+
+def test_transient_faults_mid_wait_do_not_resubmit(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(faults={"script": {"result": ["503", "drop", "429", "500", "502"]},
+                               "retry_after_s": 0.2})
+    out = generate_video(req("faults-mid-wait"), options=FAST)
+    assert out.status == "archived"
+    stats = stack.stats()
+    assert stats["submissions"] == 1 and stats["faults_injected"] == 5
+
+
+def test_identical_concurrent_requests_submit_once(stack: Stack, tmp_path: Path) -> None:
+    row = {"image": str(SAMPLE), "prompt": "test identical twins", "seed": 5}
+    manifest = write_manifest(tmp_path / "twins.jsonl", [{**row, "id": f"twin-{i}"}
+                                                          for i in range(3)])
+    report = generate_batch(manifest, options=FAST)
+    assert report.archived == 3
+    assert len({o.s3_uri for o in report.outcomes}) == 1
+    assert stack.stats()["submissions"] == 1
+
+
+def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "mixed.jsonl", [
+        {"id": "good-1", "image": str(SAMPLE), "prompt": "test mixed 1"},
+        {"id": "bad-duration", "image": str(SAMPLE), "prompt": "test mixed 2", "duration": 6},
+        {"id": "good-2", "image": str(SAMPLE), "prompt": "test mixed 3", "duration": 8},
+        "{not json",
+        {"id": "unreachable", "image": "https://unreachable.invalid/x.png", "prompt": "t m 4"},
+        {"id": "good-3", "image": str(SAMPLE), "prompt": "test mixed 5"},
+    ])
+    with pytest.raises(BatchIncompleteError, match="3 of 6 videos did not land"):
+        generate_batch(manifest, options=FAST)
+    report = generate_batch(manifest, options=FAST, fail_on_item_error=False)
+    by_id = {o.item_id: o for o in report.outcomes}
+    assert [by_id[i].status for i in ("good-1", "good-2", "good-3")] == ["archived"] * 3
+    assert by_id["bad-duration"].status == "invalid"
+    assert "duration" in (by_id["bad-duration"].error or "")
+    assert by_id["row-00004"].status == "invalid"
+    assert by_id["unreachable"].status == "failed"
+    assert by_id["unreachable"].error_type == "MediaAccessError"
+    assert (report.archived, report.invalid, report.failed) == (3, 2, 1)
+    # Only the four valid rows ever reached the service, once each across both runs.
+    assert stack.stats()["submissions"] == 4
+    assert report.new_spend_usd == Decimal("0")  # the second run paid for nothing new
+    lines = stack.object(report.summary_uri or "")[0].decode().splitlines()
+    assert len(lines) == 6
+    assert {json.loads(line)["item_id"] for line in lines} == set(by_id)
+
+
+def test_in_flight_limit_holds(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
+    stack = make_stack(in_flight=2, latency_s=0.6)
+    rows = [{"id": f"v{i}", "image": str(SAMPLE), "prompt": f"test limit {i}"} for i in range(6)]
+    report = generate_batch(write_manifest(tmp_path / "limit.jsonl", rows), options=FAST)
+    assert report.archived == 6
+    stats = stack.stats()
+    assert stats["submissions"] == 6
+    assert stats["max_in_flight"] == 2  # never above the limit, and the limit was used
+
+
+def test_budget_cap_refuses_the_rest(stack: Stack, tmp_path: Path) -> None:
+    rows = [{"id": f"b{i}", "image": str(SAMPLE), "prompt": f"test budget {i}"} for i in range(4)]
+    options = FAST.model_copy(update={"budget_usd": Decimal("0.25")})
+    report = generate_batch(write_manifest(tmp_path / "budget.jsonl", rows), options=options,
+                            fail_on_item_error=False)
+    assert (report.archived, report.skipped) == (2, 2)
+    assert report.new_spend_usd == Decimal("0.20")
+    assert stack.stats()["submissions"] == 2
+    skipped = [o for o in report.outcomes if o.status == "skipped"]
+    assert all("budget" in (o.error or "") for o in skipped)
+
+
+def test_retryable_task_failure_is_resubmitted(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(faults={"script": {"submit": ["fail:5003"]}})
+    out = generate_video(req("retryable-failure"), options=FAST)
+    assert out.status == "archived" and stack.stats()["submissions"] == 2
+
+
+def test_permanent_failure_fails_fast_and_rerun_retries_it(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    stack = make_stack(faults={"script": {"submit": ["fail:1403"]}})
+    manifest = write_manifest(tmp_path / "perm.jsonl", [
+        {"id": "only", "image": str(SAMPLE), "prompt": "test permanent failure"}])
+    first = generate_batch(manifest, options=FAST, fail_on_item_error=False)
+    assert first.failed == 1 and first.outcomes[0].error_type == "TaskFailedError"
+    assert "1403" in (first.outcomes[0].error or "")
+    assert stack.stats()["submissions"] == 1  # 1403 is not retried within the run
+    second = generate_batch(manifest, options=FAST)
+    assert second.archived == 1 and stack.stats()["submissions"] == 2
+
+
+def test_missing_limit_fails_loudly(stack: Stack) -> None:
+    options = FAST.model_copy(update={"limits": LimitSettings(in_flight="no-such-limit")})
+    with pytest.raises(VideoFailedError, match="no-such-limit"):
+        generate_video(req("missing-limit"), options=options)
+    assert stack.stats()["submissions"] == 0
+
+
+def test_cli_rejects_bad_input_before_spending(stack: Stack, capsys: Any) -> None:
+    from flows.cli import main
+
+    code = main(["generate", "--image", str(SAMPLE), "--prompt", "x", "--duration", "6"])
+    assert code == 2
+    assert "duration: Input should be 5 or 8" in capsys.readouterr().out
+    assert stack.stats()["submissions"] == 0

@@ -1,0 +1,65 @@
+"""Stable identities for requests: the derived seed and the request key.
+
+The request key is what "the same job" means: the model, the normalised request body, and a
+concrete seed, with local images identified by their content hash rather than their path (a
+moved file is the same input; an edited file at the same path is not). Caching, the submission
+ledger and de-duplication all use it.
+
+Seed -1 is resolved to a concrete seed derived from the request and an optional `variant`. It is
+as good as random for generation, it is recorded with every video, and it keeps the key stable
+across re-runs: a random draw would make every re-run a new, paid job. Ask for another take of
+the same request with a different `variant`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from wan_tasks.media import file_sha256
+from wan_tasks.models import MAX_SEED, MODEL_ID, I2VRequest
+
+KEY_VERSION = "wan-i2v-v1"
+
+
+@lru_cache(maxsize=4096)
+def _content_hash(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(Path(path))
+
+
+def content_hash(path: Path) -> str:
+    stat = os.stat(path)
+    return _content_hash(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def normalised_body(request: I2VRequest) -> dict[str, object]:
+    """The submit body with local images replaced by `sha256:<hex>` of their bytes."""
+    local = {name: f"sha256:{content_hash(path)}" for name, path in request.local_images().items()}
+    return request.to_payload(**local)
+
+
+def _digest(*parts: object) -> str:
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def derive_seed(request: I2VRequest, variant: str = "", model: str = MODEL_ID) -> I2VRequest:
+    """Resolve seed -1 deterministically from the request and `variant`; keep a concrete one."""
+    if request.seed != -1:
+        return request
+    body = normalised_body(request)
+    seed = int(_digest(KEY_VERSION, "seed", model, body, variant), 16) % (MAX_SEED + 1)
+    return request.model_copy(update={"seed": seed})
+
+
+def request_key(request: I2VRequest, *, model: str = MODEL_ID, attempt: int = 0) -> str:
+    """Identity of one paid job. `attempt` > 0 names a deliberate resubmission."""
+    if request.seed == -1:
+        raise ValueError("seed: resolve -1 to a concrete seed (derive_seed) before keying")
+    parts: list[object] = [KEY_VERSION, model, normalised_body(request)]
+    if attempt:
+        parts.append({"attempt": attempt})
+    return _digest(*parts)

@@ -1,0 +1,69 @@
+"""Per-process clients for tasks: one WaveSpeed connection pool and one S3 client per config.
+
+Tasks receive a credentials block *name* (never a key), so nothing secret lands in Prefect's
+parameters or results; the client is built here, in the process that runs the task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from wan_tasks.client import WaveSpeedClient
+from wan_tasks.config import ENV_API_KEY, ENV_BASE_URL
+from wan_tasks.policies import PollPolicy
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_lock = threading.Lock()
+_wavespeed: dict[tuple[str, ...], WaveSpeedClient] = {}
+_s3: dict[tuple[str, ...], Any] = {}
+
+ENV_BUCKET = "WAN_TASKS_BUCKET"
+
+
+def _fingerprint(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
+    """The shared client for a saved `WaveSpeedCredentials` block, or for the environment
+    (WAVESPEED_API_KEY / WAVESPEED_BASE_URL)."""
+    if credentials_block:
+        from wan_tasks.credentials import WaveSpeedCredentials
+
+        creds: WaveSpeedCredentials = WaveSpeedCredentials.load(credentials_block)  # type: ignore[assignment]
+        api_key, base_url = creds.api_key.get_secret_value(), creds.base_url
+    else:
+        api_key, base_url = os.environ.get(ENV_API_KEY, ""), os.environ.get(ENV_BASE_URL, "")
+    ident = (credentials_block or "", base_url, _fingerprint(api_key))
+    with _lock:
+        client = _wavespeed.get(ident)
+        if client is None:
+            client = WaveSpeedClient(api_key or None, base_url or None, poll=PollPolicy())
+            _wavespeed[ident] = client
+        return client
+
+
+def s3_client() -> S3Client:
+    """The shared boto3 S3 client for the current standard AWS configuration."""
+    from wan_tasks.storage.archive import make_s3_client
+
+    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_REGION",
+             "AWS_DEFAULT_REGION", "AWS_PROFILE")
+    ident = (*(os.environ.get(n, "") for n in names),
+             _fingerprint(os.environ.get("AWS_SECRET_ACCESS_KEY", "")))
+    with _lock:
+        client = _s3.get(ident)
+        if client is None:
+            client = make_s3_client()
+            _s3[ident] = client
+        result: S3Client = client
+        return result
+
+
+def default_bucket() -> str | None:
+    return os.environ.get(ENV_BUCKET) or None

@@ -1,0 +1,1 @@
+"""Object storage: S3 archiving and the embedded SeaweedFS default."""
