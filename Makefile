@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_ENV := WAN_TASKS_HOME=$(CURDIR)/var/wan-tasks PREFECT_HOME=$(CURDIR)/var/prefect \
 	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test lint typecheck bench soak stack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
+
+# Benchmarks (bench/): print tables with a baseline measured in the same run; see BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+# Reliability suites (crash-resume, fault soak, bad input, secrets): see RELIABILITY.md.
+soak: $(STAMP)
+	$(BIN)/python -m reliability.run_all
+
+# A complete local stack (Prefect server, work pool, limits, SeaweedFS, emulator, worker).
+stack: $(STAMP)
+	$(BIN)/python -m deployments.stack up
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
