@@ -24,14 +24,15 @@ from flows.reporting import publish_artifacts, write_summary
 from flows.settings import ArchiveOptions, RunOptions
 from wan_tasks.budget import Budget, BudgetExceededError
 from wan_tasks.embedded import EMULATOR_CONCURRENCY, EmbeddedServices, embedded_defaults
-from wan_tasks.errors import TaskFailedError
+from wan_tasks.errors import OutputExpiredError, TaskFailedError
 from wan_tasks.fingerprint import derive_seed
+from wan_tasks.ledger import LedgerSettings
 from wan_tasks.limits import LimitSettings, ensure_limits
 from wan_tasks.manifest import ManifestItem, parse_manifest
-from wan_tasks.models import I2VRequest
+from wan_tasks.models import I2VRequest, Prediction
 from wan_tasks.runtime import default_bucket, s3_client
 from wan_tasks.storage.archive import ArchiveTarget
-from wan_tasks.tasks import archive_to_s3, submit_i2v, wait_for_prediction
+from wan_tasks.tasks import SubmittedVideo, archive_to_s3, submit_i2v, wait_for_prediction
 
 
 class VideoFailedError(RuntimeError):
@@ -76,32 +77,37 @@ def produce_video(
     Run from the flow, each task commits its record the moment it succeeds."""
     request = derive_seed(job.request, job.variant)
     this_run = str(flow_run.id) if flow_run.id else None
+    ledger = (LedgerSettings(bucket=target.bucket, prefix=options.ledger_prefix)
+              if options.ledger else None)
     attempt = new_submissions = 0
     while True:
-        with _in_flight(options.limits):
-            submitted = submit_i2v(
-                request, variant=job.variant, attempt=attempt, item_id=job.item_id,
-                credentials_block=options.credentials_block, budget=budget,
-                rate_limit_name=options.limits.per_minute,
-            )
-            fresh = submitted.flow_run_id == this_run
-            new_submissions += fresh
-            try:
-                prediction = wait_for_prediction(
-                    submitted, timeout_s=options.wait_timeout_s, poll=options.poll,
-                    credentials_block=options.credentials_block,
-                )
-                break
-            except TaskFailedError as exc:
-                # Resubmit when the service failed the job itself (5000/5003/5004), or when
-                # the failure is from an earlier run (re-running is asking to try again).
-                # The attempt number is part of the request key, so later runs find it.
-                if not (exc.retryable or not fresh) or new_submissions >= options.max_attempts:
-                    raise
-                get_run_logger().warning("%s; resubmitting as attempt %d", exc, attempt + 2)
-                attempt += 1
-    archived = archive_to_s3(submitted, prediction, target,
-                             credentials_block=options.credentials_block)
+        try:
+            submitted, prediction = _submit_and_wait(request, job, attempt, options, budget,
+                                                     ledger)
+            new_submissions += submitted.flow_run_id == this_run
+            archived = archive_to_s3(submitted, prediction, target,
+                                     credentials_block=options.credentials_block)
+            break
+        except _Failed as failed:
+            new_submissions += failed.fresh
+            last: Exception = failed.cause
+            # Resubmit when the service failed the job itself (5000/5003/5004), or when the
+            # failure is from an earlier run (re-running is asking to try again). The attempt
+            # number is part of the request key, so later runs find each attempt.
+            if not (failed.cause.retryable or not failed.fresh):
+                raise failed.cause from None
+        except OutputExpiredError as exc:
+            if not options.allow_resubmit_expired:
+                raise OutputExpiredError(
+                    f"{exc.message}. Set allow_resubmit_expired to pay for it again.",
+                    prediction_id=exc.prediction_id,
+                ) from None
+            last = exc
+        if new_submissions >= options.max_attempts:
+            raise last
+        attempt += 1
+        get_run_logger().warning("%s: resubmitting as attempt %d (a new, paid task)",
+                                 job.item_id or "video", attempt + 1)
     return VideoOutcome(
         item_id=job.item_id, status="archived", row=job.row, prediction_id=prediction.id,
         seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
@@ -109,6 +115,35 @@ def produce_video(
         contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,
         size=archived.size, already_archived=archived.already_archived,
     )
+
+
+class _Failed(Exception):
+    def __init__(self, cause: TaskFailedError, fresh: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.fresh = fresh
+
+
+def _submit_and_wait(
+    request: I2VRequest, job: VideoJob, attempt: int, options: RunOptions, budget: Budget,
+    ledger: LedgerSettings | None,
+) -> tuple[SubmittedVideo, Prediction]:
+    """Submit (or reconnect) and wait, holding one in-flight slot for both."""
+    this_run = str(flow_run.id) if flow_run.id else None
+    with _in_flight(options.limits):
+        submitted = submit_i2v(
+            request, variant=job.variant, attempt=attempt, item_id=job.item_id,
+            credentials_block=options.credentials_block, budget=budget,
+            rate_limit_name=options.limits.per_minute, ledger=ledger,
+        )
+        try:
+            prediction = wait_for_prediction(
+                submitted, timeout_s=options.wait_timeout_s, poll=options.poll,
+                credentials_block=options.credentials_block,
+            )
+        except TaskFailedError as exc:
+            raise _Failed(exc, fresh=submitted.flow_run_id == this_run) from exc
+    return submitted, prediction
 
 
 def _produce_or_report(

@@ -7,6 +7,7 @@ from decimal import Decimal
 from pydantic import BaseModel, ConfigDict, Field
 
 from wan_tasks.keys import DEFAULT_TEMPLATE, validate_template
+from wan_tasks.ledger import DEFAULT_LEDGER_PREFIX
 from wan_tasks.limits import LimitSettings
 from wan_tasks.policies import PollPolicy
 
@@ -44,3 +45,11 @@ class RunOptions(BaseModel):
     )
     budget_usd: Decimal | None = Field(None, ge=0, description="cap on new spend per flow run")
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    ledger: bool = Field(
+        True, description="record intents and prediction ids in the archive bucket"
+    )
+    ledger_prefix: str = Field(DEFAULT_LEDGER_PREFIX, min_length=1)
+    allow_resubmit_expired: bool = Field(
+        False,
+        description="pay again for a video whose output expired (7 days) before it was archived",
+    )

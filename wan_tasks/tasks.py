@@ -45,6 +45,7 @@ from wan_tasks.errors import (
 )
 from wan_tasks.fingerprint import derive_seed, request_key
 from wan_tasks.keys import KeyFields
+from wan_tasks.ledger import LedgerSettings, reconcile
 from wan_tasks.models import MODEL_ID, I2VRequest, Prediction
 from wan_tasks.policies import PollPolicy
 from wan_tasks.redact import redact_payload
@@ -169,37 +170,82 @@ def submit_i2v(
     credentials_block: str | None = None,
     budget: Budget | None = None,
     rate_limit_name: str | None = None,
+    ledger: LedgerSettings | None = None,
 ) -> SubmittedVideo:
     """Validate, upload local images, submit once; return the prediction id and what the
-    next steps need. Seed -1 becomes a concrete seed derived from the request and `variant`."""
+    next steps need. Seed -1 becomes a concrete seed derived from the request and `variant`.
+
+    With a ledger, a submit first reconnects to a prediction recorded for this request key,
+    or reconciles an unfinished intent through the service's history; it records its intent
+    before the POST and the prediction id right after."""
     log = get_run_logger()
     request = derive_seed(request, variant)
     key = request_key(request, attempt=attempt)
     client = wavespeed_client(credentials_block)
+    book = ledger.open() if ledger else None
+    this_run = str(flow_run.id) if flow_run.id else None
+
+    def submitted(prediction_id: str, payload: dict[str, Any], at: datetime,
+                  run: str | None) -> SubmittedVideo:
+        return SubmittedVideo(
+            request_key=key, prediction_id=prediction_id, model=client.ops.model,
+            request=redact_payload(request.model_dump(mode="json")),
+            payload=redact_payload(payload), seed=request.seed, duration=request.duration,
+            cost_usd=request.cost_usd, submitted_at=at, item_id=item_id, attempt=attempt,
+            flow_run_id=run,
+        )
+
+    previous = book.read(key) if book else None
+    if book and previous:
+        if previous.prediction_id:
+            log.info("%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
+                     item_id or key[:12], previous.prediction_id)
+            return submitted(previous.prediction_id, previous.payload,
+                             previous.submitted_at or previous.intent_at, previous.flow_run_id)
+        found = reconcile(client, previous)
+        if found is not None:
+            log.warning("%s: found prediction %s in the service's history for an unfinished "
+                        "submit (%s pid %d); reconnecting", item_id or key[:12], found.id,
+                        previous.host, previous.pid)
+            book.record_prediction(previous, found.id)
+            return submitted(found.id, previous.payload, previous.intent_at,
+                             previous.flow_run_id)
+        log.info("%s: an earlier submit (%s pid %d) never reached the service; submitting",
+                 item_id or key[:12], previous.host, previous.pid)
+
+    payload = client.prepare(request)
+    if rate_limit_name:
+        from prefect.concurrency.sync import rate_limit
+
+        rate_limit(rate_limit_name, strict=True)
     if budget is not None:
         budget.reserve(key, request.cost_usd)
+    entry = book.record_intent(key, client.ops.model, payload, item_id=item_id,
+                               seed=request.seed, flow_run_id=this_run,
+                               previous=previous) if book else None
     try:
-        payload = client.prepare(request)
-        if rate_limit_name:
-            from prefect.concurrency.sync import rate_limit
-
-            rate_limit(rate_limit_name, strict=True)
         prediction = client.submit_payload(payload)
     except SubmissionUncertainError:
-        raise  # the task may exist and be billed: keep the reservation
+        # The task may exist and be billed: look for it before giving up; keep the budget.
+        if book is None or entry is None:
+            raise
+        for settle in (1.0, 3.0, 10.0):
+            found = reconcile(client, entry, settle_s=settle)
+            if found is not None:
+                log.warning("%s: submit answer lost; found prediction %s in history",
+                            item_id or key[:12], found.id)
+                book.record_prediction(entry, found.id)
+                return submitted(found.id, payload, entry.intent_at, this_run)
+        raise
     except BaseException:
         if budget is not None:
             budget.release(key)
         raise
+    if book is not None and entry is not None:
+        book.record_prediction(entry, prediction.id)
     log.info("submitted %s: prediction %s, seed %d, $%s", item_id or key[:12],
              prediction.id, request.seed, request.cost_usd)
-    return SubmittedVideo(
-        request_key=key, prediction_id=prediction.id, model=client.ops.model,
-        request=redact_payload(request.model_dump(mode="json")),
-        payload=redact_payload(payload), seed=request.seed, duration=request.duration,
-        cost_usd=request.cost_usd, submitted_at=datetime.now(UTC), item_id=item_id,
-        attempt=attempt, flow_run_id=str(flow_run.id) if flow_run.id else None,
-    )
+    return submitted(prediction.id, payload, datetime.now(UTC), this_run)
 
 
 @task(

@@ -1,0 +1,224 @@
+"""The durable submission ledger: never pay twice, even across crashes and lost caches.
+
+Before a submit leaves the machine, an *intent* is recorded under the request key; right after
+the service answers, the *prediction id*. Both live in durable storage that outlives the process
+and the machine (the archive bucket; a local folder only for tests and client-only use). Every
+submit reads the ledger first:
+
+- a recorded prediction id: reconnect to it, no POST;
+- an intent without an id (the process died between the service accepting the task and the id
+  being recorded, or the answer was lost): reconcile through the service's history, matching
+  model, time window and the exact submitted input, before anything is resubmitted.
+
+This follows Airflow's resumable jobs: store the remote job id before waiting; reconnect
+instead of resubmitting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, ValidationError
+
+from wan_tasks.client import WaveSpeedClient
+from wan_tasks.models import I2VRequest, Prediction
+from wan_tasks.redact import redact_payload
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+logger = logging.getLogger("wan_tasks.ledger")
+
+DEFAULT_LEDGER_PREFIX = "_wan-tasks/ledger"
+# The service's clock and ours differ; and its history may show a task a little late.
+CLOCK_SLACK = timedelta(minutes=2)
+
+
+class LedgerEntry(BaseModel):
+    request_key: str
+    model: str
+    intent_at: datetime
+    input_fingerprint: str
+    payload: dict[str, Any]  # redacted copy, for people; matching uses the fingerprint
+    prediction_id: str | None = None
+    submitted_at: datetime | None = None
+    item_id: str = ""
+    seed: int | None = None
+    flow_run_id: str | None = None
+    host: str = ""
+    pid: int = 0
+    resubmits_expired: list[str] = []  # prediction ids replaced because their output expired
+
+
+class LedgerSettings(BaseModel):
+    """Where the ledger lives: an S3 bucket (the archive bucket by default), or a local folder
+    (one machine only)."""
+
+    bucket: str | None = None
+    prefix: str = DEFAULT_LEDGER_PREFIX
+    path: str | None = None
+
+    def open(self) -> Ledger:
+        if self.path:
+            return FileLedger(Path(self.path).expanduser())
+        if not self.bucket:
+            raise ValueError("ledger: give a bucket or a local path")
+        from wan_tasks.runtime import s3_client
+
+        return S3Ledger(s3_client(), self.bucket, self.prefix)
+
+
+def input_fingerprint(body: dict[str, Any]) -> str | None:
+    """A fingerprint of a submitted body that survives the service echoing it back with
+    defaults filled in (empty LoRA lists, blank negative prompt, default duration)."""
+    try:
+        canonical = I2VRequest.model_validate(
+            {k: v for k, v in body.items() if k in I2VRequest.model_fields}
+        ).to_payload()
+    except (ValidationError, ValueError):
+        return None
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Ledger(ABC):
+    """Where intents and prediction ids are kept. Implementations must be durable."""
+
+    @abstractmethod
+    def read(self, request_key: str) -> LedgerEntry | None: ...
+
+    @abstractmethod
+    def write(self, entry: LedgerEntry) -> None: ...
+
+    @abstractmethod
+    def location(self) -> str: ...
+
+    def record_intent(
+        self, request_key: str, model: str, payload: dict[str, Any], *, item_id: str = "",
+        seed: int | None = None, flow_run_id: str | None = None,
+        previous: LedgerEntry | None = None,
+    ) -> LedgerEntry:
+        fingerprint = input_fingerprint(payload)
+        if fingerprint is None:
+            raise ValueError("cannot fingerprint the submit body")
+        entry = LedgerEntry(
+            request_key=request_key, model=model, intent_at=datetime.now(UTC),
+            input_fingerprint=fingerprint, payload=redact_payload(payload), item_id=item_id,
+            seed=seed, flow_run_id=flow_run_id, host=socket.gethostname(), pid=os.getpid(),
+            resubmits_expired=previous.resubmits_expired if previous else [],
+        )
+        self.write(entry)
+        return entry
+
+    def record_prediction(self, entry: LedgerEntry, prediction_id: str) -> LedgerEntry:
+        done = entry.model_copy(
+            update={"prediction_id": prediction_id, "submitted_at": datetime.now(UTC)}
+        )
+        self.write(done)
+        return done
+
+
+class FileLedger(Ledger):
+    """A local folder (fsync'd, atomically replaced files). For one machine only."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def read(self, request_key: str) -> LedgerEntry | None:
+        path = self._path(request_key)
+        if not path.exists():
+            return None
+        return LedgerEntry.model_validate_json(path.read_bytes())
+
+    def write(self, entry: LedgerEntry) -> None:
+        path = self._path(entry.request_key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with tmp.open("wb") as fh:
+            fh.write(entry.model_dump_json(indent=2).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+    def location(self) -> str:
+        return str(self.root)
+
+
+class S3Ledger(Ledger):
+    """One small JSON object per request key in the archive bucket."""
+
+    def __init__(self, s3: S3Client, bucket: str, prefix: str = DEFAULT_LEDGER_PREFIX) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def _key(self, request_key: str) -> str:
+        return f"{self.prefix}/{request_key}.json"
+
+    def read(self, request_key: str) -> LedgerEntry | None:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=self._key(request_key))["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return LedgerEntry.model_validate_json(body.read())
+
+    def write(self, entry: LedgerEntry) -> None:
+        import base64
+
+        body = entry.model_dump_json(indent=2).encode()
+        self.s3.put_object(
+            Bucket=self.bucket, Key=self._key(entry.request_key), Body=body,
+            ContentType="application/json",
+            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+        )
+
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}/"
+
+
+def reconcile(
+    client: WaveSpeedClient, entry: LedgerEntry, *, settle_s: float = 0.0,
+    max_pages: int = 50,
+) -> Prediction | None:
+    """Find the task an intent created, through the service's history.
+
+    Matches model, a window from the intent (minus clock slack) to now, and the exact input.
+    When several match (an earlier uncontrolled retry), the earliest wins. Returns None only
+    when the history answered and holds no such task. `settle_s` waits first, for a history
+    that lags behind submissions.
+    """
+    if settle_s:
+        time.sleep(settle_s)
+    after = (entry.intent_at - CLOCK_SLACK).isoformat()
+    before = (datetime.now(UTC) + CLOCK_SLACK).isoformat()
+    matches: list[Prediction] = []
+    for page in range(1, max_pages + 1):
+        result = client.history(created_after=after, created_before=before, model=entry.model,
+                                page=page, page_size=100)
+        for item in result.items:
+            if item.input is not None and input_fingerprint(item.input) == entry.input_fingerprint:
+                matches.append(item)
+        if len(result.items) < 100:
+            break
+    if not matches:
+        return None
+    matches.sort(key=lambda p: p.created_at or datetime.max.replace(tzinfo=UTC))
+    if len(matches) > 1:
+        logger.warning("request %s matches %d tasks in history (%s): using the earliest",
+                       entry.request_key[:12], len(matches), ", ".join(m.id for m in matches))
+    return matches[0]
