@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +68,66 @@ def test_missing_key_is_a_clear_configuration_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WAVESPEED_BASE_URL", "ftp://nope")
     with pytest.raises(ConfigurationError, match="http"):
         WaveSpeedClient()
+
+
+def _scan_tree(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            hits += [f"{path}: {n[:6]!r}..." for n in needles if n in data]
+    return hits
+
+
+def test_full_run_leaves_no_secret_anywhere(
+    make_stack: Callable[..., Any], s3_store: Any, tmp_path: Path,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    """After flows ran (successes, a failed task, a lost submit answer), search every log,
+    Prefect result, artifact, flow parameter, event, manifest, object and the Prefect database
+    for the API key and the S3 secret."""
+    import json
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    from flows.generate import generate_batch
+    from tests.test_flows import FAST
+
+    stack = make_stack(api_key=KEY, faults={"script": {"submit": ["drop", "fail:1403"]}})
+    rows = [{"id": f"s{i}", "image": str(SAMPLE), "prompt": f"test secrets {i}"}
+            for i in range(3)]
+    manifest = tmp_path / "secrets.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    report = generate_batch(str(manifest), options=FAST, fail_on_item_error=False)
+    assert report.archived == 2 and report.failed == 1  # the error paths ran too
+    APILogHandler().flush()
+
+    s3_secret = s3_store.secret_access_key
+    needles = [KEY.encode(), s3_secret.encode()]
+    hits: list[str] = []
+    # Prefect's home: result storage, cache records, lock files.
+    hits += _scan_tree(Path(os.environ["PREFECT_HOME"]), needles)
+    # The Prefect database (logs, parameters, states, artifacts, events), WAL included.
+    db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    hits += _scan_tree(db.parent, needles)
+    # Through the API as well, in case something is still in flight to the database.
+    with get_client(sync_client=True) as client:
+        api_text = "".join(
+            [log.message for log in client.read_logs()]
+            + [json.dumps(a.data, default=str) for a in client.read_artifacts()]
+            + [json.dumps(r.parameters, default=str) for r in client.read_flow_runs()]
+        )
+    hits += [f"api: {n[:6]!r}" for n in needles if n.decode() in api_text]
+    # Every object in the bucket: videos, manifests, sheets, summaries, the ledger; metadata.
+    s3 = stack.s3
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
+        for obj in page.get("Contents", []):
+            got = s3.get_object(Bucket=stack.bucket, Key=obj["Key"])
+            blob = got["Body"].read() + json.dumps(got["Metadata"]).encode()
+            hits += [f"s3://{stack.bucket}/{obj['Key']}" for n in needles if n in blob]
+    # Everything logged in this process.
+    hits += [f"log: {n[:6]!r}" for n in needles if n.decode() in all_logs.text]
+    assert not hits, hits

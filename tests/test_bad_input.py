@@ -1,0 +1,42 @@
+"""The bad-input table: every case is rejected locally, naming the field, and costs no call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.generate import generate_batch
+from reliability.bad_input import CASES, Case, check
+from tests.conftest import SAMPLE, Stack
+from tests.test_flows import FAST
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_case_is_rejected_with_field_and_rule(case: Case, tmp_path: Path) -> None:
+    outcome = check(case, tmp_path)
+    assert outcome.rejected, f"{case.name} was accepted"
+    assert outcome.ok, f"{case.name}: {outcome.message!r} lacks {case.field!r}/{case.rule!r}"
+
+
+def test_bad_rows_cost_no_calls_and_the_rest_runs(stack: Stack, tmp_path: Path) -> None:
+    rows = []
+    for i, case in enumerate(c for c in CASES if c.kind in ("request", "file")):
+        folder = tmp_path / f"c{i}"
+        folder.mkdir()
+        fields = case.build(folder)
+        rows.append(json.dumps({"id": f"bad-{i}", **fields}, default=str))
+    for i in range(2):
+        rows.append(json.dumps({"id": f"good-{i}", "image": str(SAMPLE),
+                                "prompt": f"test bad-input neighbour {i}"}))
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    report = generate_batch(str(manifest), options=FAST, fail_on_item_error=False)
+    bad = len(rows) - 2
+    assert (report.archived, report.invalid, report.failed) == (2, bad, 0)
+    stats = stack.stats()
+    # Only the two good rows touched the service: one upload and one submit each.
+    assert (stats["submissions"], stats["uploads"]) == (2, 2)
+    assert all(o.error and o.error.startswith("row ") for o in report.outcomes
+               if o.status == "invalid")
