@@ -29,7 +29,6 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.events import emit_event
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.runtime import flow_run, task_run
 from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
@@ -46,6 +45,7 @@ from wan_tasks.errors import (
 from wan_tasks.fingerprint import derive_seed, request_key
 from wan_tasks.keys import KeyFields
 from wan_tasks.ledger import LedgerSettings, reconcile
+from wan_tasks.locking import CrashSafeFileLockManager
 from wan_tasks.models import MODEL_ID, I2VRequest, Prediction
 from wan_tasks.policies import PollPolicy
 from wan_tasks.redact import redact_payload
@@ -143,9 +143,10 @@ def _archive_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
 
 
 def serializable(policy: CacheKeyFnPolicy) -> Any:
-    # One host: a file lock per key. Many hosts: swap in prefect-redis's RedisLockManager.
+    # One host: a file lock per key, broken when its process dies (Prefect's own file locks
+    # never expire). Many hosts: swap in prefect-redis's RedisLockManager.
     return policy.configure(
-        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(_locks_dir())
+        isolation_level="SERIALIZABLE", lock_manager=CrashSafeFileLockManager(_locks_dir())
     )
 
 

@@ -1,0 +1,27 @@
+"""One attempt at a batch, in its own process, so a harness can kill -9 it anywhere.
+
+Reads everything from the environment the harness sets (PREFECT_API_URL, PREFECT_HOME,
+WAVESPEED_*, AWS_*, WAN_TASKS_BUCKET) and the options as JSON. Exit 0 when every video landed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> int:
+    from flows.generate import BatchIncompleteError, generate_batch
+    from flows.settings import RunOptions
+
+    manifest, options_json = sys.argv[1], sys.argv[2]
+    options = RunOptions.model_validate(json.loads(options_json))
+    try:
+        report = generate_batch(manifest, options=options)
+    except BatchIncompleteError:
+        return 1
+    return 0 if report.archived == report.total else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Independent accounting after a reliability run: what landed, what was lost, what was paid
+twice. Reads only the bucket and the service's history, never the flows' own reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wan_tasks.client import WaveSpeedClient
+from wan_tasks.fingerprint import derive_seed, request_key
+from wan_tasks.manifest import parse_manifest
+
+
+@dataclass
+class Accounting:
+    expected: int = 0
+    archived_verified: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # manifest items with no verified object
+    duplicate_objects: int = 0  # more than one video object for one request
+    submissions: int = 0
+    distinct_inputs: int = 0
+    duplicate_submissions: int = 0
+    resubmitted_after_failure: int = 0
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "expected": self.expected, "archived_verified": self.archived_verified,
+            "lost": len(self.lost), "corrupt": len(self.corrupt),
+            "duplicate_objects": self.duplicate_objects, "submissions": self.submissions,
+            "duplicate_submissions": self.duplicate_submissions,
+            "resubmitted_after_failure": self.resubmitted_after_failure,
+        }
+
+
+def manifest_keys(manifest: Path) -> dict[str, str]:
+    """request key -> item id, for the valid rows of a manifest (attempt 0 keys)."""
+    items = parse_manifest(manifest.read_bytes(), name=manifest.name, base_dir=manifest.parent)
+    return {request_key(derive_seed(i.request, i.variant)): i.item_id
+            for i in items if i.request is not None}
+
+
+def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeedClient
+            ) -> Accounting:
+    wanted = manifest_keys(manifest)
+    acc = Accounting(expected=len(wanted))
+    landed: Counter[str] = Counter()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith(".mp4"):
+                continue
+            got = s3.get_object(Bucket=bucket, Key=obj["Key"])
+            data, meta = got["Body"].read(), got["Metadata"]
+            sidecar = json.loads(s3.get_object(
+                Bucket=bucket, Key=obj["Key"].removesuffix(".mp4") + ".json")["Body"].read())
+            digest = hashlib.sha256(data).hexdigest()
+            if not digest == meta.get("sha256") == sidecar.get("sha256"):
+                acc.corrupt.append(obj["Key"])
+                continue
+            landed[sidecar.get("request_key", "")] += 1
+    # A resubmitted attempt has its own key; count it under the manifest item it serves.
+    acc.archived_verified = sum(1 for key in wanted if landed.get(key))
+    acc.lost = [wanted[k] for k in wanted if not landed.get(k)]
+    acc.duplicate_objects = sum(n - 1 for n in landed.values() if n > 1)
+    # Every task the service holds, grouped by item (prompt and seed are unique per item in
+    # these suites; input URLs are not, since each attempt uploads its image again).
+    groups: dict[tuple[str, int], list[str]] = {}
+    page_no = 1
+    while True:
+        page = client.history(page=page_no, page_size=100)
+        for item in page.items:
+            inp = item.input or {}
+            groups.setdefault((str(inp.get("prompt")), int(inp.get("seed", -1))), []).append(
+                item.status.value)
+        if len(page.items) < 100:
+            break
+        page_no += 1
+    acc.submissions = sum(len(v) for v in groups.values())
+    acc.distinct_inputs = len(groups)
+    # A failed task is not a paid video; a second live or completed task for one item is.
+    acc.duplicate_submissions = sum(
+        max(0, sum(1 for st in v if st != "failed") - 1) for v in groups.values())
+    acc.resubmitted_after_failure = sum(
+        sum(1 for st in v if st == "failed") for v in groups.values() if len(v) > 1)
+    return acc
