@@ -11,15 +11,19 @@ import sys
 
 
 def main() -> int:
-    from flows.generate import BatchIncompleteError, generate_batch
+    from flows.generate import BatchIncompleteError, generate_batch  # after the env is set
     from flows.settings import RunOptions
 
     manifest, options_json = sys.argv[1], sys.argv[2]
+    report_path = sys.argv[3] if len(sys.argv) > 3 else None
     options = RunOptions.model_validate(json.loads(options_json))
     try:
-        report = generate_batch(manifest, options=options)
+        report = generate_batch(manifest, options=options, fail_on_item_error=False)
     except BatchIncompleteError:
         return 1
+    if report_path:
+        with open(report_path, "w", encoding="utf-8") as fh:
+            fh.write(report.model_dump_json())
     return 0 if report.archived == report.total else 1
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from wan_tasks.client import WaveSpeedClient
-from wan_tasks.fingerprint import derive_seed, request_key
 from wan_tasks.manifest import parse_manifest
 
 
@@ -37,16 +36,15 @@ class Accounting:
         }
 
 
-def manifest_keys(manifest: Path) -> dict[str, str]:
-    """request key -> item id, for the valid rows of a manifest (attempt 0 keys)."""
+def manifest_items(manifest: Path) -> set[str]:
+    """The item ids of the valid rows of a manifest."""
     items = parse_manifest(manifest.read_bytes(), name=manifest.name, base_dir=manifest.parent)
-    return {request_key(derive_seed(i.request, i.variant)): i.item_id
-            for i in items if i.request is not None}
+    return {i.item_id for i in items if i.request is not None}
 
 
 def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeedClient
             ) -> Accounting:
-    wanted = manifest_keys(manifest)
+    wanted = manifest_items(manifest)
     acc = Accounting(expected=len(wanted))
     landed: Counter[str] = Counter()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -55,16 +53,20 @@ def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeed
                 continue
             got = s3.get_object(Bucket=bucket, Key=obj["Key"])
             data, meta = got["Body"].read(), got["Metadata"]
-            sidecar = json.loads(s3.get_object(
-                Bucket=bucket, Key=obj["Key"].removesuffix(".mp4") + ".json")["Body"].read())
+            try:
+                sidecar = json.loads(s3.get_object(
+                    Bucket=bucket, Key=obj["Key"].removesuffix(".mp4") + ".json")["Body"].read())
+            except s3.exceptions.NoSuchKey:
+                acc.corrupt.append(f"{obj['Key']} (no manifest)")
+                continue
             digest = hashlib.sha256(data).hexdigest()
             if not digest == meta.get("sha256") == sidecar.get("sha256"):
                 acc.corrupt.append(obj["Key"])
                 continue
-            landed[sidecar.get("request_key", "")] += 1
-    # A resubmitted attempt has its own key; count it under the manifest item it serves.
-    acc.archived_verified = sum(1 for key in wanted if landed.get(key))
-    acc.lost = [wanted[k] for k in wanted if not landed.get(k)]
+            # By item, so a resubmitted attempt (its own request key) counts for its item.
+            landed[sidecar.get("item_id", "")] += 1
+    acc.archived_verified = sum(1 for item in wanted if landed.get(item))
+    acc.lost = sorted(item for item in wanted if not landed.get(item))
     acc.duplicate_objects = sum(n - 1 for n in landed.values() if n > 1)
     # Every task the service holds, grouped by item (prompt and seed are unique per item in
     # these suites; input URLs are not, since each attempt uploads its image again).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.generate import VideoFailedError, generate_video
-from tests.conftest import SAMPLE, Stack
+from tests.conftest import Stack
 from tests.test_flows import FAST, req
 from wan_tasks import MODEL_ID, WaveSpeedClient
 from wan_tasks.fingerprint import derive_seed, request_key
@@ -100,3 +100,14 @@ def test_fingerprint_ignores_echoed_defaults() -> None:
     assert input_fingerprint(sent) == input_fingerprint(echoed)
     assert input_fingerprint(sent) != input_fingerprint({**sent, "seed": 4})
     assert input_fingerprint({"prompt": "no image"}) is None
+
+
+def test_submit_refused_with_5xx_is_resubmitted_after_history_check(
+    make_stack: Callable[..., Stack]
+) -> None:
+    """A 503 on submit is ambiguous; once history confirms no task exists, it is sent again."""
+    stack = make_stack(faults={"script": {"submit": ["503"]}})
+    out = generate_video(req("refused-5xx"), options=FAST)
+    assert out.status == "archived"
+    stats = stack.stats()
+    assert stats["submissions"] == 1 and stats["history_queries"] >= 4

@@ -55,6 +55,15 @@ from wan_tasks.storage.archive import ArchiveError, ArchiveResult, ArchiveTarget
 logger = logging.getLogger("wan_tasks.tasks")
 
 ARCHIVED_EVENT = "wan.video.archived"
+# How long an unanswered submit waits for the service's history to show the task.
+RECONCILE_SETTLE_S = (1.0, 3.0, 10.0)
+
+
+class SubmissionNotFoundError(WaveSpeedError):
+    """A submit's answer was lost, and the service's history, after settling, shows no such
+    task. Retryable: the retry reconciles again through the ledger before submitting."""
+
+    retryable = True
 
 
 class SubmittedVideo(BaseModel):
@@ -203,7 +212,10 @@ def submit_i2v(
                      item_id or key[:12], previous.prediction_id)
             return submitted(previous.prediction_id, previous.payload,
                              previous.submitted_at or previous.intent_at, previous.flow_run_id)
-        found = reconcile(client, previous)
+        # A fresh intent may belong to a submit the history does not show yet.
+        age = (datetime.now(UTC) - previous.intent_at).total_seconds()
+        found = reconcile(client, previous,
+                          settle_s=max(0.0, min(sum(RECONCILE_SETTLE_S) - age, 15.0)))
         if found is not None:
             log.warning("%s: found prediction %s in the service's history for an unfinished "
                         "submit (%s pid %d); reconnecting", item_id or key[:12], found.id,
@@ -230,14 +242,20 @@ def submit_i2v(
         # The task may exist and be billed: look for it before giving up; keep the budget.
         if book is None or entry is None:
             raise
-        for settle in (1.0, 3.0, 10.0):
+        for settle in RECONCILE_SETTLE_S:
             found = reconcile(client, entry, settle_s=settle)
             if found is not None:
                 log.warning("%s: submit answer lost; found prediction %s in history",
                             item_id or key[:12], found.id)
                 book.record_prediction(entry, found.id)
                 return submitted(found.id, payload, entry.intent_at, this_run)
-        raise
+        # The history, given time to settle, holds no such task: the service never took it.
+        # The retry reconciles once more before it submits (the intent stays recorded).
+        raise SubmissionNotFoundError(
+            f"{item_id or key[:12]}: the submit's answer was lost and after "
+            f"{sum(RECONCILE_SETTLE_S):.0f}s the service's history shows no such task; "
+            "retrying (the retry checks the history again before submitting)"
+        ) from None
     except BaseException:
         if budget is not None:
             budget.release(key)
@@ -317,7 +335,9 @@ def archive_to_s3(
         duration=submitted.duration, prefix=target.prefix, item_id=submitted.item_id,
     )
     result = archiver.find_archived(fields)
-    if result is None:
+    if result is not None:
+        archiver.ensure_manifest(result, _manifest(submitted, prediction))
+    else:
         if not prediction.outputs:
             raise ArchiveError(f"prediction {prediction.id} has no output", retryable=False)
         client = wavespeed_client(credentials_block)

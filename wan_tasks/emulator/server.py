@@ -87,6 +87,11 @@ class EmulatorServer(ThreadingHTTPServer):
         self.media = MediaStore(self.base_url)
         self.engine = Engine(config, self.faults, lambda: self.base_url, self.fetch_media)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up (timeouts, kill -9) is routine here, not a traceback on stderr.
+        logger.debug("emulator: connection from %s ended abruptly", client_address,
+                     exc_info=True)
+
     def fetch_media(self, url: str) -> bytes | None:
         """What the service does when it downloads an input image. Never leaves this machine:
         only this emulator's own uploads and other loopback URLs are reachable."""

@@ -168,6 +168,15 @@ class S3Archiver:
             return None  # not ours (or written by something else): do not trust it
         return self._result(key, sha, int(head["ContentLength"]), already=True)
 
+    def ensure_manifest(self, result: ArchiveResult, manifest: dict[str, Any]) -> None:
+        """Write the sidecar of an object found already archived, if it is missing (a run
+        that died between the video and its manifest)."""
+        if self.head(self.manifest_key(result.key)) is None:
+            logger.warning("%s had no manifest; writing it", result.s3_uri)
+            self._put_manifest(result.key, {**manifest, "sha256": result.sha256,
+                                            "size": result.size,
+                                            "contact_sheet_uri": result.contact_sheet_uri})
+
     def archive(
         self,
         chunks: Iterable[bytes],
