@@ -30,7 +30,7 @@ from wan_tasks.ledger import LedgerSettings
 from wan_tasks.limits import LimitSettings, ensure_limits
 from wan_tasks.manifest import ManifestItem, parse_manifest
 from wan_tasks.models import I2VRequest, Prediction
-from wan_tasks.runtime import default_bucket, s3_client
+from wan_tasks.runtime import default_bucket, s3_bucket_block, s3_client
 from wan_tasks.storage.archive import ArchiveTarget
 from wan_tasks.tasks import SubmittedVideo, archive_to_s3, submit_i2v, wait_for_prediction
 
@@ -45,7 +45,11 @@ class BatchIncompleteError(RuntimeError):
 
 
 def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
-    bucket = options.bucket or default_bucket()
+    if options.s3_block:
+        bucket, _ = s3_bucket_block(options.s3_block)
+        bucket = options.bucket or bucket
+    else:
+        bucket = options.bucket or default_bucket() or ""
     if not bucket:
         raise ValueError(
             "archive.bucket: no bucket. Pass one, set WAN_TASKS_BUCKET, or leave both unset "
@@ -54,6 +58,7 @@ def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
     return ArchiveTarget(
         bucket=bucket, prefix=options.prefix, key_template=options.key_template,
         presign_expiry_s=options.presign_expiry_s, contact_sheet=options.contact_sheet,
+        s3_block=options.s3_block,
     )
 
 
@@ -77,8 +82,8 @@ def produce_video(
     Run from the flow, each task commits its record the moment it succeeds."""
     request = derive_seed(job.request, job.variant)
     this_run = str(flow_run.id) if flow_run.id else None
-    ledger = (LedgerSettings(bucket=target.bucket, prefix=options.ledger_prefix)
-              if options.ledger else None)
+    ledger = (LedgerSettings(bucket=target.bucket, prefix=options.ledger_prefix,
+                             s3_block=target.s3_block) if options.ledger else None)
     attempt = new_submissions = 0
     while True:
         try:
@@ -188,12 +193,12 @@ def generate_video(
 ) -> VideoOutcome:
     """One request in, one archived video out (URIs, cost, timings)."""
     archive, options = archive or ArchiveOptions(), options or RunOptions()
-    with embedded_defaults() as services:
+    with embedded_defaults(s3=not (archive.bucket or archive.s3_block)) as services:
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
         job = VideoJob(request=request, variant=variant, item_id="video")
         (outcome,) = _run_jobs([job], target, options, Budget(options.budget_usd))
-        publish_artifacts([outcome], title="Video")
+        publish_artifacts([outcome], title="Video", s3_block=target.s3_block)
     if outcome.status != "archived":
         raise VideoFailedError(f"{outcome.error_type}: {outcome.error}")
     return outcome
@@ -206,13 +211,13 @@ def _limits_for_emulator(services: EmbeddedServices, options: RunOptions) -> Non
         ensure_limits(EMULATOR_CONCURRENCY, 600, names=options.limits, only_missing=True)
 
 
-def load_manifest(location: str) -> list[ManifestItem]:
+def load_manifest(location: str, s3_block: str | None = None) -> list[ManifestItem]:
     """A manifest from a local path or an s3:// URI."""
     if location.startswith("s3://"):
         bucket, _, key = location.removeprefix("s3://").partition("/")
         if not bucket or not key:
             raise ValueError(f"manifest: {location!r} is not s3://bucket/key")
-        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = s3_client(s3_block).get_object(Bucket=bucket, Key=key)["Body"].read()
         return parse_manifest(body, name=key)
     path = Path(location).expanduser()
     if not path.is_file():
@@ -235,10 +240,10 @@ def generate_batch(
     """
     archive, options = archive or ArchiveOptions(), options or RunOptions()
     log = get_run_logger()
-    with embedded_defaults() as services:
+    with embedded_defaults(s3=not (archive.bucket or archive.s3_block)) as services:
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
-        items = load_manifest(manifest)
+        items = load_manifest(manifest, archive.s3_block)
         jobs = [VideoJob(request=i.request, item_id=i.item_id, variant=i.variant, row=i.row)
                 for i in items if i.request is not None]
         invalid = [VideoOutcome(item_id=i.item_id, status="invalid", row=i.row,
@@ -251,7 +256,8 @@ def generate_batch(
                           key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
-        publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}")
+        publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}",
+                          s3_block=target.s3_block)
     log.info("batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; "
              "summary %s", manifest, report.archived, report.failed, report.invalid,
              report.skipped, report.new_spend_usd, report.summary_uri)

@@ -28,18 +28,18 @@ def write_summary(target: ArchiveTarget, manifest: str, outcomes: list[VideoOutc
                     for o in outcomes)
     import base64
 
-    s3_client().put_object(
+    s3_client(target.s3_block).put_object(
         Bucket=target.bucket, Key=key, Body=body, ContentType="application/x-ndjson",
         ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
     )
     return f"s3://{target.bucket}/{key}"
 
 
-def _presign(uri: str | None, expiry: int = 3600) -> str | None:
+def _presign(uri: str | None, s3_block: str | None, expiry: int = 3600) -> str | None:
     if not uri or not uri.startswith("s3://"):
         return None
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    url: str = s3_client().generate_presigned_url(
+    url: str = s3_client(s3_block).generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expiry)
     return url
 
@@ -49,7 +49,8 @@ def _cell(text: str | None, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def publish_artifacts(outcomes: list[VideoOutcome], *, title: str) -> None:
+def publish_artifacts(outcomes: list[VideoOutcome], *, title: str,
+                      s3_block: str | None = None) -> None:
     """A table of the videos with links and the total cost, and a picture per video."""
     total = sum((o.cost_usd for o in outcomes if o.status == "archived"), Decimal("0"))
     rows = [
@@ -73,7 +74,7 @@ def publish_artifacts(outcomes: list[VideoOutcome], *, title: str) -> None:
         if o.status != "archived":
             lines.append(f"- **{o.item_id}** {o.status}: {_cell(o.error, 300)}")
             continue
-        sheet = _presign(o.contact_sheet_uri)
+        sheet = _presign(o.contact_sheet_uri, s3_block)
         lines.append(f"### {o.item_id} (seed {o.seed}, ${o.cost_usd})")
         if sheet:
             lines.append(f"![first, middle and last frame of {o.item_id}]({sheet})")

@@ -18,6 +18,9 @@ class ArchiveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bucket: str | None = None
+    s3_block: str | None = Field(
+        None, description="a saved prefect-aws S3Bucket block (bucket and credentials)"
+    )
     prefix: str = "videos"
     key_template: str = Field(DEFAULT_TEMPLATE, description="fields: " + ", ".join(
         ["prefix", "model_slug", "date", "prediction_id", "seed", "sha256", "item_id",

@@ -70,9 +70,11 @@ def _env(values: dict[str, str | None]) -> Iterator[None]:
 
 @contextmanager
 def embedded_defaults(
-    *, emulator_settings: dict[str, Any] | None = None, home: Path | None = None
+    *, emulator_settings: dict[str, Any] | None = None, home: Path | None = None,
+    s3: bool = True,
 ) -> Iterator[EmbeddedServices]:
     """Start the emulator and/or SeaweedFS where the environment configures nothing.
+    `s3=False`: the caller names its own store (a bucket or an S3 block); start none.
 
     Re-entrant within a process: a nested call (a flow inside a flow, the CLI around a flow)
     reuses what the outer call started.
@@ -97,7 +99,7 @@ def embedded_defaults(
                 emulator_url = emu.base_url
                 logger.info("no WAVESPEED_API_KEY: using the local emulator at %s (free)",
                             emu.base_url)
-            if not os.environ.get(ENV_BUCKET):
+            if s3 and not os.environ.get(ENV_BUCKET):
                 from wan_tasks.storage.seaweed import SeaweedFS
 
                 data = (home or wan_home()) / "seaweedfs"

@@ -67,6 +67,7 @@ class LedgerSettings(BaseModel):
     bucket: str | None = None
     prefix: str = DEFAULT_LEDGER_PREFIX
     path: str | None = None
+    s3_block: str | None = None
 
     def open(self) -> Ledger:
         if self.path:
@@ -75,7 +76,7 @@ class LedgerSettings(BaseModel):
             raise ValueError("ledger: give a bucket or a local path")
         from wan_tasks.runtime import s3_client
 
-        return S3Ledger(s3_client(), self.bucket, self.prefix)
+        return S3Ledger(s3_client(self.s3_block), self.bucket, self.prefix)
 
 
 def input_fingerprint(body: dict[str, Any]) -> str | None:

@@ -48,9 +48,35 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
         return client
 
 
-def s3_client() -> S3Client:
-    """The shared boto3 S3 client for the current standard AWS configuration."""
+def s3_bucket_block(name: str) -> tuple[str, S3Client]:
+    """(bucket name, S3 client) of a saved prefect-aws `S3Bucket` block, for teams that keep
+    their S3 access in blocks. Read by duck type: any block with `bucket_name` and
+    `credentials.get_s3_client()` works."""
+    from prefect.blocks.core import Block
+
+    slug = name if "/" in name else f"s3-bucket/{name}"
+    try:
+        block: Any = Block.load(slug)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(
+            f"s3_block {name!r}: cannot load {slug!r} ({exc}). Is prefect-aws installed "
+            "where this runs, and the block saved?"
+        ) from exc
+    with _lock:
+        client = _s3.get(("block", slug))
+        if client is None:
+            client = block.credentials.get_s3_client()
+            _s3[("block", slug)] = client
+    return str(block.bucket_name), client
+
+
+def s3_client(block: str | None = None) -> S3Client:
+    """The shared boto3 S3 client: from a prefect-aws S3Bucket block when one is named,
+    else from the standard AWS configuration."""
     from wan_tasks.storage.archive import make_s3_client
+
+    if block:
+        return s3_bucket_block(block)[1]
 
     names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_REGION",
              "AWS_DEFAULT_REGION", "AWS_PROFILE")

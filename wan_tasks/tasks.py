@@ -328,7 +328,7 @@ def archive_to_s3(
 ) -> ArchiveResult:
     """Stream the output into S3 (verified, conditional), with metadata and a manifest."""
     log = get_run_logger()
-    archiver = S3Archiver(s3_client(), target)
+    archiver = S3Archiver(s3_client(target.s3_block), target)
     fields = KeyFields(
         prediction_id=prediction.id, model=submitted.model,
         created_at=prediction.created_at or submitted.submitted_at, seed=submitted.seed,

@@ -65,6 +65,7 @@ class ArchiveTarget(BaseModel):
     max_inflight_parts: int = Field(4, ge=1, le=16)
     presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     contact_sheet: bool = True
+    s3_block: str | None = Field(None, description="prefect-aws S3Bucket block; else AWS env")
     spool_limit: int = Field(256 * MiB, ge=0, description="keep a local copy for the sheet")
 
     @field_validator("key_template")
