@@ -193,7 +193,8 @@ def generate_video(
 ) -> VideoOutcome:
     """One request in, one archived video out (URIs, cost, timings)."""
     archive, options = archive or ArchiveOptions(), options or RunOptions()
-    with embedded_defaults(s3=not (archive.bucket or archive.s3_block)) as services:
+    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
+                           emulator=not options.credentials_block) as services:
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
         job = VideoJob(request=request, variant=variant, item_id="video")
@@ -240,7 +241,8 @@ def generate_batch(
     """
     archive, options = archive or ArchiveOptions(), options or RunOptions()
     log = get_run_logger()
-    with embedded_defaults(s3=not (archive.bucket or archive.s3_block)) as services:
+    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
+                           emulator=not options.credentials_block) as services:
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
         items = load_manifest(manifest, archive.s3_block)

@@ -42,10 +42,12 @@ def _wait_for(phase: str, emu: EmulatorProcess, proc: subprocess.Popen[bytes],
     start = emu.stats()
     deadline = time.monotonic() + timeout
     counter = "downloads" if phase == "archive" else "submissions"
+    # Let the batch make some progress first, so the kills spread over the whole run.
+    progress = rng.randint(1, 8)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if emu.stats()[counter] > start[counter]:
+        if emu.stats()[counter] >= start[counter] + progress:
             # "submit": at once, while the burst of submits is going out; "wait" and
             # "archive": a little later, inside the waits or the downloads.
             time.sleep(0 if phase == "submit" else rng.uniform(0.2, 1.5))

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from wan_tasks.config import ENV_API_KEY, ENV_BASE_URL
+from wan_tasks.errors import ConfigurationError
 from wan_tasks.runtime import ENV_BUCKET
 
 logger = logging.getLogger("wan_tasks.embedded")
 
 ENV_HOME = "WAN_TASKS_HOME"
+ENV_NO_EMBEDDED = "WAN_TASKS_NO_EMBEDDED"
 EMBEDDED_BUCKET = "wan-videos"
 # The emulator's concurrent-task cap when it stands in for the service (the lowest real tiers
 # allow 2-3 concurrent tasks).
@@ -71,10 +73,15 @@ def _env(values: dict[str, str | None]) -> Iterator[None]:
 @contextmanager
 def embedded_defaults(
     *, emulator_settings: dict[str, Any] | None = None, home: Path | None = None,
-    s3: bool = True,
+    s3: bool = True, emulator: bool = True,
 ) -> Iterator[EmbeddedServices]:
     """Start the emulator and/or SeaweedFS where the environment configures nothing.
-    `s3=False`: the caller names its own store (a bucket or an S3 block); start none.
+    `s3=False` / `emulator=False`: the caller names its own store (a bucket or an S3 block) or
+    credentials (a block); start none.
+
+    With WAN_TASKS_NO_EMBEDDED=1 (set it on production workers), a missing configuration is
+    an error instead: a worker without its key or bucket must not quietly produce emulated
+    videos in a throwaway store.
 
     Re-entrant within a process: a nested call (a flow inside a flow, the CLI around a flow)
     reuses what the outer call started.
@@ -87,10 +94,19 @@ def embedded_defaults(
         if not outer:
             yield _current or EmbeddedServices(None, None, os.environ.get(ENV_BUCKET, ""))
             return
+        need_emulator = emulator and not os.environ.get(ENV_API_KEY)
+        need_s3 = s3 and not os.environ.get(ENV_BUCKET)
+        if (need_emulator or need_s3) and os.environ.get(ENV_NO_EMBEDDED, "") not in ("", "0"):
+            missing = [n for n, need in ((ENV_API_KEY, need_emulator), (ENV_BUCKET, need_s3))
+                       if need]
+            raise ConfigurationError(
+                f"{' and '.join(missing)} not set, and {ENV_NO_EMBEDDED} forbids the local "
+                "emulator and embedded store: configure this worker's environment"
+            )
         with ExitStack() as stack:
             env: dict[str, str | None] = {}
             emulator_url = s3_url = None
-            if not os.environ.get(ENV_API_KEY):
+            if need_emulator:
                 from wan_tasks.emulator.server import run_emulator
 
                 settings = {"concurrency": EMULATOR_CONCURRENCY, **(emulator_settings or {})}
@@ -99,7 +115,7 @@ def embedded_defaults(
                 emulator_url = emu.base_url
                 logger.info("no WAVESPEED_API_KEY: using the local emulator at %s (free)",
                             emu.base_url)
-            if s3 and not os.environ.get(ENV_BUCKET):
+            if need_s3:
                 from wan_tasks.storage.seaweed import SeaweedFS
 
                 data = (home or wan_home()) / "seaweedfs"
@@ -112,7 +128,7 @@ def embedded_defaults(
                 logger.info("no WAN_TASKS_BUCKET: archiving to embedded SeaweedFS at %s (%s)",
                             s3_url, data)
             stack.enter_context(_env(env))
-            _current = EmbeddedServices(emulator_url, s3_url, os.environ[ENV_BUCKET])
+            _current = EmbeddedServices(emulator_url, s3_url, os.environ.get(ENV_BUCKET, ""))
             yield _current
     finally:
         with _lock:

@@ -103,7 +103,9 @@ def make_s3_client(**overrides: Any) -> S3Client:
         connect_timeout=10,
         read_timeout=60,
     )
-    client: S3Client = boto3.client("s3", config=config, **overrides)
+    # A fresh session each time: boto3's default session keeps the first credentials it
+    # resolved in the process, so a client made for new AWS settings would sign with old ones.
+    client: S3Client = boto3.session.Session().client("s3", config=config, **overrides)
     return client
 
 
