@@ -37,13 +37,13 @@ def write_manifest(path: Path, videos: int, tag: str) -> Path:
 
 
 def _wait_for(phase: str, emu: EmulatorProcess, proc: subprocess.Popen[bytes],
-              rng: random.Random, timeout: float) -> bool:
+              rng: random.Random, timeout: float, max_progress: int) -> bool:
     """Block until the moment to kill in `phase`; False if the child finished first."""
     start = emu.stats()
     deadline = time.monotonic() + timeout
     counter = "downloads" if phase == "archive" else "submissions"
     # Let the batch make some progress first, so the kills spread over the whole run.
-    progress = rng.randint(1, 8)
+    progress = rng.randint(1, max_progress)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
@@ -57,7 +57,7 @@ def _wait_for(phase: str, emu: EmulatorProcess, proc: subprocess.Popen[bytes],
 
 
 def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
-        workdir: Path) -> dict[str, Any]:
+        workdir: Path, max_progress: int = 8) -> dict[str, Any]:
     rng = random.Random(seed)
     with prefect_api(workdir) as api, EmulatorProcess(
         latency_s=latency, concurrency=in_flight * 2, api_key="crash-key"
@@ -89,7 +89,8 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
             try:
                 if len(killed) < kills:
                     phase = PHASES[len(killed) % len(PHASES)]
-                    if _wait_for(phase, emu, proc, rng, timeout=120):
+                    if _wait_for(phase, emu, proc, rng, timeout=120,
+                                 max_progress=max_progress):
                         os.killpg(proc.pid, signal.SIGKILL)
                         proc.wait()
                         killed.append({"attempt": attempts, "phase": phase,
@@ -116,22 +117,29 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
             "prefect_server_start_s": api.startup_s, **acc.as_row()}
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt  # so SIGTERM runs every cleanup a Ctrl-C would
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM run every cleanup a Ctrl-C would (servers are stopped by their handles)."""
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=50)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--latency", type=float, default=2.0)
     parser.add_argument("--in-flight", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--max-progress", type=int, default=8,
+                        help="kill after 1..N new submissions or downloads (spreads kills)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="wan-crash-") as tmp:
-        result = run(args.videos, args.kills, args.latency, args.in_flight, args.seed, Path(tmp))
+        result = run(args.videos, args.kills, args.latency, args.in_flight, args.seed, Path(tmp),
+                     args.max_progress)
     for kill in result["kills"]:
         print(f"kill -9 #{result['kills'].index(kill) + 1}: attempt {kill['attempt']}, "
               f"phase {kill['phase']}, t={kill['at_s']}s, service saw {kill['stats']}")

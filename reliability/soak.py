@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stack import BUCKET, EmulatorProcess, new_limits, prefect_api
-from reliability.crash_resume import REPO, SAMPLE
+from reliability.crash_resume import REPO, SAMPLE, interrupt_on_sigterm
 from reliability.s3_proxy import S3FaultProxy
 
 FAULTS: dict[str, Any] = {
@@ -122,12 +121,8 @@ def run(videos: int, latency: float, in_flight: int, workdir: Path,
         }
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=200)
     parser.add_argument("--latency", type=float, default=1.0)

@@ -23,7 +23,7 @@ def test_kill_minus_nine_loses_nothing_and_pays_once(tmp_path: Path) -> None:
                                                                      "AWS_", "WAN_TASKS_"))}
     done = subprocess.run(
         [sys.executable, "-m", "reliability.crash_resume", "--videos", "8", "--kills", "3",
-         "--latency", "1", "--in-flight", "3", "--json", str(out)],
+         "--latency", "1", "--in-flight", "3", "--max-progress", "1", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
