@@ -384,3 +384,15 @@ def test_stream_is_not_buffered(client: WaveSpeedClient) -> None:
         for chunk in response.iter_bytes(4096):
             buf.write(chunk)
     assert probe_mp4(buf.getvalue()).frames == 81
+
+
+def test_both_result_paths_and_both_balance_paths(emulator: Emulator, client: WaveSpeedClient
+                                                  ) -> None:
+    sub = client.submit(request())
+    auth = {"Authorization": f"Bearer {emulator.api_key}"}
+    base = f"{emulator.base_url}/api/v3"
+    for path in (f"/predictions/{sub.prediction.id}", f"/predictions/{sub.prediction.id}/result"):
+        answer = httpx.get(base + path, headers=auth, timeout=5).json()
+        assert answer["code"] == 200 and answer["data"]["id"] == sub.prediction.id
+    for path in ("/balance", "/account/balance"):
+        assert httpx.get(base + path, headers=auth, timeout=5).json()["data"]["balance"] > 0
