@@ -320,20 +320,10 @@ def flow_env(emulator: EmulatorProcess, endpoint: S3Endpoint | None) -> Iterator
         "WAN_TASKS_BUCKET": BUCKET, "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None,
         "AWS_ENDPOINT_URL": None, **(endpoint.env() if endpoint else {}),
     }
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    from wan_tasks.embedded import env_overrides
+
+    with env_overrides(values):
         yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def new_limits(in_flight: int, per_minute: int) -> LimitSettings:

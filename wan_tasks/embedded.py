@@ -52,7 +52,7 @@ def wan_home() -> Path:
 
 
 @contextmanager
-def _env(values: dict[str, str | None]) -> Iterator[None]:
+def env_overrides(values: dict[str, str | None]) -> Iterator[None]:
     """Set (or, for None, unset) variables for the block; restore them after."""
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
@@ -127,7 +127,7 @@ def embedded_defaults(
                 s3_url = weed.endpoint.endpoint_url
                 logger.info("no WAN_TASKS_BUCKET: archiving to embedded SeaweedFS at %s (%s)",
                             s3_url, data)
-            stack.enter_context(_env(env))
+            stack.enter_context(env_overrides(env))
             _current = EmbeddedServices(emulator_url, s3_url, os.environ.get(ENV_BUCKET, ""))
             yield _current
     finally:
