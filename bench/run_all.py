@@ -8,7 +8,7 @@ Full (~22 min here): overhead, batch (100 videos), polls (60 s tasks), archive (
 the default SQLite Prefect server; then, when PostgreSQL is installed, the diagnosis with the
 Prefect server on PostgreSQL: overhead again, the 100-video batch with the tuned poll policy
 and with the lanes prototype (bench/lanes.py), and growth to 10, 100 and 1000 videos (without
-PostgreSQL, growth runs on SQLite at 10 and 100). `--quick` (~6 min): 2 rounds, 20 videos,
+PostgreSQL, growth runs on SQLite at 10 and 100). `--quick` (~7 min): 2 rounds, 20 videos,
 256 MiB, growth at 10 and 30, all on SQLite, no diagnosis.
 """
 

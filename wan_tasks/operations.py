@@ -336,6 +336,10 @@ class Operations:
         """
         deadline = self._clock() + timeout
         delays = (poll or self.poll).delays(self._rng)
+        if poll_first:
+            # The caller waited out the first delay (or is reconnecting): after a miss, the
+            # next poll comes min_interval later, not first_poll_after again.
+            delays.next()
         polls = 0
         first = poll_first
         while True:

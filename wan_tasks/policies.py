@@ -41,15 +41,16 @@ class PollDelays:
     def next(self) -> float:
         p = self._policy
         if self._next is None:
-            base = p.first_poll_after
+            # The first delay aims at the expected completion: jitter it later, never
+            # earlier, or it polls before the task can be done.
             self._next = p.min_interval
-        else:
-            base = self._next
-            self._next = min(p.max_interval, max(p.min_interval, self._next * p.multiplier))
+            return self._rng.uniform(p.first_poll_after,
+                                     p.first_poll_after * (1 + p.jitter))
+        base = self._next
+        self._next = min(p.max_interval, max(p.min_interval, self._next * p.multiplier))
         spread = base * p.jitter
         # Never below min_interval after the first poll: the service's rule is a floor.
-        low = base - spread if base == p.first_poll_after else max(p.min_interval, base - spread)
-        return max(0.0, self._rng.uniform(low, base + spread))
+        return self._rng.uniform(max(p.min_interval, base - spread), base + spread)
 
 
 class RetryPolicy(BaseModel):
