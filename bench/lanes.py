@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.concurrency.sync import concurrency
 
 from flows.generate import _report, _run_label, load_manifest, resolve_target
-from flows.models import BatchReport, VideoJob, VideoOutcome
+from flows.models import BatchReport, VideoJob, VideoOutcome, archived_outcome
 from flows.reporting import publish_artifacts, write_summary
 from flows.settings import ArchiveOptions, RunOptions
 from wan_tasks.budget import Budget
@@ -32,14 +32,8 @@ from wan_tasks.tasks import archive_to_s3, submit_i2v, wait_for_prediction
 
 def _archive(job: VideoJob, submitted: Any, prediction: Any, target: ArchiveTarget
              ) -> VideoOutcome:
-    archived = archive_to_s3(submitted, prediction, target)
-    return VideoOutcome(
-        item_id=job.item_id, status="archived", row=job.row, prediction_id=prediction.id,
-        seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
-        manifest_uri=archived.manifest_uri, presigned_url=archived.presigned_url,
-        contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,
-        size=archived.size, already_archived=archived.already_archived,
-    )
+    return archived_outcome(job, submitted, prediction,
+                            archive_to_s3(submitted, prediction, target))
 
 
 def _lane(jobs: queue.Queue[VideoJob], archive_pool: ThreadPoolExecutor,

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.models import BatchReport, VideoJob, VideoOutcome
+from flows.models import BatchReport, VideoJob, VideoOutcome, archived_outcome
 from flows.reporting import publish_artifacts, write_summary
 from flows.settings import ArchiveOptions, RunOptions
 from wan_tasks.budget import Budget, BudgetExceededError
@@ -113,13 +113,7 @@ def produce_video(
         attempt += 1
         get_run_logger().warning("%s: resubmitting as attempt %d (a new, paid task)",
                                  job.item_id or "video", attempt + 1)
-    return VideoOutcome(
-        item_id=job.item_id, status="archived", row=job.row, prediction_id=prediction.id,
-        seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
-        manifest_uri=archived.manifest_uri, presigned_url=archived.presigned_url,
-        contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,
-        size=archived.size, already_archived=archived.already_archived,
-    )
+    return archived_outcome(job, submitted, prediction, archived)
 
 
 class _Failed(Exception):

@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from wan_tasks.models import I2VRequest
+from wan_tasks.models import I2VRequest, Prediction
+from wan_tasks.storage.archive import ArchiveResult
+from wan_tasks.tasks import SubmittedVideo
 
 Status = Literal["archived", "failed", "invalid", "skipped"]
 
@@ -50,3 +52,14 @@ class BatchReport(BaseModel):
     new_spend_usd: Decimal = Field(description="what this run submitted (re-runs: 0)")
     summary_uri: str | None = None
     outcomes: list[VideoOutcome] = Field(default_factory=list)
+
+
+def archived_outcome(job: VideoJob, submitted: SubmittedVideo, prediction: Prediction,
+                     archived: ArchiveResult) -> VideoOutcome:
+    return VideoOutcome(
+        item_id=job.item_id, status="archived", row=job.row, prediction_id=prediction.id,
+        seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
+        manifest_uri=archived.manifest_uri, presigned_url=archived.presigned_url,
+        contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,
+        size=archived.size, already_archived=archived.already_archived,
+    )

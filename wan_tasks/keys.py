@@ -103,7 +103,3 @@ def render_key(template: str, fields: KeyFields) -> str:
     if len(key.encode()) > MAX_KEY_BYTES:
         raise KeyTemplateError(f"object key is longer than {MAX_KEY_BYTES} bytes: {key[:80]}...")
     return key
-
-
-def needs_content(template: str) -> bool:
-    return "sha256" in validate_template(template)
