@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-tuned", action="store_true",
                         help="skip the tuned-PollPolicy variant (the re-run then follows the "
                              "default one)")
-    parser.add_argument("--lanes", action="store_true",
-                        help="also run the prototype in bench/lanes.py (slots held per lane)")
     args = parser.parse_args(argv)
     videos = args.videos or (20 if args.quick else 100)
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-batch-"))
@@ -76,15 +74,14 @@ def main(argv: list[str] | None = None) -> None:
                 s3_store(workdir) as (endpoint, weed_pid):
             pids = {"seaweedfs": weed_pid or 0, **server_pids(api)}
             run(workdir, videos, args.in_flight, args.latency, endpoint, pids, api.database,
-                sdk=not args.no_sdk, default=not args.no_default, tuned=not args.no_tuned,
-                lanes=args.lanes)
+                sdk=not args.no_sdk, default=not args.no_default, tuned=not args.no_tuned)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(workdir: Path, videos: int, in_flight: int, latency: float, endpoint: Any,
         pids: dict[str, int], database: str, *, sdk: bool = True, default: bool = True,
-        tuned: bool = True, lanes: bool = False) -> None:
+        tuned: bool = True) -> None:
     from wan_tasks.policies import PollPolicy
 
     nonce = uuid.uuid4().hex[:8]
@@ -99,9 +96,6 @@ def run(workdir: Path, videos: int, in_flight: int, latency: float, endpoint: An
     if tuned:
         rows += _flow_rows(workdir, "tuned", f"generate_batch, {label}", fast, settings,
                            endpoint, pids, videos, nonce, rerun=True)
-    if lanes:
-        rows += _flow_rows(workdir, "lanes", f"prototype bench/lanes.py, {label}", fast,
-                           settings, endpoint, pids, videos, nonce, lanes=in_flight)
     _report(rows, videos, in_flight, latency, math.ceil(videos / in_flight) * latency, database)
 
 
@@ -134,31 +128,24 @@ def _sdk_row(settings: dict[str, Any], endpoint: Any, pids: dict[str, int], vide
 
 def _flow_rows(workdir: Path, tag: str, name: str, policy: Any, settings: dict[str, Any],
                endpoint: Any, pids: dict[str, int], videos: int, nonce: str, *,
-               rerun: bool = False, lanes: int = 0) -> list[Row]:
-    """generate_batch (or, with `lanes`, the prototype) on a fresh manifest; with `rerun`, once
-    more on the finished batch."""
+               rerun: bool = False) -> list[Row]:
+    """generate_batch on a fresh manifest; with `rerun`, once more on the finished batch."""
     from bench.flowrun import PrefectRetries, call_flow, diff_counts, read_spans, write_manifest
     from flows.generate import generate_batch
     from flows.settings import RunOptions
-
-    if lanes:
-        from bench.lanes import generate_batch_lanes
 
     retries = PrefectRetries.install()
     latency, in_flight = settings["latency_s"], settings["concurrency"]
     rows = []
     with EmulatorProcess(**settings) as emu, flow_env(emu, endpoint):
-        options = RunOptions(limits=new_limits(in_flight, 600), poll=policy)
+        options = RunOptions(limits=new_limits(in_flight), poll=policy)
         manifest = write_manifest(workdir / f"{tag}.jsonl",
                                   [f"bench batch {nonce} {tag} {i}" for i in range(videos)])
         for again in (False, True) if rerun else (False,):
             meter, watch = CpuMeter({**pids, "emulator": emu.pid}), Watch(emu)
             before, r0, (c0, l0) = emu.stats(), retries.snapshot(), retries.counts()
             with meter.measure(), watch.running():
-                if lanes:
-                    call = call_flow(generate_batch_lanes, manifest, lanes, options=options)
-                else:
-                    call = call_flow(generate_batch, manifest, options=options)
+                call = call_flow(generate_batch, manifest, options=options)
             r1, (c1, l1) = retries.snapshot(), retries.counts()
             row = Row(f"re-run of the finished batch ({name})" if again else name, meter.wall,
                       videos, _delta(before, emu.stats()), watch.mean_in_flight, meter.summary(),

@@ -114,7 +114,7 @@ def _child(variant: str, videos: int, latency: float, in_flight: int,
         prompts = [f"bench growth {nonce} {variant} {i}" for i in range(videos)]
         meter = CpuMeter({**pids, "emulator": emu.pid})
         if variant == "flow":
-            options = RunOptions(limits=new_limits(in_flight, 100_000),
+            options = RunOptions(limits=new_limits(in_flight),
                                  poll=PollPolicy(first_poll_after=latency + 0.25))
             manifest = write_manifest(Path(os.environ["PREFECT_HOME"]).parent /
                                       f"growth-{videos}.jsonl", prompts)

@@ -74,7 +74,7 @@ def measure(rounds: int, latency: float, emu: EmulatorProcess, endpoint: Any, ap
     from wan_tasks.policies import PollPolicy
 
     nonce = uuid.uuid4().hex[:8]
-    limits = new_limits(3, 600)
+    limits = new_limits(3)
     default = RunOptions(limits=limits)
     tuned_policy = PollPolicy(first_poll_after=latency + 0.25)
     tuned = RunOptions(limits=limits, poll=tuned_policy)

@@ -96,7 +96,7 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
     sdk, s3 = sdk_client(emu.api_key, emu.base_url), endpoint.boto3_client()
 
     def flow_variant(tag: str, policy: PollPolicy) -> tuple[list[str], list[float]]:
-        options = RunOptions(limits=new_limits(videos, 600), poll=policy)
+        options = RunOptions(limits=new_limits(videos), poll=policy)
         manifest = write_manifest(workdir / f"{tag}.jsonl",
                                   [f"bench polls {nonce} {tag} {i}" for i in range(videos)])
         call = call_flow(generate_batch, manifest, options=options)

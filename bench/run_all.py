@@ -6,8 +6,8 @@ server started once (its start time is reported, and excluded from every figure)
 
 Full (~22 min here): overhead, batch (100 videos), polls (60 s tasks), archive (1 GiB) on
 the default SQLite Prefect server; then, when PostgreSQL is installed, the diagnosis with the
-Prefect server on PostgreSQL: overhead again, the 100-video batch with the tuned poll policy
-and with the lanes prototype (bench/lanes.py), and growth to 10, 100 and 1000 videos (without
+Prefect server on PostgreSQL: overhead again, the 100-video batch with the default and the
+tuned poll policy, and growth to 10, 100 and 1000 videos (without
 PostgreSQL, growth runs on SQLite at 10 and 100). `--quick` (~7 min): 2 rounds, 20 videos,
 256 MiB, growth at 10 and 30, all on SQLite, no diagnosis.
 """
@@ -33,9 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (module, extra arguments for a full run, extra arguments for --quick)
 SUITE: list[tuple[str, list[str], list[str]]] = [
     ("overhead", [], ["--quick"]),
-    # On SQLite the tuned poll policy changes nothing (slot acquisition is the bottleneck; the
-    # quick run and the diagnosis show both): the full run skips it to save ~3 min.
-    ("batch", ["--no-tuned"], ["--quick"]),
+    ("batch", [], ["--quick"]),
     ("polls", [], ["--quick"]),
     ("archive", [], ["--quick"]),
     # Full runs do growth on PostgreSQL (DIAGNOSIS): on SQLite generate_batch is held to
@@ -44,7 +42,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
 ]
 DIAGNOSIS: list[tuple[str, list[str]]] = [
     ("overhead", ["--no-sdk", "--videos", "2"]),
-    ("batch", ["--no-sdk", "--no-default", "--lanes"]),
+    ("batch", ["--no-sdk"]),
     ("growth", ["--sizes", "10,100,1000"]),
 ]
 
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated benchmarks: " +
                         ",".join(m for m, _, _ in SUITE))
     parser.add_argument("--no-diagnosis", action="store_true",
-                        help="skip the PostgreSQL and lanes-prototype runs")
+                        help="skip the PostgreSQL runs")
     parser.add_argument("--json", type=Path, help="also write every result here")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None

@@ -326,12 +326,13 @@ def flow_env(emulator: EmulatorProcess, endpoint: S3Endpoint | None) -> Iterator
         yield
 
 
-def new_limits(in_flight: int, per_minute: int) -> LimitSettings:
-    """Fresh, uniquely named limits on the Prefect server (benchmarks never share slots)."""
+def new_limits(in_flight: int, per_minute: int | None = None) -> LimitSettings:
+    """Fresh, uniquely named limits on the Prefect server (benchmarks never share slots); the
+    rate limit, like the flows' default, only when asked for."""
     from wan_tasks.limits import LimitSettings, ensure_limits
 
     tag = uuid.uuid4().hex[:8]
     names = LimitSettings(in_flight=f"bench-{tag}-in-flight",
-                          per_minute=f"bench-{tag}-per-minute")
+                          per_minute=f"bench-{tag}-per-minute" if per_minute else None)
     ensure_limits(in_flight, per_minute, names=names)
     return names

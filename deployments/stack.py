@@ -242,7 +242,7 @@ class LocalStack:
         pool: str = POOL,
         bucket: str = BUCKET,
         in_flight: int = 3,
-        per_minute: int | None = 60,
+        per_minute: int | None = None,
         emulator: bool | None = None,
         emulator_latency_s: float = 4.0,
         emulator_concurrency: int = 3,
@@ -631,7 +631,9 @@ def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
         f"  S3           {stack.seaweed.endpoint.endpoint_url}  bucket {stack.bucket}",
         f"  WaveSpeed    {service}",
         f"  workers      {', '.join(stack.workers)} on pool {stack.pool}",
-        f"  limits       {stack.in_flight} in flight, {stack.per_minute} submits/minute",
+        f"  limits       {stack.in_flight} in flight"
+        + (f", {stack.per_minute} submits/minute (opt-in: options.limits.per_minute)"
+           if stack.per_minute else ""),
         "",
         f"Environment for other shells ({rel}, holds secrets):",
         *(f"  {k}={'***' if _secret(k) else v}" for k, v in sorted(stack.env().items())),
@@ -707,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--deploy", action="store_true",
                     help="also run `prefect deploy --all` with deployments/prefect.yaml")
     up.add_argument("--in-flight", dest="in_flight", type=int, default=3)
-    up.add_argument("--per-minute", dest="per_minute", type=int, default=60)
+    up.add_argument("--per-minute", dest="per_minute", type=int, default=None)
     up.add_argument("--latency-s", dest="latency_s", type=float, default=4.0,
                     help="emulated inference time")
     up.set_defaults(func=cmd_up)

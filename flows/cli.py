@@ -78,11 +78,13 @@ def _request_from_args(args: argparse.Namespace) -> Any:
 
 def _options(args: argparse.Namespace) -> tuple[Any, Any]:
     from flows.settings import ArchiveOptions, RunOptions
+    from wan_tasks.limits import LimitSettings
 
     archive = ArchiveOptions(bucket=args.bucket, prefix=args.prefix)
     options = RunOptions(
         credentials_block=args.credentials_block,
         budget_usd=Decimal(args.budget) if args.budget is not None else None,
+        limits=LimitSettings(per_minute=args.rate_limit),
     )
     return archive, options
 
@@ -136,8 +138,10 @@ def cmd_limits(args: argparse.Namespace) -> int:
         _out(f"freed every slot of {names.in_flight}")
         return 0
     ensure_limits(args.in_flight, args.per_minute, names=names)
-    _out(f"{names.in_flight}: {args.in_flight} in flight; "
-         f"{names.per_minute}: {args.per_minute} submits per minute")
+    _out(f"{names.in_flight}: {args.in_flight} in flight")
+    if args.per_minute is not None:
+        _out(f"{names.per_minute}: {args.per_minute} submits per minute (flows take it when "
+             f"asked: --rate-limit {names.per_minute}, or options.limits.per_minute)")
     return 0
 
 
@@ -173,6 +177,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="dollar cap on new spend for this run")
     p.add_argument("--credentials-block", dest="credentials_block",
                    help="saved WaveSpeedCredentials block (default: WAVESPEED_API_KEY)")
+    p.add_argument("--rate-limit", dest="rate_limit", metavar="NAME",
+                   help="also take a slot of this per-minute limit per submit (opt-in; create "
+                        "it with `wan-video limits --per-minute N`)")
 
 
 def build_parser() -> argparse.ArgumentParser:

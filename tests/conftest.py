@@ -142,7 +142,7 @@ def make_stack(
         for key, value in s3_store.env().items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("WAN_TASKS_BUCKET", TEST_BUCKET)
-        ensure_limits(in_flight, 6000)
+        ensure_limits(in_flight, None)
         return Stack(emu, s3_store.boto3_client(), TEST_BUCKET)
 
     return make

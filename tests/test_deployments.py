@@ -61,7 +61,7 @@ def test_served_deployments_match_prefect_yaml(monkeypatch: pytest.MonkeyPatch) 
 def stack(tmp_path: Path) -> Iterator[LocalStack]:
     began = time.monotonic()
     with LocalStack(
-        tmp_path / "stack", in_flight=IN_FLIGHT, per_minute=600, emulator=True,
+        tmp_path / "stack", in_flight=IN_FLIGHT, emulator=True,
         emulator_latency_s=1.0, emulator_concurrency=10, ui=False,
         # The scheduler visits deployments every 2 s instead of 60 s.
         server_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -227,3 +228,84 @@ def test_archive_to_a_prefect_aws_style_s3_bucket_block(stack: Stack, s3_store: 
     assert out.s3_uri and out.s3_uri.startswith("s3://block-videos/")
     data, _ = stack.object(out.s3_uri)
     assert hashlib.sha256(data).hexdigest() == out.sha256
+
+
+def test_lanes_take_one_slot_each_for_many_videos(
+    make_stack: Callable[..., Stack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots are held per lane (one acquisition per lane, K = the limit), not per video:
+    per-video acquisitions leave the service idle between videos (BENCHMARKS.md)."""
+    import flows.produce as produce
+
+    stack = make_stack(in_flight=2, latency_s=0.3)
+    taken: list[str | None] = []
+    real = produce.in_flight_slot
+
+    def counting(limits: LimitSettings) -> Any:
+        taken.append(limits.in_flight)
+        return real(limits)
+
+    monkeypatch.setattr(produce, "in_flight_slot", counting)
+    rows = [{"id": f"l{i}", "image": str(SAMPLE), "prompt": f"test lanes {i}"} for i in range(8)]
+    report = generate_batch(write_manifest(tmp_path / "lanes.jsonl", rows), options=FAST)
+    assert report.archived == 8 and stack.stats()["submissions"] == 8
+    assert taken == ["wan-video-in-flight"] * 2
+    assert stack.stats()["max_in_flight"] == 2
+    # release_after_s=0: a slot per video, the way to share a limit turn by turn.
+    taken.clear()
+    per_video = FAST.model_copy(update={"limits": LimitSettings(release_after_s=0)})
+    rows = [{"id": f"r{i}", "image": str(SAMPLE), "prompt": f"test lanes turn {i}"}
+            for i in range(4)]
+    report = generate_batch(write_manifest(tmp_path / "turns.jsonl", rows), options=per_video)
+    assert report.archived == 4 and 4 <= len(taken) <= 4 + 2  # (+ a lane's last, empty turn)
+
+
+def test_no_slot_no_spend(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
+    """When no slot frees up in time, every video fails naming why, and nothing is paid."""
+    from prefect.concurrency.sync import concurrency
+
+    stack = make_stack(in_flight=1)
+    rows = [{"id": f"t{i}", "image": str(SAMPLE), "prompt": f"test no slot {i}"}
+            for i in range(3)]
+    options = FAST.model_copy(update={"limits": LimitSettings(acquire_timeout_s=1.0)})
+    with concurrency("wan-video-in-flight", occupy=1, strict=True):  # someone else holds it
+        report = generate_batch(write_manifest(tmp_path / "noslot.jsonl", rows),
+                                options=options, fail_on_item_error=False)
+    assert report.failed == 3 and stack.stats()["submissions"] == 0
+    for outcome in report.outcomes:
+        assert outcome.error_type == "NoSlotError"
+        error = outcome.error or ""
+        assert "wan-video-in-flight" in error and "timed out" in error
+
+
+def test_rate_limit_is_opt_in_and_strict(stack: Stack) -> None:
+    assert LimitSettings().per_minute is None
+    options = FAST.model_copy(update={"limits": LimitSettings(per_minute="no-such-rate")})
+    with pytest.raises(VideoFailedError, match="no-such-rate"):
+        generate_video(req("missing-rate-limit"), options=options)
+    assert stack.stats()["submissions"] == 0
+
+
+def test_first_poll_learns_the_inference_time(
+    make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wan_tasks.tasks as tasks
+    from wan_tasks.models import MODEL_ID
+    from wan_tasks.policies import InferenceTimes
+
+    stack = make_stack(latency_s=0.4)
+    learned = InferenceTimes()
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
+    slow_first = FAST.model_copy(update={"poll": FAST.poll.model_copy(
+        update={"first_poll_after": 120.0})})
+    for s in (0.4, 0.4, 0.4):  # as if three videos had been seen in this process
+        learned.record(MODEL_ID, 5, s)
+    began = time.monotonic()
+    out = generate_video(req("learned-first-poll"), options=slow_first)
+    # Polled once, just after the learned 0.4 s, not after the configured 120 s.
+    assert time.monotonic() - began < 60
+    assert out.status == "archived" and stack.stats()["result_polls"] == 1
+    assert learned.expected(MODEL_ID, 5) == pytest.approx(0.4, abs=0.1)
+    off = slow_first.poll.model_copy(update={"learn_first_poll": False, "first_poll_after": 0.6})
+    generate_video(req("unlearned-first-poll"), options=FAST.model_copy(update={"poll": off}))
+    assert stack.stats()["result_polls"] == 2

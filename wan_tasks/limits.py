@@ -1,9 +1,11 @@
 """Global concurrency limits that keep a batch within the account's caps.
 
 `in_flight` bounds videos from submit to completion (the account's concurrent-task cap): a slot
-is held across submit and wait, so it counts what the service counts. `per_minute` is a rate
-limit (a limit with slot decay) taken once per submit. Both are strict: a missing limit raises
-instead of silently throttling nothing.
+is held across submit and wait, so it counts what the service counts. `per_minute` is an
+opt-in rate limit (a limit with slot decay) taken once per submit: it costs a Prefect write per
+video, and the service's own 429 (with Retry-After) is already retried safely, so it is only
+worth it for accounts whose per-minute cap binds before the in-flight cap does. Both are
+strict: a named limit that does not exist raises instead of silently throttling nothing.
 """
 
 from __future__ import annotations
@@ -18,15 +20,29 @@ DEFAULT_IN_FLIGHT_LIMIT = "wan-video-in-flight"
 DEFAULT_RATE_LIMIT = "wan-video-submits-per-minute"
 
 
+class MissingLimitError(LookupError):
+    """A named concurrency limit does not exist on the Prefect server."""
+
+
 class LimitSettings(BaseModel):
     """Names of the limits a flow takes slots from. `None` skips that limit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     in_flight: str | None = Field(DEFAULT_IN_FLIGHT_LIMIT, min_length=1)
-    per_minute: str | None = Field(DEFAULT_RATE_LIMIT, min_length=1)
+    per_minute: str | None = Field(
+        None, min_length=1,
+        description=f"a rate limit taken per submit (opt-in; e.g. {DEFAULT_RATE_LIMIT!r}, "
+        "created with `wan-video limits --per-minute N`)",
+    )
     acquire_timeout_s: float | None = Field(
         None, gt=0, description="give up waiting for a slot after this long (None: wait)"
+    )
+    release_after_s: float | None = Field(
+        60.0, ge=0,
+        description="a flow run keeps a slot for video after video; after holding it this "
+        "long it gives it back (between videos) and queues again, so other flows sharing the "
+        "limit get turns. None: keep it until the run has no more videos; 0: one per video",
     )
 
 
@@ -37,9 +53,10 @@ def ensure_limits(
     names: LimitSettings | None = None,
     only_missing: bool = False,
 ) -> None:
-    """Create or update the limits on the Prefect server in use. With `only_missing`, limits
-    that exist are left as they are (the embedded default must not undo an operator's
-    setting)."""
+    """Create or update the limits on the Prefect server in use: the in-flight limit, and the
+    rate limit when `per_minute` is given (named `names.per_minute`, else the default name).
+    With `only_missing`, limits that exist are left as they are (the embedded default must
+    not undo an operator's setting)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -48,6 +65,8 @@ def ensure_limits(
     if per_minute is not None and per_minute < 1:
         raise ValueError(f"per_minute must be at least 1, got {per_minute}")
     names = names or LimitSettings()
+    if per_minute is not None and not names.per_minute:
+        names = names.model_copy(update={"per_minute": DEFAULT_RATE_LIMIT})
     with get_client(sync_client=True) as client:
         if only_missing:
             for name in (names.in_flight, names.per_minute):
@@ -70,6 +89,23 @@ def ensure_limits(
                 names.per_minute, per_minute, slot_decay_per_second=per_minute / 60.0
             )
             logger.info("limit %s: %d submits per minute", names.per_minute, per_minute)
+
+
+def read_limit(name: str) -> int:
+    """The size of a global concurrency limit, or MissingLimitError naming the fix."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return int(client.read_global_concurrency_limit_by_name(name).limit)
+        except ObjectNotFound:
+            raise MissingLimitError(
+                f"limits.in_flight: the concurrency limit {name!r} does not exist on this "
+                f"Prefect server. Create it with `wan-video limits --in-flight N "
+                f"--in-flight-name {name}` (N = the account's concurrent-task cap), or set "
+                "limits.in_flight to null to run without one."
+            ) from None
 
 
 def reset_in_flight(names: LimitSettings | None = None) -> None:

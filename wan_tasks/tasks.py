@@ -47,7 +47,7 @@ from wan_tasks.keys import KeyFields
 from wan_tasks.ledger import LedgerSettings, reconcile
 from wan_tasks.locking import CrashSafeFileLockManager
 from wan_tasks.models import MODEL_ID, I2VRequest, Prediction
-from wan_tasks.policies import PollPolicy
+from wan_tasks.policies import InferenceTimes, PollPolicy
 from wan_tasks.redact import redact_payload
 from wan_tasks.runtime import s3_client, wavespeed_client
 from wan_tasks.storage.archive import ArchiveError, ArchiveResult, ArchiveTarget, S3Archiver
@@ -57,6 +57,8 @@ logger = logging.getLogger("wan_tasks.tasks")
 ARCHIVED_EVENT = "wan.video.archived"
 # How long an unanswered submit waits for the service's history to show the task.
 RECONCILE_SETTLE_S = (1.0, 3.0, 10.0)
+# What this process has seen the service take, to aim first polls (PollPolicy.learn_first_poll).
+INFERENCE_TIMES = InferenceTimes()
 
 
 class SubmissionNotFoundError(WaveSpeedError):
@@ -290,9 +292,10 @@ def wait_for_prediction(
     policy = poll or client.ops.poll
     # The first poll lands near the expected inference time after the *submit*, not after
     # this task started; a reconnect to an old prediction polls at once.
+    first = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
     age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
-    if 0 <= age < policy.first_poll_after:
-        time.sleep(policy.first_poll_after - age)
+    if 0 <= age < first:
+        time.sleep(first - age)
     try:
         prediction = client.wait(submitted.prediction_id, timeout=timeout_s, poll=policy)
     except WaitTimeoutError:
@@ -307,6 +310,8 @@ def wait_for_prediction(
                 prediction_id=submitted.prediction_id,
             ) from None
         raise
+    if prediction.inference_ms:
+        INFERENCE_TIMES.record(submitted.model, submitted.duration, prediction.inference_ms / 1000)
     return prediction
 
 

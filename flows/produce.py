@@ -1,0 +1,235 @@
+"""Running videos: submit -> wait inside an in-flight slot, archive outside it.
+
+The in-flight slot (the account's concurrent-task cap) is held from before submit until the
+wait ends, so it counts what the service counts. Slots are held by *lanes*: K threads (K = the
+limit's size) each take one slot and, holding it, submit and wait for video after video from a
+shared queue (giving it back for a new turn every `release_after_s`); finished videos go to a
+separate archive pool. Taking a Prefect slot per
+video instead costs several API writes per video, serialised in the process and sleeping the
+server's Retry-After while the service sits idle (BENCHMARKS.md: +18% makespan vs +7%).
+
+The per-video steps are plain functions, not tasks: tasks nested in a task share its
+transaction, so a failed or crashed parent would roll back the submit's cache record and a
+re-run would pay again. Run from the flow, each task commits its record when it succeeds.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import queue
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from flows.models import VideoJob, VideoOutcome, archived_outcome
+from flows.settings import RunOptions
+from wan_tasks.budget import Budget, BudgetExceededError
+from wan_tasks.errors import OutputExpiredError, TaskFailedError
+from wan_tasks.fingerprint import derive_seed
+from wan_tasks.ledger import LedgerSettings
+from wan_tasks.limits import LimitSettings, MissingLimitError, read_limit
+from wan_tasks.models import I2VRequest, Prediction
+from wan_tasks.storage.archive import ArchiveTarget
+from wan_tasks.tasks import SubmittedVideo, archive_to_s3, submit_i2v, wait_for_prediction
+
+logger = logging.getLogger("wan_tasks.flows")
+
+# Lanes when no in-flight limit is set, and at most (threads mostly sleep in waits).
+DEFAULT_LANES = 32
+MAX_LANES = 256
+MAX_ARCHIVERS = 16
+
+
+def in_flight_slot(limits: LimitSettings) -> AbstractContextManager[Any]:
+    if not limits.in_flight:
+        return nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    # strict: a missing limit fails loudly instead of throttling nothing. A failed lease
+    # renewal does not abort the lane: its videos are paid for, and the slot is re-counted
+    # by the server when the lease expires.
+    return concurrency(limits.in_flight, occupy=1, strict=True,
+                       timeout_seconds=limits.acquire_timeout_s,
+                       raise_on_lease_renewal_failure=False)
+
+
+class NoSlotError(RuntimeError):
+    """No in-flight slot could be taken for a video, so it was not submitted."""
+
+
+@dataclass
+class _Video:
+    """One job's progress through its attempts (each attempt is a separate, paid task)."""
+
+    job: VideoJob
+    request: I2VRequest
+    attempt: int = 0
+    new_submissions: int = 0
+
+
+class Producer:
+    """Makes and archives the videos of one flow run."""
+
+    def __init__(self, target: ArchiveTarget, options: RunOptions, budget: Budget) -> None:
+        self.target, self.options, self.budget = target, options, budget
+        self.ledger = (LedgerSettings(bucket=target.bucket, prefix=options.ledger_prefix,
+                                      s3_block=target.s3_block) if options.ledger else None)
+        self.this_run = str(flow_run.id) if flow_run.id else None
+
+    # -- one video -------------------------------------------------------------------------
+
+    def make(self, video: _Video) -> tuple[SubmittedVideo, Prediction]:
+        """Submit (or reconnect) and wait; the caller holds an in-flight slot.
+
+        A task the service failed itself (5000/5003/5004), or one that failed in an earlier
+        run (re-running is asking to try again), is resubmitted as the next attempt, up to
+        `max_attempts` new submissions. The attempt number is part of the request key, so
+        later runs find each attempt."""
+        opts = self.options
+        while True:
+            submitted = submit_i2v(
+                video.request, variant=video.job.variant, attempt=video.attempt,
+                item_id=video.job.item_id, credentials_block=opts.credentials_block,
+                budget=self.budget, rate_limit_name=opts.limits.per_minute, ledger=self.ledger,
+            )
+            fresh = submitted.flow_run_id == self.this_run
+            try:
+                prediction = wait_for_prediction(
+                    submitted, timeout_s=opts.wait_timeout_s, poll=opts.poll,
+                    credentials_block=opts.credentials_block,
+                )
+            except TaskFailedError as exc:
+                video.new_submissions += fresh
+                if fresh and not exc.retryable:
+                    raise
+                self._next_attempt(video, exc)
+                continue
+            video.new_submissions += fresh
+            return submitted, prediction
+
+    def archive(self, video: _Video, submitted: SubmittedVideo, prediction: Prediction
+                ) -> VideoOutcome:
+        """Archive outside the slot; an output that expired before it was archived is made
+        again only when the options allow paying for it twice."""
+        while True:
+            try:
+                archived = archive_to_s3(submitted, prediction, self.target,
+                                         credentials_block=self.options.credentials_block)
+                return archived_outcome(video.job, submitted, prediction, archived)
+            except OutputExpiredError as exc:
+                if not self.options.allow_resubmit_expired:
+                    raise OutputExpiredError(
+                        f"{exc.message}. Set allow_resubmit_expired to pay for it again.",
+                        prediction_id=exc.prediction_id,
+                    ) from None
+                self._next_attempt(video, exc)
+            with in_flight_slot(self.options.limits):
+                submitted, prediction = self.make(video)
+
+    def _next_attempt(self, video: _Video, cause: Exception) -> None:
+        if video.new_submissions >= self.options.max_attempts:
+            raise cause
+        video.attempt += 1
+        get_run_logger().warning("%s: resubmitting as attempt %d (a new, paid task)",
+                                 video.job.item_id or "video", video.attempt + 1)
+
+    # -- many videos -----------------------------------------------------------------------
+
+    def run(self, jobs: list[VideoJob]) -> list[VideoOutcome]:
+        """Every job, in order; failures become outcomes, never exceptions."""
+        if not jobs:
+            return []
+        try:
+            lanes = self.lane_count(len(jobs))
+        except MissingLimitError as exc:
+            return [failed_outcome(job, exc) for job in jobs]
+        pending: queue.Queue[tuple[int, VideoJob]] = queue.Queue()
+        for index, job in enumerate(jobs):
+            pending.put((index, job))
+        results: dict[int, Future[VideoOutcome]] = {}
+        lane_errors: list[BaseException] = []
+        with ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers, \
+                ThreadPoolExecutor(lanes, "wan-lane") as lane_pool:
+            running = [
+                lane_pool.submit(contextvars.copy_context().run, self._lane, pending,
+                                 archivers, results, lane_errors)
+                for _ in range(lanes)
+            ]
+            for lane in running:
+                lane.result()
+        # Jobs no lane could take (every slot acquisition failed or timed out).
+        cause = lane_errors[0] if lane_errors else RuntimeError("no lane ran")
+        return [results[i].result() if i in results else failed_outcome(job, cause)
+                for i, job in enumerate(jobs)]
+
+    def lane_count(self, jobs: int) -> int:
+        name = self.options.limits.in_flight
+        size = read_limit(name) if name else DEFAULT_LANES
+        return max(1, min(size, jobs, MAX_LANES))
+
+    def _lane(self, pending: queue.Queue[tuple[int, VideoJob]], archivers: ThreadPoolExecutor,
+              results: dict[int, Future[VideoOutcome]], lane_errors: list[BaseException]
+              ) -> None:
+        """Hold one in-flight slot and make video after video until none is left, giving the
+        slot back for a new turn every `release_after_s` so flows sharing the limit (a one-off
+        video beside a long batch) get slots too."""
+        release_after = self.options.limits.release_after_s
+        try:
+            while not pending.empty():
+                with in_flight_slot(self.options.limits):
+                    held_since = time.monotonic()
+                    while True:  # at least one video per turn
+                        try:
+                            index, job = pending.get_nowait()
+                        except queue.Empty:
+                            return
+                        results[index] = self._make_one(job, archivers)
+                        if (release_after is not None
+                                and time.monotonic() - held_since >= release_after):
+                            break
+        except Exception as exc:  # the slot: a timeout, or a limit deleted mid-run
+            limits = self.options.limits
+            logger.warning("a lane could not hold an in-flight slot: %s", exc)
+            lane_errors.append(NoSlotError(
+                f"limits.in_flight: no slot of {limits.in_flight!r} could be taken "
+                f"(acquire_timeout_s={limits.acquire_timeout_s}): {type(exc).__name__}: {exc}. "
+                "Nothing was submitted for this video; re-run when slots are free."
+            ))
+
+    def _make_one(self, job: VideoJob, archivers: ThreadPoolExecutor) -> Future[VideoOutcome]:
+        video = _Video(job, derive_seed(job.request, job.variant))
+        try:
+            submitted, prediction = self.make(video)
+        except Exception as exc:
+            return _done(failed_outcome(job, exc))
+        return archivers.submit(contextvars.copy_context().run, self._archive_or_report,
+                                video, submitted, prediction)
+
+    def _archive_or_report(self, video: _Video, submitted: SubmittedVideo,
+                           prediction: Prediction) -> VideoOutcome:
+        try:
+            return self.archive(video, submitted, prediction)
+        except Exception as exc:
+            return failed_outcome(video.job, exc)
+
+
+def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
+    return VideoOutcome(
+        item_id=job.item_id, row=job.row,
+        status="skipped" if isinstance(exc, BudgetExceededError) else "failed",
+        prediction_id=getattr(exc, "prediction_id", None),
+        error_type=type(exc).__name__, error=str(exc),
+    )
+
+
+def _done(outcome: VideoOutcome) -> Future[VideoOutcome]:
+    future: Future[VideoOutcome] = Future()
+    future.set_result(outcome)
+    return future
+
