@@ -4,8 +4,10 @@ inference takes 60 s. Target: 1 submission and at most 6 polls (the SDK polls ev
     python -m bench.polls [--latency 60] [--videos 3]
 
 One emulator; three variants run side by side (they wait, they do not compete for CPU): the
-SDK (`run(poll_interval=1)`), generate_batch with the default PollPolicy, and generate_batch
-with the first poll just after the expected inference time. Polls are counted per prediction
+SDK (`run(poll_interval=1)`), generate_batch with the default PollPolicy (nothing seen yet, so
+unaimed), and generate_batch with the first poll set just after the inference time; then a
+later generate_batch with the default policy, as a new process: its first polls are aimed
+from the account's history (the first three variants' tasks). Polls are counted per prediction
 by the emulator. Also prints the default policy's poll times for such a task (pure arithmetic,
 no jitter), which is what the measured counts follow.
 """
@@ -44,15 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def schedule(policy: Any, inference: float, *, as_tasks_run_it: bool) -> list[float]:
-    """Poll times (s after submit) of one wait under `policy`, jitter off, for a task done
-    `inference` s after its submit. `as_tasks_run_it`: as wait_for_prediction does today: it
-    sleeps `first_poll_after`, then `client.wait` polls at once and starts its delays afresh,
-    so the first delay after a miss is `first_poll_after` again. Otherwise the delays go on
-    from `min_interval` after the first poll."""
+def schedule(policy: Any, inference: float, *, before_fix: bool = False) -> list[float]:
+    """Poll times (s after submit) of one unaimed wait under `policy`, jitter off, for a task
+    done `inference` s after its submit: the delays go on from `min_interval` after the first
+    poll. `before_fix`: as wait_for_prediction did before commit 9528ba6, starting the delays
+    afresh after the first poll, so the first delay after a miss was `first_poll_after`."""
     delays = policy.model_copy(update={"jitter": 0.0}).delays(random.Random(0))
     now = policy.first_poll_after
-    if not as_tasks_run_it:
+    if not before_fix:
         delays.next()  # the first delay was the sleep before the first poll
     times = [now]
     while now < inference:
@@ -69,19 +70,21 @@ def sdk_schedule(inference: float, interval: float = 1.0) -> list[float]:
 
 
 def schedule_table(inferences: list[float]) -> str:
-    """Polls and detection delay per inference time, for the default policy as run today, the
-    same policy with the first delay after a miss fixed, and the SDK."""
+    """Polls and detection delay per inference time: the default policy unaimed (no inference
+    times seen yet), as before the fix, aimed from what was seen, and the SDK."""
     from wan_tasks.policies import PollPolicy
 
     rows = []
     for t in inferences:
-        today = schedule(PollPolicy(), t, as_tasks_run_it=True)
-        fixed = schedule(PollPolicy(), t, as_tasks_run_it=False)
+        now = schedule(PollPolicy(), t)
+        before = schedule(PollPolicy(), t, before_fix=True)
+        aimed = schedule(PollPolicy(first_poll_after=t + 0.25), t)
         sdk = sdk_schedule(t)
-        rows.append([f"{t:g}", *(f"{len(s)} / {s[-1] - t:.1f}" for s in (today, fixed, sdk))])
-    return table(["inference s", "default PollPolicy today: polls / late s",
-                  "same, first delay after a miss = min_interval", "SDK, 1 s: polls / late s"],
-                 rows)
+        rows.append([f"{t:g}", *(f"{len(s)} / {s[-1] - t:.1f}"
+                                 for s in (now, before, aimed, sdk))])
+    return table(["inference s", "default, unaimed: polls / late s",
+                  "unaimed, before the fix", "aimed from seen times (+0.25 s)",
+                  "SDK, 1 s: polls / late s"], rows)
 
 
 def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoint: Any) -> None:
@@ -119,6 +122,13 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
                 flow_variant, "tuned", tuned),
         }
         outcomes = {name: f.result() for name, f in futures.items()}
+    # A later run in a new process: its first polls are aimed from the account's history.
+    import wan_tasks.tasks as tasks
+    from wan_tasks.inference_times import InferenceTimes
+
+    tasks.INFERENCE_TIMES = InferenceTimes()
+    outcomes["generate_batch, default PollPolicy, a later run (aimed from history)"] = \
+        flow_variant("later", PollPolicy())
     after = emu.stats()
     polls: dict[str, int] = after["polls_by_prediction"]
     rows = []
@@ -129,10 +139,10 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
     total_uploads = after["uploads"] - before["uploads"]
     text = table(["variant", "submits/video", "polls/video median", "polls range",
                   "done->seen median / max s"], rows)
-    default_times = schedule(PollPolicy(), latency, as_tasks_run_it=True)
+    default_times = schedule(PollPolicy(), latency)
     text += (f"\n\n{videos} videos per variant, emulated inference {latency:g} s; uploads over "
-             f"all variants: {total_uploads} for {3 * videos} videos. Default PollPolicy, "
-             f"jitter off, as the wait task runs it: polls at "
+             f"all variants: {total_uploads} for {4 * videos} videos. Default PollPolicy "
+             f"unaimed (nothing seen yet), jitter off: polls at "
              f"{', '.join(f'{t:.1f}' for t in default_times)} s after submit "
              f"({len(default_times)} polls; the task done at {latency:g} s is seen "
              f"{default_times[-1] - latency:.1f} s late). \"done->seen\": end of inference to "

@@ -36,7 +36,13 @@ from wan_tasks.ledger import LedgerSettings
 from wan_tasks.limits import LimitSettings, MissingLimitError, read_limit
 from wan_tasks.models import I2VRequest, Prediction
 from wan_tasks.storage.archive import ArchiveTarget
-from wan_tasks.tasks import SubmittedVideo, archive_to_s3, submit_i2v, wait_for_prediction
+from wan_tasks.tasks import (
+    SubmittedVideo,
+    archive_to_s3,
+    learn_inference_times,
+    submit_i2v,
+    wait_for_prediction,
+)
 
 logger = logging.getLogger("wan_tasks.flows")
 
@@ -149,6 +155,10 @@ class Producer:
             lanes = self.lane_count(len(jobs))
         except MissingLimitError as exc:
             return [failed_outcome(job, exc) for job in jobs]
+        if self.options.poll.learn_first_poll:
+            learned = learn_inference_times(self.options.credentials_block)
+            if learned:
+                logger.info("first polls aimed from %d recent tasks in the history", learned)
         pending: queue.Queue[tuple[int, VideoJob]] = queue.Queue()
         for index, job in enumerate(jobs):
             pending.put((index, job))

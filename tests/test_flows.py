@@ -290,8 +290,8 @@ def test_first_poll_learns_the_inference_time(
     make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import wan_tasks.tasks as tasks
+    from wan_tasks.inference_times import InferenceTimes
     from wan_tasks.models import MODEL_ID
-    from wan_tasks.policies import InferenceTimes
 
     stack = make_stack(latency_s=0.4)
     learned = InferenceTimes()

@@ -27,24 +27,3 @@ def test_retry_policy_honours_retry_after_with_a_cap() -> None:
     assert all(0 <= retry.delay(n, None, rng) <= 4 for n in range(1, 10))
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
-
-
-def test_inference_times_aim_the_first_poll_at_what_was_seen() -> None:
-    from wan_tasks.policies import InferenceTimes
-
-    times = InferenceTimes(keep=5, min_samples=3, quantile=0.8)
-    policy = PollPolicy(first_poll_after=10, first_poll_margin=0.25)
-    model = "wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast"
-    times.record(model, 5, 30.0)
-    times.record(model, 5, 31.0)
-    assert times.first_poll_after(policy, model, 5) == 10  # too few samples yet
-    times.record(model, 5, 0.0)  # a missing timing is not a sample
-    assert times.expected(model, 5) is None
-    times.record(model, 5, 32.0)
-    assert times.first_poll_after(policy, model, 5) == 32.25  # upper quantile + margin
-    assert times.expected(model, 8) is None  # per duration
-    for s in (40.0, 41.0, 42.0, 43.0, 44.0):  # keeps only the most recent
-        times.record(model, 5, s)
-    assert times.expected(model, 5) == 44.0
-    fixed = policy.model_copy(update={"learn_first_poll": False})
-    assert times.first_poll_after(fixed, model, 5) == 10

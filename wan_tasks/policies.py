@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
-from collections import deque
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -57,39 +55,6 @@ class PollDelays:
         spread = base * p.jitter
         # Never below min_interval after the first poll: the service's rule is a floor.
         return self._rng.uniform(max(p.min_interval, base - spread), base + spread)
-
-
-class InferenceTimes:
-    """Recent inference times per (model, duration), to aim first polls at.
-
-    A first poll that comes too early costs a whole `min_interval` (5 s) of lateness, one
-    that comes late costs only its delay: aim at an upper quantile of what was seen."""
-
-    def __init__(self, keep: int = 20, min_samples: int = 3, quantile: float = 0.8) -> None:
-        self._keep, self._min_samples, self._quantile = keep, min_samples, quantile
-        self._seen: dict[tuple[str, int], deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def record(self, model: str, duration: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        with self._lock:
-            self._seen.setdefault((model, duration), deque(maxlen=self._keep)).append(seconds)
-
-    def expected(self, model: str, duration: int) -> float | None:
-        """The upper quantile of recent inference times, once there are enough of them."""
-        with self._lock:
-            seen = sorted(self._seen.get((model, duration), ()))
-        if len(seen) < self._min_samples:
-            return None
-        return seen[min(len(seen) - 1, int(self._quantile * len(seen)))]
-
-    def first_poll_after(self, policy: PollPolicy, model: str, duration: int) -> float:
-        """When to poll first, in seconds after the submit, under `policy`."""
-        expected = self.expected(model, duration) if policy.learn_first_poll else None
-        if expected is None:
-            return policy.first_poll_after
-        return expected + policy.first_poll_margin
 
 
 class RetryPolicy(BaseModel):

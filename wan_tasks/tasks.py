@@ -43,11 +43,12 @@ from wan_tasks.errors import (
     WaveSpeedError,
 )
 from wan_tasks.fingerprint import derive_seed, request_key
+from wan_tasks.inference_times import InferenceTimes
 from wan_tasks.keys import KeyFields
 from wan_tasks.ledger import LedgerSettings, reconcile
 from wan_tasks.locking import CrashSafeFileLockManager
 from wan_tasks.models import MODEL_ID, I2VRequest, Prediction
-from wan_tasks.policies import InferenceTimes, PollPolicy
+from wan_tasks.policies import PollPolicy
 from wan_tasks.redact import redact_payload
 from wan_tasks.runtime import s3_client, wavespeed_client
 from wan_tasks.storage.archive import ArchiveError, ArchiveResult, ArchiveTarget, S3Archiver
@@ -159,6 +160,15 @@ def serializable(policy: CacheKeyFnPolicy) -> Any:
     return policy.configure(
         isolation_level="SERIALIZABLE", lock_manager=CrashSafeFileLockManager(_locks_dir())
     )
+
+
+def learn_inference_times(credentials_block: str | None = None) -> int:
+    """Aim this process's first polls from the account's recent tasks (one history call, once
+    per process and model); returns how many tasks it learned from."""
+    client = wavespeed_client(credentials_block)
+    if INFERENCE_TIMES.knows(client.ops.model):
+        return 0
+    return INFERENCE_TIMES.seed_from_history(client, client.ops.model)
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -292,10 +302,12 @@ def wait_for_prediction(
     policy = poll or client.ops.poll
     # The first poll lands near the expected inference time after the *submit*, not after
     # this task started; a reconnect to an old prediction polls at once.
-    first = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
+    first, aimed = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
     age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    aimed = aimed and 0 <= age < first
     if 0 <= age < first:
         time.sleep(first - age)
+    polled_at = time.monotonic()
     try:
         prediction = client.wait(submitted.prediction_id, timeout=timeout_s, poll=policy)
     except WaitTimeoutError:
@@ -310,8 +322,10 @@ def wait_for_prediction(
                 prediction_id=submitted.prediction_id,
             ) from None
         raise
-    if prediction.inference_ms:
-        INFERENCE_TIMES.record(submitted.model, submitted.duration, prediction.inference_ms / 1000)
+    # Not seen by the first poll: it missed by at least one interval.
+    early = aimed and time.monotonic() - polled_at > max(policy.min_interval / 2, 1.0)
+    INFERENCE_TIMES.record(submitted.model, submitted.duration,
+                           (prediction.inference_ms or 0) / 1000, early=early)
     return prediction
 
 

@@ -261,8 +261,11 @@ class S3Archiver:
                     uploader = _Multipart(self, key, metadata)
                 if uploader is not None:
                     while len(buffer) >= self.target.part_size:
-                        uploader.add(bytes(buffer[: self.target.part_size]))
+                        # One copy per part (slicing the bytearray, then bytes(), is two).
+                        with memoryview(buffer) as view:
+                            part = bytes(view[: self.target.part_size])
                         del buffer[: self.target.part_size]
+                        uploader.add(part)
             self._check_size(size, expected_size)
             sha = digest.hexdigest()
             meta = {**metadata, "sha256": sha}

@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import httpx
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -333,6 +334,7 @@ class SeaweedFS:
                 retries={"total_max_attempts": 1, "mode": "standard"},
             )
         )
+        last_error: Exception | None = None
         while True:
             proc = self._proc
             assert proc is not None
@@ -341,7 +343,9 @@ class SeaweedFS:
                 raise self._startup_error(reason, endpoint.secret_access_key)
             try:
                 probe.list_buckets()
-                return
+                if self._volumes_loaded():
+                    return
+                last_error = RuntimeError("the volume server has not reported its volumes yet")
             except (BotoCoreError, ClientError) as exc:  # not listening yet, or IAM not loaded
                 last_error = exc
             if time.monotonic() > deadline:
@@ -351,6 +355,24 @@ class SeaweedFS:
                     endpoint.secret_access_key,
                 )
             time.sleep(0.05)
+
+    def _volumes_loaded(self) -> bool:
+        """S3 answers before the volume server has reported the volumes on disk to the master;
+        until then, reading an object stored before a restart fails with InternalError."""
+        on_disk = sum(1 for _ in self.data_dir.glob("*.dat"))
+        try:
+            answer = httpx.get(f"http://{_HOST}:{self._ports['master']}/dir/status", timeout=2)
+            topology = answer.json()["Topology"]
+            reported = sum(int(node.get("Volumes", 0))
+                           for dc in topology.get("DataCenters") or []
+                           for rack in dc.get("Racks") or []
+                           for node in rack.get("DataNodes") or [])
+            nodes = sum(len(rack.get("DataNodes") or [])
+                        for dc in topology.get("DataCenters") or []
+                        for rack in dc.get("Racks") or [])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False
+        return nodes > 0 and reported >= on_disk
 
     def _ensure_buckets(self, endpoint: S3Endpoint) -> None:
         # Created here rather than with -bucket: weed creates those only after S3 already answers.

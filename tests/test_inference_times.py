@@ -1,0 +1,63 @@
+"""Aiming the first poll from observed inference times, and seeding them from history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from wan_tasks import I2VRequest, PollPolicy
+from wan_tasks.inference_times import InferenceTimes
+from wan_tasks.models import MODEL_ID
+
+MODEL = MODEL_ID
+
+
+def test_aims_at_an_upper_quantile_of_what_was_seen() -> None:
+    times = InferenceTimes(keep=5, min_samples=3, quantile=0.8)
+    policy = PollPolicy(first_poll_after=10, first_poll_margin=0.25)
+    times.record(MODEL, 5, 30.0)
+    times.record(MODEL, 5, 31.0)
+    assert times.first_poll_after(policy, MODEL, 5) == (10, False)  # too few samples yet
+    times.record(MODEL, 5, 0.0)  # a missing timing is not a sample
+    assert times.expected(MODEL, 5) is None
+    times.record(MODEL, 5, 32.0)
+    assert times.first_poll_after(policy, MODEL, 5) == (32.25, True)  # quantile + margin
+    assert times.expected(MODEL, 8) is None  # per duration
+    for s in (40.0, 41.0, 42.0, 43.0, 44.0):  # keeps only the most recent
+        times.record(MODEL, 5, s)
+    assert times.expected(MODEL, 5) == 44.0
+    fixed = policy.model_copy(update={"learn_first_poll": False})
+    assert times.first_poll_after(fixed, MODEL, 5) == (10, False)
+
+
+def test_an_early_poll_widens_the_margin_and_hits_narrow_it_slowly() -> None:
+    times = InferenceTimes(min_samples=1)
+    policy = PollPolicy(first_poll_margin=0.25)
+    times.record(MODEL, 5, 20.0)
+    assert times.first_poll_after(policy, MODEL, 5)[0] == 20.25
+    times.record(MODEL, 5, 20.0, early=True)  # the task was not done at 20.25 s
+    assert times.first_poll_after(policy, MODEL, 5)[0] == 20.75
+    times.record(MODEL, 5, 20.0, early=True)
+    assert times.first_poll_after(policy, MODEL, 5)[0] == 21.25
+    for _ in range(10):
+        times.record(MODEL, 5, 20.0)
+    after_hits = times.first_poll_after(policy, MODEL, 5)[0]
+    assert 20.25 < after_hits < 21.25  # decays, but not back to the edge at once
+    for _ in range(10):
+        times.record(MODEL, 5, 20.0, early=True)
+    assert times.first_poll_after(policy, MODEL, 5)[0] == 20.25 + 30.0  # bounded
+
+
+def test_seeded_from_the_accounts_history(make_emulator: Callable[..., Any],
+                                          make_client: Callable[..., Any]) -> None:
+    from tests.conftest import SAMPLE
+
+    emu = make_emulator(latency_s=0.3)
+    client = make_client(emu)
+    for i in range(3):
+        client.run(I2VRequest(image=str(SAMPLE), prompt=f"history seed {i}", duration=5))
+    times = InferenceTimes()
+    assert times.seed_from_history(client, MODEL) == 3
+    expected = times.expected(MODEL, 5)
+    assert expected is not None and 0.25 <= expected <= 1.0
+    assert times.expected(MODEL, 8) is None and times.knows(MODEL)
