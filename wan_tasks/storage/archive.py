@@ -194,7 +194,10 @@ class S3Archiver:
                 chunks, fields, metadata=metadata, manifest=manifest, expected_size=expected_size
             )
         key = render_key(self.target.key_template, fields)
-        with self._spool() as spool:
+        # A known size past the spool limit gets no contact sheet: do not write a copy to
+        # disk only to throw it away.
+        too_big = expected_size is not None and expected_size > self.target.spool_limit
+        with self._spool(enabled=not too_big) as spool:
             sha, size, created = self._upload(key, chunks, metadata, spool, expected_size)
             return self._finish(key, sha, size, created, manifest, spool)
 
@@ -223,8 +226,8 @@ class S3Archiver:
             return self._finish(key, sha, size, created, manifest, disk)
 
     @contextmanager
-    def _spool(self) -> Iterator[IO[bytes] | None]:
-        if not self.target.contact_sheet:
+    def _spool(self, *, enabled: bool = True) -> Iterator[IO[bytes] | None]:
+        if not (self.target.contact_sheet and enabled):
             yield None
             return
         with tempfile.TemporaryFile(prefix="wan-archive-") as fh:
@@ -244,7 +247,7 @@ class S3Archiver:
         """Upload; returns (sha256, size, created). created=False: the key already existed."""
         digest = hashlib.sha256()
         size = 0
-        buffer = bytearray()
+        buffer = _PartBuffer()
         uploader: _Multipart | None = None
         spooling = spool is not None
         try:
@@ -256,24 +259,20 @@ class S3Archiver:
                         spool.write(chunk)
                     else:
                         spooling = False
-                buffer += chunk
+                buffer.append(chunk)
                 if uploader is None and len(buffer) >= self.target.multipart_threshold:
                     uploader = _Multipart(self, key, metadata)
                 if uploader is not None:
                     while len(buffer) >= self.target.part_size:
-                        # One copy per part (slicing the bytearray, then bytes(), is two).
-                        with memoryview(buffer) as view:
-                            part = bytes(view[: self.target.part_size])
-                        del buffer[: self.target.part_size]
-                        uploader.add(part)
+                        uploader.add(buffer.take(self.target.part_size))
             self._check_size(size, expected_size)
             sha = digest.hexdigest()
             meta = {**metadata, "sha256": sha}
             if uploader is None:
-                created = self._put(key, bytes(buffer), meta, sha)
+                created = self._put(key, buffer.take(len(buffer)), meta, sha)
             else:
-                if buffer:
-                    uploader.add(bytes(buffer))
+                if len(buffer):
+                    uploader.add(buffer.take(len(buffer)))
                 created = uploader.complete(meta)
         except BaseException:
             if uploader is not None:
@@ -383,6 +382,40 @@ class S3Archiver:
             manifest_uri=self.uri(self.manifest_key(key)), presigned_url=self.presign(key),
             sha256=sha, size=size, already_archived=already, contact_sheet_uri=sheet_uri,
         )
+
+
+class _PartBuffer:
+    """Downloaded chunks waiting to become a part; each byte is copied once, into its part
+    (a growing bytearray copies each chunk in, then again out)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, chunk: bytes) -> None:
+        if chunk:
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+
+    def take(self, n: int) -> bytes:
+        """The first `n` bytes (n <= len(self))."""
+        taken: list[bytes | memoryview] = []
+        need = n
+        while need:
+            chunk = self._chunks[0]
+            if len(chunk) <= need:
+                taken.append(self._chunks.pop(0))
+                need -= len(chunk)
+            else:
+                view = memoryview(chunk)
+                taken.append(view[:need])
+                self._chunks[0] = bytes(view[need:])
+                need = 0
+        self._size -= n
+        return b"".join(taken)
 
 
 class _Multipart:
