@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK baseline")
     parser.add_argument("--no-default", action="store_true",
                         help="skip the default-PollPolicy variant")
+    parser.add_argument("--margin", type=float, default=0.25,
+                        help="the tuned variant's first poll: this long after the inference")
     parser.add_argument("--no-tuned", action="store_true",
                         help="skip the tuned-PollPolicy variant (the re-run then follows the "
                              "default one)")
@@ -74,21 +76,22 @@ def main(argv: list[str] | None = None) -> None:
                 s3_store(workdir) as (endpoint, weed_pid):
             pids = {"seaweedfs": weed_pid or 0, **server_pids(api)}
             run(workdir, videos, args.in_flight, args.latency, endpoint, pids, api.database,
-                sdk=not args.no_sdk, default=not args.no_default, tuned=not args.no_tuned)
+                sdk=not args.no_sdk, default=not args.no_default, tuned=not args.no_tuned,
+                margin=args.margin)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(workdir: Path, videos: int, in_flight: int, latency: float, endpoint: Any,
         pids: dict[str, int], database: str, *, sdk: bool = True, default: bool = True,
-        tuned: bool = True) -> None:
+        tuned: bool = True, margin: float = 0.25) -> None:
     from wan_tasks.policies import PollPolicy
 
     nonce = uuid.uuid4().hex[:8]
     settings = {"latency_s": latency, "concurrency": in_flight}
     rows = [_sdk_row(settings, endpoint, pids, videos, nonce)] if sdk else []
-    fast = PollPolicy(first_poll_after=latency + 0.25)
-    label = f"first_poll_after={latency + 0.25:g}s"
+    fast = PollPolicy(first_poll_after=latency + margin, first_poll_margin=margin)
+    label = f"first_poll_after={latency + margin:g}s"
     if default:  # the re-run follows the last generate_batch variant
         rows += _flow_rows(workdir, "default", "generate_batch, default PollPolicy",
                            PollPolicy(), settings, endpoint, pids, videos, nonce,

@@ -5,6 +5,8 @@ Imports Prefect: use only after `bench.stack.prefect_api()` has set the environm
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import os
@@ -140,7 +142,8 @@ def call_flow(flow: Any, *args: Any, **kwargs: Any) -> FlowCall:
     """Call a flow, timing it; raise if it did not complete."""
     started = time.time()
     began = time.perf_counter()
-    state = flow(*args, return_state=True, **kwargs)
+    call = flow(*args, return_state=True, **kwargs)
+    state = asyncio.run(call) if inspect.iscoroutine(call) else call  # async flows
     seconds = time.perf_counter() - began
     result = state.result()  # raises the flow's error, if any
     return FlowCall(seconds, state.state_details.flow_run_id, result, started)

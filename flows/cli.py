@@ -7,6 +7,7 @@ a message naming the field, before anything is submitted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -99,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         msg = _validation_message(exc) if isinstance(exc, ValidationError) else str(exc)
         _out(f"error: {msg}")
         return 2
-    outcome = generate_video(request, variant=args.variant, archive=archive, options=options)
+    outcome = asyncio.run(generate_video(request, variant=args.variant, archive=archive,
+                                         options=options))
     _out(json.dumps(outcome.model_dump(mode="json"), indent=2))
     return 0
 
@@ -113,8 +115,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         _out(f"error: {exc}")
         return 2
     try:
-        report = generate_batch(args.manifest, archive=archive, options=options,
-                                fail_on_item_error=False)
+        report = asyncio.run(generate_batch(args.manifest, archive=archive, options=options,
+                                fail_on_item_error=False))
     except ValueError as exc:
         _out(f"error: {exc}")
         return 2

@@ -3,6 +3,7 @@ the embedded SeaweedFS, archived and verified; local copies of the MP4 and its c
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ def run_demo(out_dir: Path) -> DemoResult:
     # The emulator renders in ~4 s; poll soon after, then every 2 s.
     options = RunOptions(poll=PollPolicy(first_poll_after=4.0, min_interval=2.0))
     with embedded_defaults():
-        outcome = generate_video(request, options=options)
+        outcome = asyncio.run(generate_video(request, options=options))
         assert outcome.s3_uri and outcome.manifest_uri and outcome.prediction_id
         video = out_dir / f"{outcome.prediction_id}.mp4"
         data = _download(outcome.s3_uri, video)

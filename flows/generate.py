@@ -7,6 +7,7 @@ reports each failure with its typed reason, and a re-run does only what is missi
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -54,14 +55,25 @@ def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
     )
 
 
+# The flows are async shells over synchronous work run in a thread (with the flow's context):
+# Prefect 3.9 joins a sync flow run's heartbeat thread when the run ends, which sleeps in 1 s
+# steps: 0.5-1 s added to every run (BENCHMARKS.md). An async flow run does not wait for it.
+# From synchronous code: `asyncio.run(generate_video(...))`.
+
+
 @flow(name="generate-video")
-def generate_video(
+async def generate_video(
     request: I2VRequest,
     variant: str = "",
     archive: ArchiveOptions | None = None,
     options: RunOptions | None = None,
 ) -> VideoOutcome:
     """One request in, one archived video out (URIs, cost, timings)."""
+    return await asyncio.to_thread(_generate_video, request, variant, archive, options)
+
+
+def _generate_video(request: I2VRequest, variant: str, archive: ArchiveOptions | None,
+                    options: RunOptions | None) -> VideoOutcome:
     archive, options = archive or ArchiveOptions(), options or RunOptions()
     with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
                            emulator=not options.credentials_block) as services:
@@ -98,7 +110,7 @@ def load_manifest(location: str, s3_block: str | None = None) -> list[ManifestIt
 
 
 @flow(name="generate-batch")
-def generate_batch(
+async def generate_batch(
     manifest: str,
     archive: ArchiveOptions | None = None,
     options: RunOptions | None = None,
@@ -110,6 +122,12 @@ def generate_batch(
     the outputs. With `fail_on_item_error`, the run ends Failed when any video did not land
     (after everything else landed), so schedulers and automations notice.
     """
+    return await asyncio.to_thread(_generate_batch, manifest, archive, options,
+                                   fail_on_item_error)
+
+
+def _generate_batch(manifest: str, archive: ArchiveOptions | None, options: RunOptions | None,
+                    fail_on_item_error: bool) -> BatchReport:
     archive, options = archive or ArchiveOptions(), options or RunOptions()
     log = get_run_logger()
     with embedded_defaults(s3=not (archive.bucket or archive.s3_block),

@@ -65,9 +65,11 @@ def publish_artifacts(outcomes: list[VideoOutcome], *, title: str,
     counts = {s: sum(1 for o in outcomes if o.status == s)
               for s in ("archived", "failed", "invalid", "skipped")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    create_table_artifact(
+    # _sync: these run in the async flows' worker thread, where Prefect would otherwise hand
+    # back an un-awaited coroutine.
+    create_table_artifact(  # type: ignore[call-arg]
         key="wan-videos", table=rows,
-        description=f"{title}: {summary}; total cost ${total}",
+        description=f"{title}: {summary}; total cost ${total}", _sync=True,
     )
     lines = [f"# {title}", "", f"{summary}. Total cost **${total}**.", ""]
     for o in outcomes:
@@ -80,5 +82,5 @@ def publish_artifacts(outcomes: list[VideoOutcome], *, title: str,
             lines.append(f"![first, middle and last frame of {o.item_id}]({sheet})")
         lines.append(f"[video]({o.presigned_url}) · `{o.s3_uri}` · sha256 `{o.sha256}`")
         lines.append("")
-    create_markdown_artifact(key="wan-video-sheets", markdown="\n".join(lines),
-                             description=f"{title}: contact sheets")
+    create_markdown_artifact(key="wan-video-sheets", markdown="\n".join(lines),  # type: ignore[call-arg]
+                             description=f"{title}: contact sheets", _sync=True)

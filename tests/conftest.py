@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -151,3 +152,17 @@ def make_stack(
 @pytest.fixture
 def stack(make_stack: Callable[..., Stack]) -> Stack:
     return make_stack()
+
+
+def run_video(*args: Any, **kwargs: Any) -> Any:
+    """`generate_video` (an async flow) called from synchronous test code."""
+    from flows.generate import generate_video
+
+    return asyncio.run(generate_video(*args, **kwargs))
+
+
+def run_batch(*args: Any, **kwargs: Any) -> Any:
+    """`generate_batch` (an async flow) called from synchronous test code."""
+    from flows.generate import generate_batch
+
+    return asyncio.run(generate_batch(*args, **kwargs))

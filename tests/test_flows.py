@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.generate import BatchIncompleteError, VideoFailedError, generate_batch, generate_video
+from flows.generate import BatchIncompleteError, VideoFailedError
 from flows.settings import RunOptions
-from tests.conftest import SAMPLE, Stack
+from tests.conftest import SAMPLE, Stack, run_batch, run_video
 from wan_tasks import I2VRequest, PollPolicy
 from wan_tasks.emulator.render import probe_mp4
 from wan_tasks.fingerprint import derive_seed
@@ -41,7 +41,7 @@ def write_manifest(path: Path, rows: list[dict[str, Any] | str]) -> str:
 
 
 def test_generate_video_archives_a_verified_object(stack: Stack) -> None:
-    out = generate_video(req("verified", seed=21), options=FAST)
+    out = run_video(req("verified", seed=21), options=FAST)
     assert out.status == "archived" and out.s3_uri and out.manifest_uri
     data, answer = stack.object(out.s3_uri)
     manifest = json.loads(stack.object(out.manifest_uri)[0])
@@ -64,9 +64,9 @@ def test_generate_video_archives_a_verified_object(stack: Stack) -> None:
 
 
 def test_second_run_submits_nothing(stack: Stack) -> None:
-    first = generate_video(req("rerun"), options=FAST)
+    first = run_video(req("rerun"), options=FAST)
     before = stack.stats()
-    second = generate_video(req("rerun"), options=FAST)
+    second = run_video(req("rerun"), options=FAST)
     after = stack.stats()
     assert second.s3_uri == first.s3_uri and second.sha256 == first.sha256
     for counter in ("submissions", "result_polls", "uploads", "downloads"):
@@ -76,21 +76,21 @@ def test_second_run_submits_nothing(stack: Stack) -> None:
 
 def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
     request = req("seed-minus-one")
-    out = generate_video(request, options=FAST)
+    out = run_video(request, options=FAST)
     expected = derive_seed(request).seed
     assert out.seed == expected != -1
     manifest = json.loads(stack.object(out.manifest_uri or "")[0])
     assert manifest["seed"] == expected and manifest["payload"]["seed"] == expected
     (sent,) = stack.emulator._server.engine.tasks.values()
     assert sent.input["seed"] == expected
-    other = generate_video(req("seed-minus-one"), variant="take-2", options=FAST)
+    other = run_video(req("seed-minus-one"), variant="take-2", options=FAST)
     assert other.seed != expected and stack.stats()["submissions"] == 2
 
 
 def test_transient_faults_mid_wait_do_not_resubmit(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(faults={"script": {"result": ["503", "drop", "429", "500", "502"]},
                                "retry_after_s": 0.2})
-    out = generate_video(req("faults-mid-wait"), options=FAST)
+    out = run_video(req("faults-mid-wait"), options=FAST)
     assert out.status == "archived"
     stats = stack.stats()
     assert stats["submissions"] == 1 and stats["faults_injected"] == 5
@@ -100,7 +100,7 @@ def test_identical_concurrent_requests_submit_once(stack: Stack, tmp_path: Path)
     row = {"image": str(SAMPLE), "prompt": "test identical twins", "seed": 5}
     manifest = write_manifest(tmp_path / "twins.jsonl", [{**row, "id": f"twin-{i}"}
                                                           for i in range(3)])
-    report = generate_batch(manifest, options=FAST)
+    report = run_batch(manifest, options=FAST)
     assert report.archived == 3
     assert len({o.s3_uri for o in report.outcomes}) == 1
     assert stack.stats()["submissions"] == 1
@@ -116,10 +116,19 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
         {"id": "good-3", "image": str(SAMPLE), "prompt": "test mixed 5"},
     ])
     with pytest.raises(BatchIncompleteError, match="3 of 6 videos did not land"):
-        generate_batch(manifest, options=FAST)
-    report = generate_batch(manifest, options=FAST, fail_on_item_error=False)
+        run_batch(manifest, options=FAST)
+    state = run_batch(manifest, options=FAST, fail_on_item_error=False, return_state=True)
+    report = state.result()
     by_id = {o.item_id: o for o in report.outcomes}
     assert [by_id[i].status for i in ("good-1", "good-2", "good-3")] == ["archived"] * 3
+    # The run's table and contact-sheet artifacts exist (made from the flow's worker thread).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert sorted(a.key or "" for a in artifacts) == ["wan-video-sheets", "wan-videos"]
     assert by_id["bad-duration"].status == "invalid"
     assert "duration" in (by_id["bad-duration"].error or "")
     assert by_id["row-00004"].status == "invalid"
@@ -137,7 +146,7 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
 def test_in_flight_limit_holds(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
     stack = make_stack(in_flight=2, latency_s=0.6)
     rows = [{"id": f"v{i}", "image": str(SAMPLE), "prompt": f"test limit {i}"} for i in range(6)]
-    report = generate_batch(write_manifest(tmp_path / "limit.jsonl", rows), options=FAST)
+    report = run_batch(write_manifest(tmp_path / "limit.jsonl", rows), options=FAST)
     assert report.archived == 6
     stats = stack.stats()
     assert stats["submissions"] == 6
@@ -147,7 +156,7 @@ def test_in_flight_limit_holds(make_stack: Callable[..., Stack], tmp_path: Path)
 def test_budget_cap_refuses_the_rest(stack: Stack, tmp_path: Path) -> None:
     rows = [{"id": f"b{i}", "image": str(SAMPLE), "prompt": f"test budget {i}"} for i in range(4)]
     options = FAST.model_copy(update={"budget_usd": Decimal("0.25")})
-    report = generate_batch(write_manifest(tmp_path / "budget.jsonl", rows), options=options,
+    report = run_batch(write_manifest(tmp_path / "budget.jsonl", rows), options=options,
                             fail_on_item_error=False)
     assert (report.archived, report.skipped) == (2, 2)
     assert report.new_spend_usd == Decimal("0.20")
@@ -158,7 +167,7 @@ def test_budget_cap_refuses_the_rest(stack: Stack, tmp_path: Path) -> None:
 
 def test_retryable_task_failure_is_resubmitted(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(faults={"script": {"submit": ["fail:5003"]}})
-    out = generate_video(req("retryable-failure"), options=FAST)
+    out = run_video(req("retryable-failure"), options=FAST)
     assert out.status == "archived" and stack.stats()["submissions"] == 2
 
 
@@ -168,18 +177,18 @@ def test_permanent_failure_fails_fast_and_rerun_retries_it(
     stack = make_stack(faults={"script": {"submit": ["fail:1403"]}})
     manifest = write_manifest(tmp_path / "perm.jsonl", [
         {"id": "only", "image": str(SAMPLE), "prompt": "test permanent failure"}])
-    first = generate_batch(manifest, options=FAST, fail_on_item_error=False)
+    first = run_batch(manifest, options=FAST, fail_on_item_error=False)
     assert first.failed == 1 and first.outcomes[0].error_type == "TaskFailedError"
     assert "1403" in (first.outcomes[0].error or "")
     assert stack.stats()["submissions"] == 1  # 1403 is not retried within the run
-    second = generate_batch(manifest, options=FAST)
+    second = run_batch(manifest, options=FAST)
     assert second.archived == 1 and stack.stats()["submissions"] == 2
 
 
 def test_missing_limit_fails_loudly(stack: Stack) -> None:
     options = FAST.model_copy(update={"limits": LimitSettings(in_flight="no-such-limit")})
     with pytest.raises(VideoFailedError, match="no-such-limit"):
-        generate_video(req("missing-limit"), options=options)
+        run_video(req("missing-limit"), options=options)
     assert stack.stats()["submissions"] == 0
 
 
@@ -223,7 +232,7 @@ def test_archive_to_a_prefect_aws_style_s3_bucket_block(stack: Stack, s3_store: 
     FakeS3Bucket(bucket_name="block-videos", credentials=FakeAwsCredentials(
         endpoint_url=s3_store.endpoint_url, access_key_id=s3_store.access_key_id,
         secret_access_key=s3_store.secret_access_key)).save("team-archive", overwrite=True)
-    out = generate_video(req("s3-block"), archive=ArchiveOptions(s3_block="team-archive"),
+    out = run_video(req("s3-block"), archive=ArchiveOptions(s3_block="team-archive"),
                          options=FAST)
     assert out.s3_uri and out.s3_uri.startswith("s3://block-videos/")
     data, _ = stack.object(out.s3_uri)
@@ -247,7 +256,7 @@ def test_lanes_take_one_slot_each_for_many_videos(
 
     monkeypatch.setattr(produce, "in_flight_slot", counting)
     rows = [{"id": f"l{i}", "image": str(SAMPLE), "prompt": f"test lanes {i}"} for i in range(8)]
-    report = generate_batch(write_manifest(tmp_path / "lanes.jsonl", rows), options=FAST)
+    report = run_batch(write_manifest(tmp_path / "lanes.jsonl", rows), options=FAST)
     assert report.archived == 8 and stack.stats()["submissions"] == 8
     assert taken == ["wan-video-in-flight"] * 2
     assert stack.stats()["max_in_flight"] == 2
@@ -256,7 +265,7 @@ def test_lanes_take_one_slot_each_for_many_videos(
     per_video = FAST.model_copy(update={"limits": LimitSettings(release_after_s=0)})
     rows = [{"id": f"r{i}", "image": str(SAMPLE), "prompt": f"test lanes turn {i}"}
             for i in range(4)]
-    report = generate_batch(write_manifest(tmp_path / "turns.jsonl", rows), options=per_video)
+    report = run_batch(write_manifest(tmp_path / "turns.jsonl", rows), options=per_video)
     assert report.archived == 4 and 4 <= len(taken) <= 4 + 2  # (+ a lane's last, empty turn)
 
 
@@ -269,7 +278,7 @@ def test_no_slot_no_spend(make_stack: Callable[..., Stack], tmp_path: Path) -> N
             for i in range(3)]
     options = FAST.model_copy(update={"limits": LimitSettings(acquire_timeout_s=1.0)})
     with concurrency("wan-video-in-flight", occupy=1, strict=True):  # someone else holds it
-        report = generate_batch(write_manifest(tmp_path / "noslot.jsonl", rows),
+        report = run_batch(write_manifest(tmp_path / "noslot.jsonl", rows),
                                 options=options, fail_on_item_error=False)
     assert report.failed == 3 and stack.stats()["submissions"] == 0
     for outcome in report.outcomes:
@@ -282,7 +291,7 @@ def test_rate_limit_is_opt_in_and_strict(stack: Stack) -> None:
     assert LimitSettings().per_minute is None
     options = FAST.model_copy(update={"limits": LimitSettings(per_minute="no-such-rate")})
     with pytest.raises(VideoFailedError, match="no-such-rate"):
-        generate_video(req("missing-rate-limit"), options=options)
+        run_video(req("missing-rate-limit"), options=options)
     assert stack.stats()["submissions"] == 0
 
 
@@ -301,11 +310,25 @@ def test_first_poll_learns_the_inference_time(
     for s in (0.4, 0.4, 0.4):  # as if three videos had been seen in this process
         learned.record(MODEL_ID, 5, s)
     began = time.monotonic()
-    out = generate_video(req("learned-first-poll"), options=slow_first)
+    out = run_video(req("learned-first-poll"), options=slow_first)
     # Polled once, just after the learned 0.4 s, not after the configured 120 s.
     assert time.monotonic() - began < 60
     assert out.status == "archived" and stack.stats()["result_polls"] == 1
     assert learned.expected(MODEL_ID, 5) == pytest.approx(0.4, abs=0.1)
     off = slow_first.poll.model_copy(update={"learn_first_poll": False, "first_poll_after": 0.6})
-    generate_video(req("unlearned-first-poll"), options=FAST.model_copy(update={"poll": off}))
+    run_video(req("unlearned-first-poll"), options=FAST.model_copy(update={"poll": off}))
     assert stack.stats()["result_polls"] == 2
+
+
+def test_credentials_from_a_saved_block(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teams keep the key in a block; the flow loads it (also from its worker thread)."""
+    from pydantic import SecretStr
+
+    from wan_tasks.credentials import WaveSpeedCredentials
+
+    WaveSpeedCredentials(api_key=SecretStr(stack.emulator.api_key),
+                         base_url=stack.emulator.base_url).save("team-key", overwrite=True)
+    monkeypatch.setenv("WAVESPEED_API_KEY", "not-the-key")  # the block's key must be used
+    options = FAST.model_copy(update={"credentials_block": "team-key"})
+    out = run_video(req("credentials-block"), options=options)
+    assert out.status == "archived" and stack.stats()["submissions"] == 1

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.generate import VideoFailedError, generate_video
-from tests.conftest import Stack
+from flows.generate import VideoFailedError
+from tests.conftest import Stack, run_video
 from tests.test_flows import FAST, req
 from wan_tasks import MODEL_ID, WaveSpeedClient
 from wan_tasks.fingerprint import derive_seed, request_key
@@ -29,7 +29,7 @@ def test_crash_between_accept_and_record_is_reconciled(stack: Stack) -> None:
         entry = ledger.record_intent(key, MODEL_ID, payload)
         lost = client.submit_payload(payload)  # accepted and billed; then the "crash"
     assert ledger.read(key).prediction_id is None  # type: ignore[union-attr]
-    out = generate_video(req("crash-window"), options=FAST)
+    out = run_video(req("crash-window"), options=FAST)
     assert out.prediction_id == lost.id
     assert stack.stats()["submissions"] == 1  # reconnected, not paid again
     assert ledger.read(key).prediction_id == lost.id  # type: ignore[union-attr]
@@ -42,13 +42,13 @@ def test_intent_that_never_reached_the_service_is_submitted(stack: Stack) -> Non
     ledger = LedgerSettings(bucket=stack.bucket).open()
     with client_for(stack) as client:
         ledger.record_intent(key, MODEL_ID, client.prepare(request))
-    out = generate_video(req("never-sent"), options=FAST)
+    out = run_video(req("never-sent"), options=FAST)
     assert out.status == "archived" and stack.stats()["submissions"] == 1
 
 
 def test_lost_submit_answer_is_found_in_history(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(faults={"script": {"submit": ["drop"]}})
-    out = generate_video(req("dropped-answer"), options=FAST)
+    out = run_video(req("dropped-answer"), options=FAST)
     assert out.status == "archived"
     assert stack.stats()["submissions"] == 1
     assert stack.stats()["history_queries"] >= 1
@@ -59,7 +59,7 @@ def test_ledger_reconnects_when_the_cache_is_gone(stack: Stack) -> None:
 
     from wan_tasks.tasks import submit_i2v
 
-    first = generate_video(req("cache-gone"), options=FAST)
+    first = run_video(req("cache-gone"), options=FAST)
     with disable_run_logger():  # .fn: the task body, without Prefect's cache
         again = submit_i2v.fn(req("cache-gone"), ledger=LedgerSettings(bucket=stack.bucket))
     assert again.prediction_id == first.prediction_id
@@ -71,10 +71,10 @@ def test_expired_output_is_resubmitted_only_when_allowed(
 ) -> None:
     stack = make_stack(faults={"script": {"download": ["expire", "expire"]}})
     with pytest.raises(VideoFailedError, match="allow_resubmit_expired"):
-        generate_video(req("expired"), options=FAST)
+        run_video(req("expired"), options=FAST)
     assert stack.stats()["submissions"] == 1
     allowed = FAST.model_copy(update={"allow_resubmit_expired": True})
-    out = generate_video(req("expired"), options=allowed)
+    out = run_video(req("expired"), options=allowed)
     assert out.status == "archived" and stack.stats()["submissions"] == 2
 
 
@@ -107,7 +107,7 @@ def test_submit_refused_with_5xx_is_resubmitted_after_history_check(
 ) -> None:
     """A 503 on submit is ambiguous; once history confirms no task exists, it is sent again."""
     stack = make_stack(faults={"script": {"submit": ["503"]}})
-    out = generate_video(req("refused-5xx"), options=FAST)
+    out = run_video(req("refused-5xx"), options=FAST)
     assert out.status == "archived"
     stats = stack.stats()
     assert stats["submissions"] == 1 and stats["history_queries"] >= 4

@@ -35,7 +35,9 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
     if credentials_block:
         from wan_tasks.credentials import WaveSpeedCredentials
 
-        creds: WaveSpeedCredentials = WaveSpeedCredentials.load(credentials_block)  # type: ignore[assignment]
+        # _sync: also called from async flows' worker threads (see s3_bucket_block).
+        creds: WaveSpeedCredentials = WaveSpeedCredentials.load(  # type: ignore[call-arg,assignment]
+            credentials_block, _sync=True)
         api_key, base_url = creds.api_key.get_secret_value(), creds.base_url
     else:
         api_key, base_url = os.environ.get(ENV_API_KEY, ""), os.environ.get(ENV_BASE_URL, "")
@@ -56,7 +58,9 @@ def s3_bucket_block(name: str) -> tuple[str, S3Client]:
 
     slug = name if "/" in name else f"s3-bucket/{name}"
     try:
-        block: Any = Block.load(slug)
+        # _sync: also called from async flows' worker threads, where Prefect would otherwise
+        # return a coroutine.
+        block: Any = Block.load(slug, _sync=True)  # type: ignore[call-arg]
     except (KeyError, ValueError) as exc:
         raise ValueError(
             f"s3_block {name!r}: cannot load {slug!r} ({exc}). Is prefect-aws installed "
