@@ -115,8 +115,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         _out(f"error: {exc}")
         return 2
     try:
-        report = asyncio.run(generate_batch(args.manifest, archive=archive, options=options,
-                                fail_on_item_error=False))
+        report = generate_batch(args.manifest, archive=archive, options=options,
+                                fail_on_item_error=False)
     except ValueError as exc:
         _out(f"error: {exc}")
         return 2

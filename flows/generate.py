@@ -55,9 +55,11 @@ def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
     )
 
 
-# The flows are async shells over synchronous work run in a thread (with the flow's context):
-# Prefect 3.9 joins a sync flow run's heartbeat thread when the run ends, which sleeps in 1 s
-# steps: 0.5-1 s added to every run (BENCHMARKS.md). An async flow run does not wait for it.
+# generate_video is an async shell over synchronous work run in a thread (with the flow's
+# context): Prefect 3.9 joins a sync flow run's heartbeat thread when the run ends, and that
+# thread sleeps in 1 s steps, adding 0.5-1 s to every run; an async run does not wait for it.
+# generate_batch stays sync: it pays that once per batch, while each sync task called from an
+# async flow's thread costs ~6x the CPU (27 vs 4.4 ms a task run, BENCHMARKS.md).
 # From synchronous code: `asyncio.run(generate_video(...))`.
 
 
@@ -110,7 +112,7 @@ def load_manifest(location: str, s3_block: str | None = None) -> list[ManifestIt
 
 
 @flow(name="generate-batch")
-async def generate_batch(
+def generate_batch(
     manifest: str,
     archive: ArchiveOptions | None = None,
     options: RunOptions | None = None,
@@ -122,12 +124,6 @@ async def generate_batch(
     the outputs. With `fail_on_item_error`, the run ends Failed when any video did not land
     (after everything else landed), so schedulers and automations notice.
     """
-    return await asyncio.to_thread(_generate_batch, manifest, archive, options,
-                                   fail_on_item_error)
-
-
-def _generate_batch(manifest: str, archive: ArchiveOptions | None, options: RunOptions | None,
-                    fail_on_item_error: bool) -> BatchReport:
     archive, options = archive or ArchiveOptions(), options or RunOptions()
     log = get_run_logger()
     with embedded_defaults(s3=not (archive.bucket or archive.s3_block),

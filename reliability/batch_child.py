@@ -6,7 +6,6 @@ WAVESPEED_*, AWS_*, WAN_TASKS_BUCKET) and the options as JSON. Exit 0 when every
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 
@@ -19,7 +18,7 @@ def main() -> int:
     report_path = sys.argv[3] if len(sys.argv) > 3 else None
     options = RunOptions.model_validate(json.loads(options_json))
     try:
-        report = asyncio.run(generate_batch(manifest, options=options, fail_on_item_error=False))
+        report = generate_batch(manifest, options=options, fail_on_item_error=False)
     except BatchIncompleteError:
         return 1
     if report_path:

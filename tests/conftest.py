@@ -162,7 +162,6 @@ def run_video(*args: Any, **kwargs: Any) -> Any:
 
 
 def run_batch(*args: Any, **kwargs: Any) -> Any:
-    """`generate_batch` (an async flow) called from synchronous test code."""
     from flows.generate import generate_batch
 
-    return asyncio.run(generate_batch(*args, **kwargs))
+    return generate_batch(*args, **kwargs)
