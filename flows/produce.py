@@ -4,9 +4,9 @@ The in-flight slot (the account's concurrent-task cap) is held from before submi
 wait ends, so it counts what the service counts. Slots are held by *lanes*: K threads (K = the
 limit's size) each take one slot and, holding it, submit and wait for video after video from a
 shared queue (giving it back for a new turn every `release_after_s`); finished videos go to a
-separate archive pool. Taking a Prefect slot per
-video instead costs several API writes per video, serialised in the process and sleeping the
-server's Retry-After while the service sits idle (BENCHMARKS.md: +18% makespan vs +7%).
+separate archive pool. Taking a Prefect slot per video instead costs several API writes per
+video, serialised in the process and sleeping the server's Retry-After while the service sits
+idle (BENCHMARKS.md: +18% makespan vs +7%).
 
 The per-video steps are plain functions, not tasks: tasks nested in a task share its
 transaction, so a failed or crashed parent would roll back the submit's cache record and a

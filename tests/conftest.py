@@ -159,9 +159,3 @@ def run_video(*args: Any, **kwargs: Any) -> Any:
     from flows.generate import generate_video
 
     return asyncio.run(generate_video(*args, **kwargs))
-
-
-def run_batch(*args: Any, **kwargs: Any) -> Any:
-    from flows.generate import generate_batch
-
-    return generate_batch(*args, **kwargs)

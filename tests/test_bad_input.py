@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.generate import generate_batch
 from reliability.bad_input import CASES, Case, check
-from tests.conftest import SAMPLE, Stack, run_batch
+from tests.conftest import SAMPLE, Stack
 from tests.test_flows import FAST
 
 
@@ -31,7 +32,7 @@ def test_bad_rows_cost_no_calls_and_the_rest_runs(stack: Stack, tmp_path: Path) 
                                 "prompt": f"test bad-input neighbour {i}"}))
     manifest = tmp_path / "mixed.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
-    report = run_batch(str(manifest), options=FAST, fail_on_item_error=False)
+    report = generate_batch(str(manifest), options=FAST, fail_on_item_error=False)
     bad = len(rows) - 2
     assert (report.archived, report.invalid, report.failed) == (2, bad, 0)
     stats = stack.stats()

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.generate import BatchIncompleteError, VideoFailedError
+from flows.generate import BatchIncompleteError, VideoFailedError, generate_batch
 from flows.settings import RunOptions
-from tests.conftest import SAMPLE, Stack, run_batch, run_video
+from tests.conftest import SAMPLE, Stack, run_video
 from wan_tasks import I2VRequest, PollPolicy
 from wan_tasks.emulator.render import probe_mp4
 from wan_tasks.fingerprint import derive_seed
@@ -100,7 +100,7 @@ def test_identical_concurrent_requests_submit_once(stack: Stack, tmp_path: Path)
     row = {"image": str(SAMPLE), "prompt": "test identical twins", "seed": 5}
     manifest = write_manifest(tmp_path / "twins.jsonl", [{**row, "id": f"twin-{i}"}
                                                           for i in range(3)])
-    report = run_batch(manifest, options=FAST)
+    report = generate_batch(manifest, options=FAST)
     assert report.archived == 3
     assert len({o.s3_uri for o in report.outcomes}) == 1
     assert stack.stats()["submissions"] == 1
@@ -116,8 +116,8 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
         {"id": "good-3", "image": str(SAMPLE), "prompt": "test mixed 5"},
     ])
     with pytest.raises(BatchIncompleteError, match="3 of 6 videos did not land"):
-        run_batch(manifest, options=FAST)
-    state = run_batch(manifest, options=FAST, fail_on_item_error=False, return_state=True)
+        generate_batch(manifest, options=FAST)
+    state = generate_batch(manifest, options=FAST, fail_on_item_error=False, return_state=True)
     report = state.result()
     by_id = {o.item_id: o for o in report.outcomes}
     assert [by_id[i].status for i in ("good-1", "good-2", "good-3")] == ["archived"] * 3
@@ -146,7 +146,7 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
 def test_in_flight_limit_holds(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
     stack = make_stack(in_flight=2, latency_s=0.6)
     rows = [{"id": f"v{i}", "image": str(SAMPLE), "prompt": f"test limit {i}"} for i in range(6)]
-    report = run_batch(write_manifest(tmp_path / "limit.jsonl", rows), options=FAST)
+    report = generate_batch(write_manifest(tmp_path / "limit.jsonl", rows), options=FAST)
     assert report.archived == 6
     stats = stack.stats()
     assert stats["submissions"] == 6
@@ -156,7 +156,7 @@ def test_in_flight_limit_holds(make_stack: Callable[..., Stack], tmp_path: Path)
 def test_budget_cap_refuses_the_rest(stack: Stack, tmp_path: Path) -> None:
     rows = [{"id": f"b{i}", "image": str(SAMPLE), "prompt": f"test budget {i}"} for i in range(4)]
     options = FAST.model_copy(update={"budget_usd": Decimal("0.25")})
-    report = run_batch(write_manifest(tmp_path / "budget.jsonl", rows), options=options,
+    report = generate_batch(write_manifest(tmp_path / "budget.jsonl", rows), options=options,
                             fail_on_item_error=False)
     assert (report.archived, report.skipped) == (2, 2)
     assert report.new_spend_usd == Decimal("0.20")
@@ -177,11 +177,11 @@ def test_permanent_failure_fails_fast_and_rerun_retries_it(
     stack = make_stack(faults={"script": {"submit": ["fail:1403"]}})
     manifest = write_manifest(tmp_path / "perm.jsonl", [
         {"id": "only", "image": str(SAMPLE), "prompt": "test permanent failure"}])
-    first = run_batch(manifest, options=FAST, fail_on_item_error=False)
+    first = generate_batch(manifest, options=FAST, fail_on_item_error=False)
     assert first.failed == 1 and first.outcomes[0].error_type == "TaskFailedError"
     assert "1403" in (first.outcomes[0].error or "")
     assert stack.stats()["submissions"] == 1  # 1403 is not retried within the run
-    second = run_batch(manifest, options=FAST)
+    second = generate_batch(manifest, options=FAST)
     assert second.archived == 1 and stack.stats()["submissions"] == 2
 
 
@@ -256,7 +256,7 @@ def test_lanes_take_one_slot_each_for_many_videos(
 
     monkeypatch.setattr(produce, "in_flight_slot", counting)
     rows = [{"id": f"l{i}", "image": str(SAMPLE), "prompt": f"test lanes {i}"} for i in range(8)]
-    report = run_batch(write_manifest(tmp_path / "lanes.jsonl", rows), options=FAST)
+    report = generate_batch(write_manifest(tmp_path / "lanes.jsonl", rows), options=FAST)
     assert report.archived == 8 and stack.stats()["submissions"] == 8
     assert taken == ["wan-video-in-flight"] * 2
     assert stack.stats()["max_in_flight"] == 2
@@ -265,7 +265,7 @@ def test_lanes_take_one_slot_each_for_many_videos(
     per_video = FAST.model_copy(update={"limits": LimitSettings(release_after_s=0)})
     rows = [{"id": f"r{i}", "image": str(SAMPLE), "prompt": f"test lanes turn {i}"}
             for i in range(4)]
-    report = run_batch(write_manifest(tmp_path / "turns.jsonl", rows), options=per_video)
+    report = generate_batch(write_manifest(tmp_path / "turns.jsonl", rows), options=per_video)
     assert report.archived == 4 and 4 <= len(taken) <= 4 + 2  # (+ a lane's last, empty turn)
 
 
@@ -278,7 +278,7 @@ def test_no_slot_no_spend(make_stack: Callable[..., Stack], tmp_path: Path) -> N
             for i in range(3)]
     options = FAST.model_copy(update={"limits": LimitSettings(acquire_timeout_s=1.0)})
     with concurrency("wan-video-in-flight", occupy=1, strict=True):  # someone else holds it
-        report = run_batch(write_manifest(tmp_path / "noslot.jsonl", rows),
+        report = generate_batch(write_manifest(tmp_path / "noslot.jsonl", rows),
                                 options=options, fail_on_item_error=False)
     assert report.failed == 3 and stack.stats()["submissions"] == 0
     for outcome in report.outcomes:

@@ -60,4 +60,5 @@ def test_seeded_from_the_accounts_history(make_emulator: Callable[..., Any],
     assert times.seed_from_history(client, MODEL) == 3
     expected = times.expected(MODEL, 5)
     assert expected is not None and 0.25 <= expected <= 1.0
-    assert times.expected(MODEL, 8) is None and times.knows(MODEL)
+    assert times.expected(MODEL, 8) is None and times.seeded(MODEL)
+    assert not InferenceTimes().seeded(MODEL)

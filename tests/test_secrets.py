@@ -93,7 +93,7 @@ def test_full_run_leaves_no_secret_anywhere(
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-    from tests.conftest import run_batch
+    from flows.generate import generate_batch
     from tests.test_flows import FAST
 
     stack = make_stack(api_key=KEY, faults={"script": {"submit": ["drop", "fail:1403"]}})
@@ -101,7 +101,7 @@ def test_full_run_leaves_no_secret_anywhere(
             for i in range(3)]
     manifest = tmp_path / "secrets.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
-    report = run_batch(str(manifest), options=FAST, fail_on_item_error=False)
+    report = generate_batch(str(manifest), options=FAST, fail_on_item_error=False)
     assert report.archived == 2 and report.failed == 1  # the error paths ran too
     APILogHandler().flush()
 

@@ -35,6 +35,7 @@ class InferenceTimes:
         self._max_extra = max_extra_s
         self._seen: dict[Key, deque[float]] = {}
         self._extra: dict[Key, float] = {}
+        self._seeded: set[str] = set()
         self._lock = threading.Lock()
 
     def record(self, model: str, duration: int, seconds: float, *, early: bool = False) -> None:
@@ -55,9 +56,10 @@ class InferenceTimes:
             return None
         return seen[min(len(seen) - 1, int(self._quantile * len(seen)))]
 
-    def knows(self, model: str) -> bool:
+    def seeded(self, model: str) -> bool:
+        """Whether the history was read for `model` already (or tasks of it were seen)."""
         with self._lock:
-            return any(k[0] == model for k in self._seen)
+            return model in self._seeded or any(k[0] == model for k in self._seen)
 
     def first_poll_after(self, policy: PollPolicy, model: str, duration: int
                          ) -> tuple[float, bool]:
@@ -81,6 +83,8 @@ class InferenceTimes:
         except (WaveSpeedError, httpx.HTTPError) as exc:
             logger.debug("no inference times from history: %s", exc)
             return 0
+        with self._lock:
+            self._seeded.add(model)  # read once: an empty history stays empty for this run
         learned = 0
         for item in page.items:
             duration = (item.input or {}).get("duration")

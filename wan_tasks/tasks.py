@@ -166,7 +166,7 @@ def learn_inference_times(credentials_block: str | None = None) -> int:
     """Aim this process's first polls from the account's recent tasks (one history call, once
     per process and model); returns how many tasks it learned from."""
     client = wavespeed_client(credentials_block)
-    if INFERENCE_TIMES.knows(client.ops.model):
+    if INFERENCE_TIMES.seeded(client.ops.model):
         return 0
     return INFERENCE_TIMES.seed_from_history(client, client.ops.model)
 

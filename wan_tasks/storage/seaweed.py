@@ -363,16 +363,13 @@ class SeaweedFS:
         try:
             answer = httpx.get(f"http://{_HOST}:{self._ports['master']}/dir/status", timeout=2)
             topology = answer.json()["Topology"]
-            reported = sum(int(node.get("Volumes", 0))
-                           for dc in topology.get("DataCenters") or []
-                           for rack in dc.get("Racks") or []
-                           for node in rack.get("DataNodes") or [])
-            nodes = sum(len(rack.get("DataNodes") or [])
-                        for dc in topology.get("DataCenters") or []
-                        for rack in dc.get("Racks") or [])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            nodes = [node for dc in topology.get("DataCenters") or []
+                     for rack in dc.get("Racks") or []
+                     for node in rack.get("DataNodes") or []]
+            reported = sum(int(node.get("Volumes", 0)) for node in nodes)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        return nodes > 0 and reported >= on_disk
+        return bool(nodes) and reported >= on_disk
 
     def _ensure_buckets(self, endpoint: S3Endpoint) -> None:
         # Created here rather than with -bucket: weed creates those only after S3 already answers.
