@@ -130,8 +130,8 @@ class _TimedS3:
 
 
 def _child(variant: str, source: Path) -> dict[str, Any]:
-    from wan_tasks.keys import KeyFields
     from wan_tasks.storage.archive import ArchiveTarget, S3Archiver, make_s3_client
+    from wan_tasks.storage.keys import KeyFields
 
     client = make_s3_client()
     client.put_object(Bucket=BUCKET, Key="warm-up", Body=b"x" * 1024)  # connections, models

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(workdir: Path, videos: int, in_flight: int, latency: float, endpoint: Any,
         pids: dict[str, int], database: str, *, sdk: bool = True, default: bool = True,
         tuned: bool = True, margin: float = 0.25) -> None:
-    from wan_tasks.policies import PollPolicy
+    from wan_tasks.api.policies import PollPolicy
 
     nonce = uuid.uuid4().hex[:8]
     settings = {"latency_s": latency, "concurrency": in_flight}
@@ -134,8 +134,8 @@ def _flow_rows(workdir: Path, tag: str, name: str, policy: Any, settings: dict[s
                rerun: bool = False) -> list[Row]:
     """generate_batch on a fresh manifest; with `rerun`, once more on the finished batch."""
     from bench.flowrun import PrefectRetries, call_flow, diff_counts, read_spans, write_manifest
-    from flows.generate import generate_batch
-    from flows.settings import RunOptions
+    from wan_tasks.flows.generate import generate_batch
+    from wan_tasks.flows.options import RunOptions
 
     retries = PrefectRetries.install()
     latency, in_flight = settings["latency_s"], settings["concurrency"]

@@ -118,7 +118,7 @@ def top_endpoints(counts: dict[str, int], per: int, limit: int = 6) -> str:
 
 
 def request(prompt: str, seed: int) -> Any:
-    from wan_tasks.models import I2VRequest
+    from wan_tasks.api.models import I2VRequest
 
     return I2VRequest(image=str(SAMPLE), prompt=prompt, seed=seed)
 

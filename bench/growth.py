@@ -100,9 +100,9 @@ def _child(variant: str, videos: int, latency: float, in_flight: int,
     from bench.baseline import sdk_client, sdk_pool
     from bench.flowrun import PrefectRetries, call_flow, write_manifest
     from bench.stack import new_limits
-    from flows.generate import generate_batch
-    from flows.settings import RunOptions
-    from wan_tasks.policies import PollPolicy
+    from wan_tasks.api.policies import PollPolicy
+    from wan_tasks.flows.generate import generate_batch
+    from wan_tasks.flows.options import RunOptions
 
     nonce = uuid.uuid4().hex[:8]
     retries = PrefectRetries.install()

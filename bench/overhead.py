@@ -69,9 +69,9 @@ def measure(rounds: int, latency: float, emu: EmulatorProcess, endpoint: Any, ap
         request,
         top_endpoints,
     )
-    from flows.generate import generate_video
-    from flows.settings import RunOptions
-    from wan_tasks.policies import PollPolicy
+    from wan_tasks.api.policies import PollPolicy
+    from wan_tasks.flows.generate import generate_video
+    from wan_tasks.flows.options import RunOptions
 
     nonce = uuid.uuid4().hex[:8]
     limits = new_limits(3)

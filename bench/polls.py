@@ -72,7 +72,7 @@ def sdk_schedule(inference: float, interval: float = 1.0) -> list[float]:
 def schedule_table(inferences: list[float]) -> str:
     """Polls and detection delay per inference time: the default policy unaimed (no inference
     times seen yet), as before the fix, aimed from what was seen, and the SDK."""
-    from wan_tasks.policies import PollPolicy
+    from wan_tasks.api.policies import PollPolicy
 
     rows = []
     for t in inferences:
@@ -90,9 +90,9 @@ def schedule_table(inferences: list[float]) -> str:
 def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoint: Any) -> None:
     from bench.baseline import sdk_client, sdk_pool
     from bench.flowrun import call_flow, read_spans, write_manifest
-    from flows.generate import generate_batch
-    from flows.settings import RunOptions
-    from wan_tasks.policies import PollPolicy
+    from wan_tasks.api.policies import PollPolicy
+    from wan_tasks.flows.generate import generate_batch
+    from wan_tasks.flows.options import RunOptions
 
     nonce = uuid.uuid4().hex[:8]
     tuned = PollPolicy(first_poll_after=latency + 0.25)
@@ -123,8 +123,8 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
         }
         outcomes = {name: f.result() for name, f in futures.items()}
     # A later run in a new process: its first polls are aimed from the account's history.
-    import wan_tasks.tasks as tasks
-    from wan_tasks.inference_times import InferenceTimes
+    import wan_tasks.integration.tasks as tasks
+    from wan_tasks.core.inference_times import InferenceTimes
 
     tasks.INFERENCE_TIMES = InferenceTimes()
     outcomes["generate_batch, default PollPolicy, a later run (aimed from history)"] = \

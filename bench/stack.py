@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from wan_tasks.limits import LimitSettings
+    from wan_tasks.integration.limits import LimitSettings
     from wan_tasks.storage.seaweed import S3Endpoint
 
 logger = logging.getLogger("bench.stack")
@@ -320,7 +320,7 @@ def flow_env(emulator: EmulatorProcess, endpoint: S3Endpoint | None) -> Iterator
         "WAN_TASKS_BUCKET": BUCKET, "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None,
         "AWS_ENDPOINT_URL": None, **(endpoint.env() if endpoint else {}),
     }
-    from wan_tasks.embedded import env_overrides
+    from wan_tasks.devstack.embedded import env_overrides
 
     with env_overrides(values):
         yield
@@ -329,7 +329,7 @@ def flow_env(emulator: EmulatorProcess, endpoint: S3Endpoint | None) -> Iterator
 def new_limits(in_flight: int, per_minute: int | None = None) -> LimitSettings:
     """Fresh, uniquely named limits on the Prefect server (benchmarks never share slots); the
     rate limit, like the flows' default, only when asked for."""
-    from wan_tasks.limits import LimitSettings, ensure_limits
+    from wan_tasks.integration.limits import LimitSettings, ensure_limits
 
     tag = uuid.uuid4().hex[:8]
     names = LimitSettings(in_flight=f"bench-{tag}-in-flight",

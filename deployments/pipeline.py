@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from wan_tasks.runtime import default_bucket, s3_bucket_block, s3_client
+from wan_tasks.integration.runtime import default_bucket, s3_bucket_block, s3_client
 
 ON_DEMAND = "generate-batch/on-demand"
 

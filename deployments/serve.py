@@ -31,13 +31,13 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Schedule
 from pydantic import TypeAdapter
 
-from wan_tasks.limits import ensure_limits
+from wan_tasks.integration.limits import ensure_limits
 
 logger = logging.getLogger("deployments.serve")
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
-_LIMITS_STEP = "wan_tasks.limits.ensure_limits"
+_LIMITS_STEP = "wan_tasks.integration.limits.ensure_limits"
 _SCHEDULE_KEYS = ("interval", "cron", "rrule", "timezone", "anchor_date", "day_or", "active",
                   "parameters", "slug")
 _triggers: TypeAdapter[DeploymentTriggerTypes] = TypeAdapter(DeploymentTriggerTypes)

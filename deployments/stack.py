@@ -403,7 +403,7 @@ class LocalStack:
                 time.sleep(0.25)
 
     def _start_emulator(self) -> None:
-        cmd = [sys.executable, "-m", "flows.cli", "emulator", "--host", HOST, "--port", "0",
+        cmd = [sys.executable, "-m", "wan_tasks.cli", "emulator", "--host", HOST, "--port", "0",
                "--latency-s", str(self.emulator_latency_s),
                "--concurrency", str(self.emulator_concurrency)]
         # The key goes through the environment: command lines are visible in `ps`.
@@ -448,7 +448,7 @@ class LocalStack:
         """The work pool and the limits: once per server, before anything is deployed."""
         pool = self._cli([_executable("prefect"), "work-pool", "create", self.pool,
                           "--type", "process", "--overwrite"])
-        limits = [sys.executable, "-m", "flows.cli", "limits", "--in-flight",
+        limits = [sys.executable, "-m", "wan_tasks.cli", "limits", "--in-flight",
                   str(self.in_flight)]
         if self.per_minute is not None:
             limits += ["--per-minute", str(self.per_minute)]

@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flows.settings import ArchiveOptions
-from wan_tasks.manifest import ManifestError, parse_manifest
-from wan_tasks.models import I2VRequest
+from wan_tasks.api.models import I2VRequest
+from wan_tasks.core.manifest import ManifestError, parse_manifest
+from wan_tasks.flows.options import ArchiveOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "wan_tasks" / "assets" / "sample.png"

@@ -11,8 +11,11 @@ import sys
 
 
 def main() -> int:
-    from flows.generate import BatchIncompleteError, generate_batch  # after the env is set
-    from flows.settings import RunOptions
+    from wan_tasks.flows.generate import (  # after the env is set
+        BatchIncompleteError,
+        generate_batch,
+    )
+    from wan_tasks.flows.options import RunOptions
 
     manifest, options_json = sys.argv[1], sys.argv[2]
     report_path = sys.argv[3] if len(sys.argv) > 3 else None

@@ -63,11 +63,11 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
         latency_s=latency, concurrency=in_flight * 2, api_key="crash-key"
     ) as emu, s3_store(workdir) as (endpoint, _), flow_env(emu, endpoint):
         from bench.stack import BUCKET
-        from flows.settings import RunOptions
         from reliability.verify import account
-        from wan_tasks.client import WaveSpeedClient
-        from wan_tasks.limits import reset_in_flight
-        from wan_tasks.policies import PollPolicy
+        from wan_tasks.api.client import WaveSpeedClient
+        from wan_tasks.api.policies import PollPolicy
+        from wan_tasks.flows.options import RunOptions
+        from wan_tasks.integration.limits import reset_in_flight
 
         names = new_limits(in_flight, 6000)
         manifest = write_manifest(workdir / "crash.jsonl", videos, f"s{seed}")

@@ -60,10 +60,10 @@ def run(videos: int, latency: float, in_flight: int, workdir: Path,
     ) as emu, SeaweedFS(workdir / "seaweedfs", buckets=[BUCKET]) as weed, S3FaultProxy(
         weed.endpoint.endpoint_url, throttle=0.03, seed=5
     ) as proxy:
-        from flows.settings import RunOptions
         from reliability.verify import account
-        from wan_tasks.client import WaveSpeedClient
-        from wan_tasks.policies import PollPolicy
+        from wan_tasks.api.client import WaveSpeedClient
+        from wan_tasks.api.policies import PollPolicy
+        from wan_tasks.flows.options import RunOptions
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(weed.endpoint.env(), AWS_ENDPOINT_URL_S3=proxy.url, PYTHONPATH=str(REPO),

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wan_tasks.client import WaveSpeedClient
-from wan_tasks.manifest import parse_manifest
+from wan_tasks.api.client import WaveSpeedClient
+from wan_tasks.core.manifest import parse_manifest
 
 
 @dataclass

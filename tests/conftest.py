@@ -133,7 +133,7 @@ def make_stack(
     """Point the flows at a fresh emulator and the test S3, with the given in-flight limit."""
 
     def make(in_flight: int = 3, **emulator_settings: Any) -> Stack:
-        from wan_tasks.limits import ensure_limits
+        from wan_tasks.integration.limits import ensure_limits
 
         emulator_settings.setdefault("latency_s", 0.5)
         emulator_settings.setdefault("concurrency", 10)
@@ -156,6 +156,6 @@ def stack(make_stack: Callable[..., Stack]) -> Stack:
 
 def run_video(*args: Any, **kwargs: Any) -> Any:
     """`generate_video` (an async flow) called from synchronous test code."""
-    from flows.generate import generate_video
+    from wan_tasks.flows.generate import generate_video
 
     return asyncio.run(generate_video(*args, **kwargs))

@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_BUCKET
-from wan_tasks.keys import (
+from wan_tasks.core.redact import redact_payload, redact_url
+from wan_tasks.storage.archive import ArchiveError, ArchiveTarget, MiB, S3Archiver
+from wan_tasks.storage.keys import (
     CONTENT_ADDRESSED_TEMPLATE,
     KeyFields,
     KeyTemplateError,
     render_key,
     validate_template,
 )
-from wan_tasks.redact import redact_payload, redact_url
-from wan_tasks.storage.archive import ArchiveError, ArchiveTarget, MiB, S3Archiver
 
 WHEN = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 

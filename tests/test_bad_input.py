@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.generate import generate_batch
 from reliability.bad_input import CASES, Case, check
 from tests.conftest import SAMPLE, Stack
 from tests.test_flows import FAST
+from wan_tasks.flows.generate import generate_batch
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

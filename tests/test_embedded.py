@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wan_tasks.embedded import embedded_defaults
+from wan_tasks.devstack.embedded import embedded_defaults
 from wan_tasks.errors import ConfigurationError
 
 

@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.generate import BatchIncompleteError, VideoFailedError, generate_batch
-from flows.settings import RunOptions
 from tests.conftest import SAMPLE, Stack, run_video
 from wan_tasks import I2VRequest, PollPolicy
+from wan_tasks.core.identity import derive_seed
 from wan_tasks.emulator.render import probe_mp4
-from wan_tasks.fingerprint import derive_seed
-from wan_tasks.limits import LimitSettings
+from wan_tasks.flows.generate import BatchIncompleteError, VideoFailedError, generate_batch
+from wan_tasks.flows.options import RunOptions
+from wan_tasks.integration.limits import LimitSettings
 
 FAST = RunOptions(poll=PollPolicy(first_poll_after=0.3, min_interval=0.2, max_interval=0.5,
                                   jitter=0.0))
@@ -193,7 +193,7 @@ def test_missing_limit_fails_loudly(stack: Stack) -> None:
 
 
 def test_cli_rejects_bad_input_before_spending(stack: Stack, capsys: Any) -> None:
-    from flows.cli import main
+    from wan_tasks.cli.main import main
 
     code = main(["generate", "--image", str(SAMPLE), "--prompt", "x", "--duration", "6"])
     assert code == 2
@@ -207,7 +207,7 @@ def test_archive_to_a_prefect_aws_style_s3_bucket_block(stack: Stack, s3_store: 
     from prefect.blocks.core import Block
     from pydantic import SecretStr
 
-    from flows.settings import ArchiveOptions
+    from wan_tasks.flows.options import ArchiveOptions
 
     class FakeAwsCredentials(Block):
         _block_type_slug = "fake-aws-credentials"
@@ -244,7 +244,7 @@ def test_lanes_take_one_slot_each_for_many_videos(
 ) -> None:
     """Slots are held per lane (one acquisition per lane, K = the limit), not per video:
     per-video acquisitions leave the service idle between videos (BENCHMARKS.md)."""
-    import flows.produce as produce
+    import wan_tasks.flows.produce as produce
 
     stack = make_stack(in_flight=2, latency_s=0.3)
     taken: list[str | None] = []
@@ -298,9 +298,9 @@ def test_rate_limit_is_opt_in_and_strict(stack: Stack) -> None:
 def test_first_poll_learns_the_inference_time(
     make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import wan_tasks.tasks as tasks
-    from wan_tasks.inference_times import InferenceTimes
-    from wan_tasks.models import MODEL_ID
+    import wan_tasks.integration.tasks as tasks
+    from wan_tasks.api.models import MODEL_ID
+    from wan_tasks.core.inference_times import InferenceTimes
 
     stack = make_stack(latency_s=0.4)
     learned = InferenceTimes()
@@ -324,7 +324,7 @@ def test_credentials_from_a_saved_block(stack: Stack, monkeypatch: pytest.Monkey
     """Teams keep the key in a block; the flow loads it (also from its worker thread)."""
     from pydantic import SecretStr
 
-    from wan_tasks.credentials import WaveSpeedCredentials
+    from wan_tasks.integration.blocks import WaveSpeedCredentials
 
     WaveSpeedCredentials(api_key=SecretStr(stack.emulator.api_key),
                          base_url=stack.emulator.base_url).save("team-key", overwrite=True)

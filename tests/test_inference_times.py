@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from wan_tasks import I2VRequest, PollPolicy
-from wan_tasks.inference_times import InferenceTimes
-from wan_tasks.models import MODEL_ID
+from wan_tasks.api.models import MODEL_ID
+from wan_tasks.core.inference_times import InferenceTimes
 
 MODEL = MODEL_ID
 

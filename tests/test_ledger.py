@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.generate import VideoFailedError
 from tests.conftest import Stack, run_video
 from tests.test_flows import FAST, req
 from wan_tasks import MODEL_ID, WaveSpeedClient
-from wan_tasks.fingerprint import derive_seed, request_key
-from wan_tasks.ledger import FileLedger, LedgerSettings, input_fingerprint, reconcile
+from wan_tasks.core.identity import derive_seed, request_key
+from wan_tasks.core.ledger import FileLedger, LedgerSettings, input_fingerprint, reconcile
+from wan_tasks.flows.generate import VideoFailedError
 
 
 def client_for(stack: Stack) -> WaveSpeedClient:
@@ -57,7 +57,7 @@ def test_lost_submit_answer_is_found_in_history(make_stack: Callable[..., Stack]
 def test_ledger_reconnects_when_the_cache_is_gone(stack: Stack) -> None:
     from prefect.logging import disable_run_logger
 
-    from wan_tasks.tasks import submit_i2v
+    from wan_tasks.integration.tasks import submit_i2v
 
     first = run_video(req("cache-gone"), options=FAST)
     with disable_run_logger():  # .fn: the task body, without Prefect's cache

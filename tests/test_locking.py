@@ -8,11 +8,11 @@ from pathlib import Path
 
 from prefect.locking.filesystem import FileSystemLockManager
 
-from wan_tasks.locking import CrashSafeFileLockManager
+from wan_tasks.integration.locking import CrashSafeFileLockManager
 
 TAKE_AND_DIE = (
     "import os, sys; from pathlib import Path; "
-    "from wan_tasks.locking import CrashSafeFileLockManager as M; "
+    "from wan_tasks.integration.locking import CrashSafeFileLockManager as M; "
     "assert M(Path(sys.argv[1])).acquire_lock('submit-key', 'holder-a'); os._exit(0)"
 )
 

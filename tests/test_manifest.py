@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import SAMPLE
-from wan_tasks.manifest import (
+from wan_tasks.api.models import LoraWeight
+from wan_tasks.core.manifest import (
     ManifestError,
     ManifestItem,
     manifest_summary,
     parse_manifest,
 )
-from wan_tasks.models import LoraWeight
 
 REPO = SAMPLE.parents[2]
 URL = "https://example.com/a.png"
@@ -264,7 +264,7 @@ def test_unusable_manifest_raises(
 
 
 def test_manifest_over_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("wan_tasks.manifest.MAX_MANIFEST_BYTES", 10)
+    monkeypatch.setattr("wan_tasks.core.manifest.MAX_MANIFEST_BYTES", 10)
     with pytest.raises(ManifestError, match="the limit is 10 bytes"):
         parse_manifest(jsonl(GOOD), name="m.jsonl")
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.conftest import SAMPLE
-from wan_tasks.models import MAX_SEED, I2VRequest, Prediction, PredictionStatus
+from wan_tasks.api.models import MAX_SEED, I2VRequest, Prediction, PredictionStatus
 
 URL = "https://example.com/a.png"
 LORA = {"path": "https://example.com/l.safetensors", "scale": 1.0}

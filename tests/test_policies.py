@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from wan_tasks.policies import PollPolicy, RetryPolicy, parse_retry_after
+from wan_tasks.api.policies import PollPolicy, RetryPolicy, parse_retry_after
 
 
 def test_poll_schedule_first_at_expected_time_then_at_least_min_interval() -> None:

@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 from tests.conftest import SAMPLE
+from wan_tasks.api.models import MODEL_ID
 from wan_tasks.emulator import Emulator
 from wan_tasks.emulator.render import probe_mp4
-from wan_tasks.models import MODEL_ID
 
 wavespeed = pytest.importorskip("wavespeed")
 

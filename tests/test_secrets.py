@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import SAMPLE
 from wan_tasks import I2VRequest, WaveSpeedError
-from wan_tasks.credentials import WaveSpeedCredentials
+from wan_tasks.integration.blocks import WaveSpeedCredentials
 
 KEY = "sk-live-SECRET-9f8e7d6c5b4a"
 
@@ -93,8 +93,8 @@ def test_full_run_leaves_no_secret_anywhere(
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-    from flows.generate import generate_batch
     from tests.test_flows import FAST
+    from wan_tasks.flows.generate import generate_batch
 
     stack = make_stack(api_key=KEY, faults={"script": {"submit": ["drop", "fail:1403"]}})
     rows = [{"id": f"s{i}", "image": str(SAMPLE), "prompt": f"test secrets {i}"}

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from wan_tasks.emulator.render import render_i2v
-from wan_tasks.thumbnails import GAP_PX, contact_sheet
+from wan_tasks.storage.thumbnails import GAP_PX, contact_sheet
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 # The emulator renders a 64x48 (landscape) input at 832x480.

@@ -1,6 +1,9 @@
 """wan-tasks: WaveSpeedAI's Wan 2.2 image-to-video as dependable Prefect steps."""
 
-from wan_tasks.client import AsyncWaveSpeedClient, WaveSpeedClient
+from wan_tasks.api.client import AsyncWaveSpeedClient, WaveSpeedClient
+from wan_tasks.api.models import MODEL_ID, I2VRequest, LoraWeight, Prediction, PredictionStatus
+from wan_tasks.api.operations import Submission, Timeouts
+from wan_tasks.api.policies import PollPolicy, RetryPolicy
 from wan_tasks.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -16,9 +19,6 @@ from wan_tasks.errors import (
     WaitTimeoutError,
     WaveSpeedError,
 )
-from wan_tasks.models import MODEL_ID, I2VRequest, LoraWeight, Prediction, PredictionStatus
-from wan_tasks.operations import Submission, Timeouts
-from wan_tasks.policies import PollPolicy, RetryPolicy
 
 __all__ = [
     "MODEL_ID",

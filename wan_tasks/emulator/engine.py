@@ -24,11 +24,11 @@ from typing import Any
 
 import httpx
 
+from wan_tasks.api.webhooks import sign
 from wan_tasks.emulator.config import EmulatorConfig, FaultDecider
 from wan_tasks.emulator.render import render_i2v
-from wan_tasks.webhooks import sign
 
-logger = logging.getLogger("wan_tasks.emulator")
+logger = logging.getLogger(__name__)
 
 MESSAGES = {
     1200: "content moderation: the input was flagged",

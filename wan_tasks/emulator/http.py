@@ -23,13 +23,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ValidationError
 
+from wan_tasks.api.models import MODEL_ID, PRICE_USD, I2VRequest
 from wan_tasks.emulator.config import Endpoint
-from wan_tasks.models import MODEL_ID, PRICE_USD, I2VRequest
 
 if TYPE_CHECKING:
     from wan_tasks.emulator.server import EmulatorServer
 
-logger = logging.getLogger("wan_tasks.emulator")
+logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024
 UPLOAD_TYPES = {

@@ -19,7 +19,7 @@ from wan_tasks.emulator.config import EmulatorConfig, FaultDecider, FaultPlan
 from wan_tasks.emulator.engine import Engine
 from wan_tasks.emulator.http import Handler
 
-logger = logging.getLogger("wan_tasks.emulator")
+logger = logging.getLogger(__name__)
 
 
 class MediaStore:

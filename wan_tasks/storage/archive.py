@@ -25,14 +25,14 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from wan_tasks.keys import DEFAULT_TEMPLATE, KeyFields, render_key, validate_template
+from wan_tasks.storage.keys import DEFAULT_TEMPLATE, KeyFields, render_key, validate_template
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 else:
     S3Client = Any
 
-logger = logging.getLogger("wan_tasks.archive")
+logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
@@ -342,7 +342,7 @@ class S3Archiver:
         spool.flush()
         if spool.seek(0, os.SEEK_END) == 0:
             return None
-        from wan_tasks.thumbnails import contact_sheet
+        from wan_tasks.storage.thumbnails import contact_sheet
 
         spool.seek(0)
         with tempfile.NamedTemporaryFile(suffix=".mp4") as copy:

@@ -20,15 +20,8 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from wan_tasks.errors import (
-    RateLimitedError,
-    SubmissionUncertainError,
-    TransientServerError,
-    WaitTimeoutError,
-    WaveSpeedError,
-)
-from wan_tasks.media import inspect_image
-from wan_tasks.models import (
+from wan_tasks.api.media import inspect_image
+from wan_tasks.api.models import (
     MODEL_ID,
     HistoryPage,
     HistoryStatus,
@@ -37,16 +30,23 @@ from wan_tasks.models import (
     PredictionStatus,
     UploadResult,
 )
-from wan_tasks.policies import PollPolicy, RetryPolicy
-from wan_tasks.protocol import (
+from wan_tasks.api.policies import PollPolicy, RetryPolicy
+from wan_tasks.api.protocol import (
     API_PREFIX,
     envelope_data,
     error_for_response,
     parse_prediction,
     task_failure,
 )
+from wan_tasks.errors import (
+    RateLimitedError,
+    SubmissionUncertainError,
+    TransientServerError,
+    WaitTimeoutError,
+    WaveSpeedError,
+)
 
-logger = logging.getLogger("wan_tasks.client")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

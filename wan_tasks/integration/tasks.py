@@ -34,7 +34,13 @@ from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from wan_tasks.budget import Budget, BudgetExceededError
+from wan_tasks.api.models import MODEL_ID, I2VRequest, Prediction
+from wan_tasks.api.policies import PollPolicy
+from wan_tasks.core.budget import Budget, BudgetExceededError
+from wan_tasks.core.identity import derive_seed, request_key
+from wan_tasks.core.inference_times import InferenceTimes
+from wan_tasks.core.ledger import LedgerSettings, reconcile
+from wan_tasks.core.redact import redact_payload
 from wan_tasks.errors import (
     OutputExpiredError,
     SubmissionUncertainError,
@@ -42,18 +48,12 @@ from wan_tasks.errors import (
     WaitTimeoutError,
     WaveSpeedError,
 )
-from wan_tasks.fingerprint import derive_seed, request_key
-from wan_tasks.inference_times import InferenceTimes
-from wan_tasks.keys import KeyFields
-from wan_tasks.ledger import LedgerSettings, reconcile
-from wan_tasks.locking import CrashSafeFileLockManager
-from wan_tasks.models import MODEL_ID, I2VRequest, Prediction
-from wan_tasks.policies import PollPolicy
-from wan_tasks.redact import redact_payload
-from wan_tasks.runtime import s3_client, wavespeed_client
+from wan_tasks.integration.locking import CrashSafeFileLockManager
+from wan_tasks.integration.runtime import s3_client, wavespeed_client
 from wan_tasks.storage.archive import ArchiveError, ArchiveResult, ArchiveTarget, S3Archiver
+from wan_tasks.storage.keys import KeyFields
 
-logger = logging.getLogger("wan_tasks.tasks")
+logger = logging.getLogger(__name__)
 
 ARCHIVED_EVENT = "wan.video.archived"
 # How long an unanswered submit waits for the service's history to show the task.

@@ -8,13 +8,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.generate import generate_video
-from flows.settings import RunOptions
-from wan_tasks.embedded import embedded_defaults
+from wan_tasks.api.models import I2VRequest
+from wan_tasks.api.policies import PollPolicy
+from wan_tasks.devstack.embedded import embedded_defaults
 from wan_tasks.emulator.render import probe_mp4
-from wan_tasks.models import I2VRequest
-from wan_tasks.policies import PollPolicy
-from wan_tasks.runtime import s3_client
+from wan_tasks.flows.generate import generate_video
+from wan_tasks.flows.options import RunOptions
+from wan_tasks.integration.runtime import s3_client
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "wan_tasks" / "assets" / "sample.png"
 DEMO_PROMPT = "slow aerial drift over a mountain lake at sunset, gentle ripples"

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wan_tasks.config import ENV_API_KEY, ENV_BASE_URL
+from wan_tasks.api.config import ENV_API_KEY, ENV_BASE_URL
 from wan_tasks.errors import ConfigurationError
-from wan_tasks.runtime import ENV_BUCKET
+from wan_tasks.integration.runtime import ENV_BUCKET
 
-logger = logging.getLogger("wan_tasks.embedded")
+logger = logging.getLogger(__name__)
 
 ENV_HOME = "WAN_TASKS_HOME"
 ENV_NO_EMBEDDED = "WAN_TASKS_NO_EMBEDDED"

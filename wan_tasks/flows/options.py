@@ -6,10 +6,10 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from wan_tasks.keys import DEFAULT_TEMPLATE, validate_template
-from wan_tasks.ledger import DEFAULT_LEDGER_PREFIX
-from wan_tasks.limits import LimitSettings
-from wan_tasks.policies import PollPolicy
+from wan_tasks.api.policies import PollPolicy
+from wan_tasks.core.ledger import DEFAULT_LEDGER_PREFIX
+from wan_tasks.integration.limits import LimitSettings
+from wan_tasks.storage.keys import DEFAULT_TEMPLATE, validate_template
 
 
 class ArchiveOptions(BaseModel):

@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ValidationError
 
-from wan_tasks.client import WaveSpeedClient
-from wan_tasks.models import I2VRequest, Prediction
-from wan_tasks.redact import redact_payload
+from wan_tasks.api.client import WaveSpeedClient
+from wan_tasks.api.models import I2VRequest, Prediction
+from wan_tasks.core.redact import redact_payload
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-logger = logging.getLogger("wan_tasks.ledger")
+logger = logging.getLogger(__name__)
 
 DEFAULT_LEDGER_PREFIX = "_wan-tasks/ledger"
 # The service's clock and ours differ; and its history may show a task a little late.
@@ -74,7 +74,7 @@ class LedgerSettings(BaseModel):
             return FileLedger(Path(self.path).expanduser())
         if not self.bucket:
             raise ValueError("ledger: give a bucket or a local path")
-        from wan_tasks.runtime import s3_client
+        from wan_tasks.integration.runtime import s3_client
 
         return S3Ledger(s3_client(self.s3_block), self.bucket, self.prefix)
 

@@ -61,8 +61,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
-    from wan_tasks.manifest import parse_lora_cell
-    from wan_tasks.models import I2VRequest
+    from wan_tasks.api.models import I2VRequest
+    from wan_tasks.core.manifest import parse_lora_cell
 
     fields: dict[str, Any] = {"image": args.image, "prompt": args.prompt,
                               "duration": args.duration, "seed": args.seed}
@@ -78,8 +78,8 @@ def _request_from_args(args: argparse.Namespace) -> Any:
 
 
 def _options(args: argparse.Namespace) -> tuple[Any, Any]:
-    from flows.settings import ArchiveOptions, RunOptions
-    from wan_tasks.limits import LimitSettings
+    from wan_tasks.flows.options import ArchiveOptions, RunOptions
+    from wan_tasks.integration.limits import LimitSettings
 
     archive = ArchiveOptions(bucket=args.bucket, prefix=args.prefix)
     options = RunOptions(
@@ -91,7 +91,7 @@ def _options(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from flows.generate import generate_video
+    from wan_tasks.flows.generate import generate_video
 
     try:
         request = _request_from_args(args)
@@ -107,7 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from flows.generate import BatchIncompleteError, generate_batch
+    from wan_tasks.flows.generate import BatchIncompleteError, generate_batch
 
     try:
         archive, options = _options(args)
@@ -132,7 +132,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
-    from wan_tasks.limits import LimitSettings, ensure_limits, reset_in_flight
+    from wan_tasks.integration.limits import LimitSettings, ensure_limits, reset_in_flight
 
     names = LimitSettings(in_flight=args.in_flight_name, per_minute=args.per_minute_name)
     if args.reset:
@@ -148,7 +148,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    from wan_tasks.cli.demo import run_demo
 
     result = run_demo(Path(args.out))
     _out(f"archived:      {result.s3_uri}")

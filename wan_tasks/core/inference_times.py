@@ -17,11 +17,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from wan_tasks.client import WaveSpeedClient
+from wan_tasks.api.client import WaveSpeedClient
+from wan_tasks.api.policies import PollPolicy
 from wan_tasks.errors import WaveSpeedError
-from wan_tasks.policies import PollPolicy
 
-logger = logging.getLogger("wan_tasks.inference_times")
+logger = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 

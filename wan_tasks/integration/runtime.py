@@ -11,9 +11,9 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from wan_tasks.client import WaveSpeedClient
-from wan_tasks.config import ENV_API_KEY, ENV_BASE_URL
-from wan_tasks.policies import PollPolicy
+from wan_tasks.api.client import WaveSpeedClient
+from wan_tasks.api.config import ENV_API_KEY, ENV_BASE_URL
+from wan_tasks.api.policies import PollPolicy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -33,7 +33,7 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
     """The shared client for a saved `WaveSpeedCredentials` block, or for the environment
     (WAVESPEED_API_KEY / WAVESPEED_BASE_URL)."""
     if credentials_block:
-        from wan_tasks.credentials import WaveSpeedCredentials
+        from wan_tasks.integration.blocks import WaveSpeedCredentials
 
         # _sync: also called from async flows' worker threads (see s3_bucket_block).
         creds: WaveSpeedCredentials = WaveSpeedCredentials.load(  # type: ignore[call-arg,assignment]

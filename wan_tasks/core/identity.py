@@ -19,8 +19,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from wan_tasks.media import file_sha256
-from wan_tasks.models import MAX_SEED, MODEL_ID, I2VRequest
+from wan_tasks.api.media import file_sha256
+from wan_tasks.api.models import MAX_SEED, MODEL_ID, I2VRequest
 
 KEY_VERSION = "wan-i2v-v1"
 

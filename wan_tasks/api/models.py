@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
 )
 
-from wan_tasks.media import check_image_reference
+from wan_tasks.api.media import check_image_reference
 
 MODEL_ID = "wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast"
 MAX_SEED = 2_147_483_647

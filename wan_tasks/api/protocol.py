@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from wan_tasks.api.models import Prediction, PredictionStatus
+from wan_tasks.api.policies import parse_retry_after
 from wan_tasks.errors import (
     AuthenticationError,
     ContentModerationError,
@@ -18,8 +20,6 @@ from wan_tasks.errors import (
     TransientServerError,
     WaveSpeedError,
 )
-from wan_tasks.models import Prediction, PredictionStatus
-from wan_tasks.policies import parse_retry_after
 
 API_PREFIX = "/api/v3"
 # Error text is quoted from the service's answer; cap it so a huge HTML error page does not

@@ -14,7 +14,7 @@ import logging
 
 from pydantic import BaseModel, ConfigDict, Field
 
-logger = logging.getLogger("wan_tasks.limits")
+logger = logging.getLogger(__name__)
 
 DEFAULT_IN_FLIGHT_LIMIT = "wan-video-in-flight"
 DEFAULT_RATE_LIMIT = "wan-video-submits-per-minute"

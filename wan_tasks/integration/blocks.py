@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from wan_tasks.client import AsyncWaveSpeedClient, WaveSpeedClient
-from wan_tasks.config import DEFAULT_BASE_URL
+from wan_tasks.api.client import AsyncWaveSpeedClient, WaveSpeedClient
+from wan_tasks.api.config import DEFAULT_BASE_URL
 
 
 class WaveSpeedCredentials(Block):

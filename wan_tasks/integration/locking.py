@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect.locking.filesystem import FileSystemLockManager
 
-logger = logging.getLogger("wan_tasks.locking")
+logger = logging.getLogger(__name__)
 
 DEFAULT_HOLD_TIMEOUT_S = 900.0
 

@@ -19,11 +19,11 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from wan_tasks.config import resolve_api_key, resolve_base_url
-from wan_tasks.models import MODEL_ID, HistoryPage, HistoryStatus, I2VRequest, Prediction
-from wan_tasks.operations import Operation, Operations, Sleep, Submission, Timeouts
-from wan_tasks.policies import PollPolicy, RetryPolicy
-from wan_tasks.protocol import error_for_response
+from wan_tasks.api.config import resolve_api_key, resolve_base_url
+from wan_tasks.api.models import MODEL_ID, HistoryPage, HistoryStatus, I2VRequest, Prediction
+from wan_tasks.api.operations import Operation, Operations, Sleep, Submission, Timeouts
+from wan_tasks.api.policies import PollPolicy, RetryPolicy
+from wan_tasks.api.protocol import error_for_response
 
 T = TypeVar("T")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.models import VideoOutcome
-from wan_tasks.keys import sanitise_prefix, sanitise_segment
-from wan_tasks.runtime import s3_client
+from wan_tasks.flows.models import VideoOutcome
+from wan_tasks.integration.runtime import s3_client
 from wan_tasks.storage.archive import ArchiveTarget
+from wan_tasks.storage.keys import sanitise_prefix, sanitise_segment
 
-logger = logging.getLogger("flows.reporting")
+logger = logging.getLogger(__name__)
 
 
 def write_summary(target: ArchiveTarget, manifest: str, outcomes: list[VideoOutcome],

@@ -27,24 +27,24 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from flows.models import VideoJob, VideoOutcome, archived_outcome
-from flows.settings import RunOptions
-from wan_tasks.budget import Budget, BudgetExceededError
+from wan_tasks.api.models import I2VRequest, Prediction
+from wan_tasks.core.budget import Budget, BudgetExceededError
+from wan_tasks.core.identity import derive_seed
+from wan_tasks.core.ledger import LedgerSettings
 from wan_tasks.errors import OutputExpiredError, TaskFailedError
-from wan_tasks.fingerprint import derive_seed
-from wan_tasks.ledger import LedgerSettings
-from wan_tasks.limits import LimitSettings, MissingLimitError, read_limit
-from wan_tasks.models import I2VRequest, Prediction
-from wan_tasks.storage.archive import ArchiveTarget
-from wan_tasks.tasks import (
+from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
+from wan_tasks.flows.options import RunOptions
+from wan_tasks.integration.limits import LimitSettings, MissingLimitError, read_limit
+from wan_tasks.integration.tasks import (
     SubmittedVideo,
     archive_to_s3,
     learn_inference_times,
     submit_i2v,
     wait_for_prediction,
 )
+from wan_tasks.storage.archive import ArchiveTarget
 
-logger = logging.getLogger("wan_tasks.flows")
+logger = logging.getLogger(__name__)
 
 # Lanes when no in-flight limit is set, and at most (threads mostly sleep in waits).
 DEFAULT_LANES = 32

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from wan_tasks.models import I2VRequest
+from wan_tasks.api.models import I2VRequest
 
 __all__ = [
     "MAX_MANIFEST_BYTES",

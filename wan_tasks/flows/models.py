@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from wan_tasks.models import I2VRequest, Prediction
+from wan_tasks.api.models import I2VRequest, Prediction
+from wan_tasks.integration.tasks import SubmittedVideo
 from wan_tasks.storage.archive import ArchiveResult
-from wan_tasks.tasks import SubmittedVideo
 
 Status = Literal["archived", "failed", "invalid", "skipped"]
 

@@ -1,0 +1,1 @@
+"""The `wan-video` command: generate, batch, limits, check, the emulator and the demo."""

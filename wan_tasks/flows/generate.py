@@ -1,0 +1,176 @@
+"""The flows: one video, and a batch from a manifest.
+
+Each video goes submit -> wait -> archive (`wan_tasks.flows.produce`: in-flight slots held by lanes,
+archiving outside them). Failures are per video: a batch archives every video it can,
+reports each failure with its typed reason, and a re-run does only what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from wan_tasks.api.models import I2VRequest
+from wan_tasks.core.budget import Budget
+from wan_tasks.core.manifest import ManifestItem, parse_manifest
+from wan_tasks.devstack.embedded import EMULATOR_CONCURRENCY, EmbeddedServices, embedded_defaults
+from wan_tasks.flows.models import BatchReport, VideoJob, VideoOutcome
+from wan_tasks.flows.options import ArchiveOptions, RunOptions
+from wan_tasks.flows.produce import Producer
+from wan_tasks.flows.reporting import publish_artifacts, write_summary
+from wan_tasks.integration.limits import ensure_limits
+from wan_tasks.integration.runtime import default_bucket, s3_bucket_block, s3_client
+from wan_tasks.storage.archive import ArchiveTarget
+
+
+class VideoFailedError(RuntimeError):
+    """The video was not made or not archived; the message carries the typed reason."""
+
+
+class BatchIncompleteError(RuntimeError):
+    """Some videos of a batch did not land. The summary says which and why; re-run the flow to
+    complete only those."""
+
+
+def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
+    if options.s3_block:
+        bucket, _ = s3_bucket_block(options.s3_block)
+        bucket = options.bucket or bucket
+    else:
+        bucket = options.bucket or default_bucket() or ""
+    if not bucket:
+        raise ValueError(
+            "archive.bucket: no bucket. Pass one, set WAN_TASKS_BUCKET, or leave both unset "
+            "outside a configured environment to use the embedded store."
+        )
+    return ArchiveTarget(
+        bucket=bucket, prefix=options.prefix, key_template=options.key_template,
+        presign_expiry_s=options.presign_expiry_s, contact_sheet=options.contact_sheet,
+        s3_block=options.s3_block,
+    )
+
+
+# generate_video is an async shell over synchronous work run in a thread (with the flow's
+# context): Prefect 3.9 joins a sync flow run's heartbeat thread when the run ends, and that
+# thread sleeps in 1 s steps, adding 0.5-1 s to every run; an async run does not wait for it.
+# generate_batch stays sync: it pays that once per batch, while each sync task called from an
+# async flow's thread costs ~6x the CPU (27 vs 4.4 ms a task run, BENCHMARKS.md).
+# From synchronous code: `asyncio.run(generate_video(...))`.
+
+
+@flow(name="generate-video")
+async def generate_video(
+    request: I2VRequest,
+    variant: str = "",
+    archive: ArchiveOptions | None = None,
+    options: RunOptions | None = None,
+) -> VideoOutcome:
+    """One request in, one archived video out (URIs, cost, timings)."""
+    return await asyncio.to_thread(_generate_video, request, variant, archive, options)
+
+
+def _generate_video(request: I2VRequest, variant: str, archive: ArchiveOptions | None,
+                    options: RunOptions | None) -> VideoOutcome:
+    archive, options = archive or ArchiveOptions(), options or RunOptions()
+    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
+                           emulator=not options.credentials_block) as services:
+        _limits_for_emulator(services, options)
+        target = resolve_target(archive)
+        job = VideoJob(request=request, variant=variant, item_id="video")
+        (outcome,) = Producer(target, options, Budget(options.budget_usd)).run([job])
+        publish_artifacts([outcome], title="Video", s3_block=target.s3_block)
+    if outcome.status != "archived":
+        raise VideoFailedError(f"{outcome.error_type}: {outcome.error}")
+    return outcome
+
+
+def _limits_for_emulator(services: EmbeddedServices, options: RunOptions) -> None:
+    """Against the embedded emulator, create missing limits to match it; against the real
+    service they must exist (`wan-video limits`), and a missing one fails the run."""
+    if services.emulator_url:
+        ensure_limits(EMULATOR_CONCURRENCY, 600 if options.limits.per_minute else None,
+                      names=options.limits, only_missing=True)
+
+
+def load_manifest(location: str, s3_block: str | None = None) -> list[ManifestItem]:
+    """A manifest from a local path or an s3:// URI."""
+    if location.startswith("s3://"):
+        bucket, _, key = location.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise ValueError(f"manifest: {location!r} is not s3://bucket/key")
+        body = s3_client(s3_block).get_object(Bucket=bucket, Key=key)["Body"].read()
+        return parse_manifest(body, name=key)
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise ValueError(f"manifest: no file at {location!r}")
+    return parse_manifest(path.read_bytes(), name=path.name, base_dir=path.parent.resolve())
+
+
+@flow(name="generate-batch")
+def generate_batch(
+    manifest: str,
+    archive: ArchiveOptions | None = None,
+    options: RunOptions | None = None,
+    fail_on_item_error: bool = True,
+) -> BatchReport:
+    """Every request of a JSONL/CSV manifest, within the account's limits and the budget.
+
+    Bad rows are reported and cost nothing; the rest still run. A JSONL summary lands next to
+    the outputs. With `fail_on_item_error`, the run ends Failed when any video did not land
+    (after everything else landed), so schedulers and automations notice.
+    """
+    archive, options = archive or ArchiveOptions(), options or RunOptions()
+    log = get_run_logger()
+    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
+                           emulator=not options.credentials_block) as services:
+        _limits_for_emulator(services, options)
+        target = resolve_target(archive)
+        items = load_manifest(manifest, archive.s3_block)
+        jobs = [VideoJob(request=i.request, item_id=i.item_id, variant=i.variant, row=i.row)
+                for i in items if i.request is not None]
+        invalid = [VideoOutcome(item_id=i.item_id, status="invalid", row=i.row,
+                                error_type="InvalidManifestRow", error=i.error)
+                   for i in items if i.request is None]
+        for bad in invalid:
+            log.warning("not submitted: %s", bad.error)
+        budget = Budget(options.budget_usd)
+        outcomes = sorted(Producer(target, options, budget).run(jobs) + invalid,
+                          key=lambda o: (o.row or 0, o.item_id))
+        report = _report(manifest, outcomes, budget.spent)
+        report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
+        publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}",
+                          s3_block=target.s3_block)
+    log.info("batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; "
+             "summary %s", manifest, report.archived, report.failed, report.invalid,
+             report.skipped, report.new_spend_usd, report.summary_uri)
+    if fail_on_item_error and report.archived < report.total:
+        raise BatchIncompleteError(
+            f"{report.total - report.archived} of {report.total} videos did not land "
+            f"({report.failed} failed, {report.invalid} invalid, {report.skipped} over budget); "
+            f"see {report.summary_uri}. Re-run to complete only those."
+        )
+    return report
+
+
+def _report(manifest: str, outcomes: list[VideoOutcome], spent: Decimal) -> BatchReport:
+    def count(status: str) -> int:
+        return sum(1 for o in outcomes if o.status == status)
+
+    return BatchReport(
+        manifest=manifest, total=len(outcomes), archived=count("archived"),
+        failed=count("failed"), invalid=count("invalid"), skipped=count("skipped"),
+        cost_usd=sum((o.cost_usd for o in outcomes if o.status == "archived"), Decimal("0")),
+        new_spend_usd=spent, outcomes=outcomes,
+    )
+
+
+def _run_label() -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{flow_run.name or 'local'}"
+
+
