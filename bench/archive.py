@@ -153,7 +153,7 @@ def _child(variant: str, source: Path) -> dict[str, Any]:
         def upload() -> Any:
             with source.open("rb") as fh:
                 return archiver.archive(iter(lambda: fh.read(MiB), b""), fields,
-                                        metadata={"model": "bench"}, manifest={"bench": True},
+                                        metadata={"model": "bench"}, sidecar={"bench": True},
                                         expected_size=source.stat().st_size)
     hwm_reset = reset_hwm()
     baseline = rss_mib()

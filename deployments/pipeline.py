@@ -102,7 +102,7 @@ def request_videos(
 
 
 @flow(name="catalog-video")
-def catalog_video(s3_uri: str, manifest_uri: str = "", sha256: str = "") -> dict[str, Any]:
+def catalog_video(s3_uri: str, sidecar_uri: str = "", sha256: str = "") -> dict[str, Any]:
     """Example downstream step, one run per `wan.video.archived` event: check the object is
     there with the checksum the event announced, and read its sidecar manifest. Replace the
     body with your step (publish, transcode, notify); keep it idempotent."""
@@ -113,8 +113,8 @@ def catalog_video(s3_uri: str, manifest_uri: str = "", sha256: str = "") -> dict
     if sha256 and stored != sha256:
         raise ValueError(f"{s3_uri}: sha256 {stored!r} is not the announced {sha256!r}")
     sidecar: dict[str, Any] = {}
-    if manifest_uri:
-        m_bucket, _, m_key = manifest_uri.removeprefix("s3://").partition("/")
+    if sidecar_uri:
+        m_bucket, _, m_key = sidecar_uri.removeprefix("s3://").partition("/")
         sidecar = json.loads(s3.get_object(Bucket=m_bucket, Key=m_key)["Body"].read())
     get_run_logger().info("catalogued %s (%d bytes, prediction %s)", s3_uri,
                           head["ContentLength"], sidecar.get("prediction_id", "?"))

@@ -48,7 +48,8 @@ from typing import Any
 
 import httpx
 
-from wan_tasks.storage.seaweed import SeaweedError, SeaweedFS
+from wan_tasks.errors import SeaweedError
+from wan_tasks.storage.seaweed import SeaweedFS
 
 logger = logging.getLogger("deployments.stack")
 

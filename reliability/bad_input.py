@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from wan_tasks.api.models import I2VRequest
-from wan_tasks.core.manifest import ManifestError, parse_manifest
+from wan_tasks.core.manifest import parse_manifest
+from wan_tasks.errors import ManifestError
 from wan_tasks.flows.options import ArchiveOptions
 
 REPO = Path(__file__).resolve().parents[1]

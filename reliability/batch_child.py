@@ -11,10 +11,9 @@ import sys
 
 
 def main() -> int:
-    from wan_tasks.flows.generate import (  # after the env is set
-        BatchIncompleteError,
-        generate_batch,
-    )
+    # after the env is set
+    from wan_tasks.errors import BatchIncompleteError
+    from wan_tasks.flows.generate import generate_batch
     from wan_tasks.flows.options import RunOptions
 
     manifest, options_json = sys.argv[1], sys.argv[2]

@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import TEST_BUCKET
 from wan_tasks.core.redact import redact_payload, redact_url
-from wan_tasks.storage.archive import ArchiveError, ArchiveTarget, MiB, S3Archiver
+from wan_tasks.errors import ArchiveError
+from wan_tasks.storage.archive import ArchiveTarget, MiB, S3Archiver
 from wan_tasks.storage.keys import (
     CONTENT_ADDRESSED_TEMPLATE,
     KeyFields,
@@ -45,14 +46,14 @@ def archiver(s3_store: Any) -> S3Archiver:
 def test_multipart_stream_is_verified_and_tagged(archiver: S3Archiver) -> None:
     data = os.urandom(12 * MiB + 12345)
     result = archiver.archive(chunks(data), fields("multi1"), metadata={"prediction-id": "m"},
-                              manifest={"x": 1}, expected_size=len(data))
+                              sidecar={"x": 1}, expected_size=len(data))
     sha = hashlib.sha256(data).hexdigest()
     assert result.sha256 == sha and result.size == len(data) and not result.already_archived
     body = archiver.s3.get_object(Bucket=TEST_BUCKET, Key=result.key)
     assert hashlib.sha256(body["Body"].read()).hexdigest() == sha
     assert body["Metadata"]["sha256"] == sha and body["ContentType"] == "video/mp4"
     manifest = json.loads(archiver.s3.get_object(
-        Bucket=TEST_BUCKET, Key=archiver.manifest_key(result.key))["Body"].read())
+        Bucket=TEST_BUCKET, Key=archiver.sidecar_key(result.key))["Body"].read())
     assert manifest["sha256"] == sha and manifest["size"] == len(data) and manifest["x"] == 1
     assert result.key == ("arch-tests/wavespeed-ai-wan-2.2-i2v-480p-lora-ultra-fast/"
                           "2026/11/25/multi1.mp4")
@@ -60,23 +61,23 @@ def test_multipart_stream_is_verified_and_tagged(archiver: S3Archiver) -> None:
 
 def test_existing_object_is_found_not_rewritten(archiver: S3Archiver) -> None:
     data = os.urandom(200_000)
-    first = archiver.archive(chunks(data), fields("again1"), metadata={}, manifest={})
+    first = archiver.archive(chunks(data), fields("again1"), metadata={}, sidecar={})
     found = archiver.find_archived(fields("again1"))
     assert found is not None and found.already_archived
     assert (found.key, found.sha256, found.size) == (first.key, first.sha256, first.size)
     # Archiving again (a racing run) hits the conditional write: success, nothing rewritten.
-    second = archiver.archive(chunks(data), fields("again1"), metadata={}, manifest={})
+    second = archiver.archive(chunks(data), fields("again1"), metadata={}, sidecar={})
     assert second.already_archived and second.sha256 == first.sha256
     # Different bytes under the same key are refused, never overwritten.
     with pytest.raises(ArchiveError, match="refusing to overwrite") as info:
-        archiver.archive(chunks(b"other" * 1000), fields("again1"), metadata={}, manifest={})
+        archiver.archive(chunks(b"other" * 1000), fields("again1"), metadata={}, sidecar={})
     assert not info.value.retryable
 
 
 def test_truncated_download_writes_nothing(archiver: S3Archiver) -> None:
     data = os.urandom(6 * MiB)
     with pytest.raises(ArchiveError, match="truncated") as info:
-        archiver.archive(chunks(data), fields("trunc1"), metadata={}, manifest={},
+        archiver.archive(chunks(data), fields("trunc1"), metadata={}, sidecar={},
                          expected_size=len(data) + 10)
     assert info.value.retryable
     assert archiver.head(render_key(archiver.target.key_template, fields("trunc1"))) is None
@@ -88,10 +89,10 @@ def test_content_addressed_layout(archiver: S3Archiver) -> None:
     target = archiver.target.model_copy(update={"key_template": CONTENT_ADDRESSED_TEMPLATE})
     ca = S3Archiver(archiver.s3, target)
     data = os.urandom(100_000)
-    result = ca.archive(chunks(data), fields("ca1"), metadata={}, manifest={})
+    result = ca.archive(chunks(data), fields("ca1"), metadata={}, sidecar={})
     assert result.key == f"arch-tests/sha256/{hashlib.sha256(data).hexdigest()}.mp4"
     assert ca.find_archived(fields("ca1")) is None  # needs the bytes to know the key
-    again = ca.archive(chunks(data), fields("ca2"), metadata={}, manifest={})
+    again = ca.archive(chunks(data), fields("ca2"), metadata={}, sidecar={})
     assert again.already_archived and again.key == result.key
 
 

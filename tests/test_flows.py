@@ -21,7 +21,8 @@ from tests.conftest import SAMPLE, Stack, run_video
 from wan_tasks import I2VRequest, PollPolicy
 from wan_tasks.core.identity import derive_seed
 from wan_tasks.emulator.render import probe_mp4
-from wan_tasks.flows.generate import BatchIncompleteError, VideoFailedError, generate_batch
+from wan_tasks.errors import BatchIncompleteError, VideoFailedError
+from wan_tasks.flows.generate import generate_batch
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.integration.limits import LimitSettings
 
@@ -42,9 +43,9 @@ def write_manifest(path: Path, rows: list[dict[str, Any] | str]) -> str:
 
 def test_generate_video_archives_a_verified_object(stack: Stack) -> None:
     out = run_video(req("verified", seed=21), options=FAST)
-    assert out.status == "archived" and out.s3_uri and out.manifest_uri
+    assert out.status == "archived" and out.s3_uri and out.sidecar_uri
     data, answer = stack.object(out.s3_uri)
-    manifest = json.loads(stack.object(out.manifest_uri)[0])
+    manifest = json.loads(stack.object(out.sidecar_uri)[0])
     assert hashlib.sha256(data).hexdigest() == manifest["sha256"] == out.sha256
     assert len(data) == manifest["size"] == out.size
     assert answer["ContentType"] == "video/mp4"
@@ -79,7 +80,7 @@ def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
     out = run_video(request, options=FAST)
     expected = derive_seed(request).seed
     assert out.seed == expected != -1
-    manifest = json.loads(stack.object(out.manifest_uri or "")[0])
+    manifest = json.loads(stack.object(out.sidecar_uri or "")[0])
     assert manifest["seed"] == expected and manifest["payload"]["seed"] == expected
     (sent,) = stack.emulator._server.engine.tasks.values()
     assert sent.input["seed"] == expected

@@ -12,7 +12,7 @@ from tests.test_flows import FAST, req
 from wan_tasks import MODEL_ID, WaveSpeedClient
 from wan_tasks.core.identity import derive_seed, request_key
 from wan_tasks.core.ledger import FileLedger, LedgerSettings, input_fingerprint, reconcile
-from wan_tasks.flows.generate import VideoFailedError
+from wan_tasks.errors import VideoFailedError
 
 
 def client_for(stack: Stack) -> WaveSpeedClient:

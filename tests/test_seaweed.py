@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
+from wan_tasks.errors import SeaweedError
 from wan_tasks.storage import seaweed
-from wan_tasks.storage.seaweed import S3Endpoint, SeaweedError, SeaweedFS
+from wan_tasks.storage.seaweed import S3Endpoint, SeaweedFS
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

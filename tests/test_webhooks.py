@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import SAMPLE
 from wan_tasks import I2VRequest
-from wan_tasks.api.webhooks import ReplayGuard, WebhookVerificationError, sign, verify
+from wan_tasks.api.webhooks import ReplayGuard, sign, verify
+from wan_tasks.errors import WebhookVerificationError
 
 SECRET = "whsec_test-secret-1"
 BODY = b'{"id":"abc","status":"completed","outputs":["https://cdn/x.mp4"]}'

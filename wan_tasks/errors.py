@@ -1,9 +1,38 @@
-"""One exception hierarchy for everything the WaveSpeed client can raise.
+"""Every exception wan-tasks raises, in one tree.
 
-Each class says whether trying again can help (`retryable`), so retry policies (the client's own
-GET retries, Prefect retry conditions) decide by type, never by matching message text. Every
-error raised after a submit carries the prediction id, so a caller can reconnect instead of paying
-again. Messages never contain the API key: the client never formats it into anything.
+Each error says whether trying again can help (`retryable`), so retry conditions (the client's
+own GET retries, the Prefect tasks' retry conditions) ask one question instead of listing
+families or matching message text. Every error raised after a submit carries the prediction id,
+so a caller can reconnect instead of paying again. Messages never contain the API key.
+
+    WanTasksError                      root; `message`, `retryable`, pickles (Prefect states)
+    ├── ConfigurationError             not configured: no key, bad base URL, no bucket
+    │   └── MissingLimitError          a named Prefect concurrency limit does not exist
+    ├── InputError (ValueError)        bad user input, found before anything is spent
+    │   ├── ManifestError              a manifest that no row of can be trusted
+    │   └── KeyTemplateError           an archive key template that cannot make safe keys
+    ├── WaveSpeedError                 the WaveSpeed service (`prediction_id`, codes)
+    │   ├── AuthenticationError        401/403
+    │   ├── InsufficientBalanceError   the account cannot pay
+    │   ├── InvalidRequestError        4xx, task codes 1400/1401
+    │   │   └── MediaAccessError       task code 1402
+    │   ├── ContentModerationError     task code 1200
+    │   ├── RateLimitedError           429 (`retry_after`)               retryable
+    │   ├── TransientServerError       5xx or network on an idempotent call  retryable
+    │   ├── SubmissionUncertainError   a submit whose answer was lost: reconcile, never resend
+    │   │   └── SubmissionNotFoundError  ...and the history shows no task  retryable
+    │   ├── TaskFailedError            the task failed (`task_code`)  retryable for 5000/5003/5004
+    │   ├── WaitTimeoutError           the wait's deadline passed                retryable
+    │   ├── OutputExpiredError         the output is gone (7-day lifetime)
+    │   └── WebhookVerificationError   a forged, stale, replayed or malformed webhook
+    ├── BudgetExceededError            the run's budget would be exceeded
+    ├── NoSlotError                    no in-flight slot could be taken (nothing submitted)
+    ├── StorageError                   object storage
+    │   ├── ArchiveError               a video could not be archived (`retryable` per case)
+    │   └── SeaweedError               the embedded SeaweedFS could not start
+    └── RunIncompleteError             a flow run did not land every video
+        ├── VideoFailedError           the one video of `generate-video`
+        └── BatchIncompleteError       some videos of a batch
 """
 
 from __future__ import annotations
@@ -11,10 +40,70 @@ from __future__ import annotations
 from typing import Any
 
 
-class WaveSpeedError(Exception):
-    """Base class of every error raised by wan_tasks' WaveSpeed client."""
+class WanTasksError(Exception):
+    """The root of every error wan-tasks raises.
+
+    `retryable` is a class default that an instance may override (`retryable=` keyword).
+    Subclasses may take any constructor arguments: pickling (Prefect stores exceptions in
+    failed states) restores the instance's attributes without calling `__init__` again.
+    """
 
     retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[WanTasksError], message: str, state: dict[str, Any]) -> WanTasksError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+def is_retryable(exc: BaseException | None) -> bool:
+    """Whether another attempt may succeed, for errors of this package."""
+    return isinstance(exc, WanTasksError) and exc.retryable
+
+
+# -- configuration and input ---------------------------------------------------------------
+
+
+class ConfigurationError(WanTasksError):
+    """wan-tasks is not configured to do this (no API key, malformed base URL, no bucket)."""
+
+
+class MissingLimitError(ConfigurationError, LookupError):
+    """A named concurrency limit does not exist on the Prefect server."""
+
+
+class InputError(WanTasksError, ValueError):
+    """Bad user input, found before anything was spent. The message names the field (or row)
+    and the rule."""
+
+
+class ManifestError(InputError):
+    """The manifest as a whole is unusable; no row of it can be trusted or was parsed."""
+
+
+class KeyTemplateError(InputError):
+    """The key template cannot produce safe keys."""
+
+
+# -- the WaveSpeed service -----------------------------------------------------------------
+
+
+class WaveSpeedError(WanTasksError):
+    """An error of the WaveSpeed service or of talking to it."""
 
     def __init__(
         self,
@@ -23,9 +112,9 @@ class WaveSpeedError(Exception):
         prediction_id: str | None = None,
         status_code: int | None = None,
         task_code: int | None = None,
+        retryable: bool | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, retryable=retryable)
         self.prediction_id = prediction_id
         self.status_code = status_code
         self.task_code = task_code
@@ -34,40 +123,6 @@ class WaveSpeedError(Exception):
         if self.prediction_id and self.prediction_id not in self.message:
             return f"{self.message} (prediction {self.prediction_id})"
         return self.message
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Prefect pickles exceptions into failed states; keyword-only arguments need this.
-        return (
-            _rebuild,
-            (
-                type(self),
-                self.message,
-                self.prediction_id,
-                self.status_code,
-                self.task_code,
-                self.__dict__,
-            ),
-        )
-
-
-def _rebuild(
-    cls: type[WaveSpeedError],
-    message: str,
-    prediction_id: str | None,
-    status_code: int | None,
-    task_code: int | None,
-    state: dict[str, object],
-) -> WaveSpeedError:
-    err = cls.__new__(cls)
-    WaveSpeedError.__init__(
-        err, message, prediction_id=prediction_id, status_code=status_code, task_code=task_code
-    )
-    err.__dict__.update(state)
-    return err
-
-
-class ConfigurationError(WaveSpeedError):
-    """The client is not configured (no API key, malformed base URL)."""
 
 
 class AuthenticationError(WaveSpeedError):
@@ -114,10 +169,15 @@ class TransientServerError(WaveSpeedError):
 
 
 class SubmissionUncertainError(WaveSpeedError):
-    """A submit POST was sent but no answer came back: the task may exist and may be billed.
+    """A submit POST was sent but no usable answer came back: the task may exist and may be
+    billed. Never retried as such: reconcile through the history before submitting again."""
 
-    Never retried automatically. Reconcile through the history endpoint before submitting again.
-    """
+
+class SubmissionNotFoundError(SubmissionUncertainError):
+    """A submit's answer was lost, and the service's history, after settling, shows no such
+    task. Retryable: the retry reconciles again through the ledger before submitting."""
+
+    retryable = True
 
 
 class TaskFailedError(WaveSpeedError):
@@ -129,9 +189,18 @@ class TaskFailedError(WaveSpeedError):
 
     RETRYABLE_CODES = frozenset({5000, 5003, 5004})
 
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retryable = self.task_code in self.RETRYABLE_CODES
+    def __init__(
+        self,
+        message: str,
+        *,
+        prediction_id: str | None = None,
+        status_code: int | None = None,
+        task_code: int | None = None,
+    ) -> None:
+        super().__init__(
+            message, prediction_id=prediction_id, status_code=status_code, task_code=task_code,
+            retryable=task_code in self.RETRYABLE_CODES,
+        )
 
 
 class WaitTimeoutError(WaveSpeedError):
@@ -144,18 +213,76 @@ class OutputExpiredError(WaveSpeedError):
     """The prediction's output is gone (HTTP 404 on the output URL or the prediction)."""
 
 
+class WebhookVerificationError(WaveSpeedError):
+    """The webhook is forged, stale, replayed or malformed: reject it (HTTP 400)."""
+
+
+# -- running videos ------------------------------------------------------------------------
+
+
+class BudgetExceededError(WanTasksError):
+    """Submitting this video would take the run past its budget. Not retryable."""
+
+
+class NoSlotError(WanTasksError):
+    """No in-flight slot could be taken for a video, so it was not submitted."""
+
+
+class StorageError(WanTasksError):
+    """Object storage failed."""
+
+
+class ArchiveError(StorageError):
+    """The video could not be archived. `retryable` says whether another attempt may work."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message, retryable=retryable)
+
+
+class SeaweedError(StorageError):
+    """The embedded SeaweedFS could not be started (the message carries its log's last lines)."""
+
+
+class RunIncompleteError(WanTasksError):
+    """A flow run did not land every video it was given; the message says which and why."""
+
+
+class VideoFailedError(RunIncompleteError):
+    """The video was not made or not archived; the message carries the typed reason."""
+
+
+class BatchIncompleteError(RunIncompleteError):
+    """Some videos of a batch did not land. The summary says which and why; re-run the flow to
+    complete only those."""
+
+
 __all__ = [
+    "ArchiveError",
     "AuthenticationError",
+    "BatchIncompleteError",
+    "BudgetExceededError",
     "ConfigurationError",
     "ContentModerationError",
+    "InputError",
     "InsufficientBalanceError",
     "InvalidRequestError",
+    "KeyTemplateError",
+    "ManifestError",
     "MediaAccessError",
+    "MissingLimitError",
+    "NoSlotError",
     "OutputExpiredError",
     "RateLimitedError",
+    "RunIncompleteError",
+    "SeaweedError",
+    "StorageError",
+    "SubmissionNotFoundError",
     "SubmissionUncertainError",
     "TaskFailedError",
     "TransientServerError",
     "WaitTimeoutError",
+    "WanTasksError",
     "WaveSpeedError",
+    "WebhookVerificationError",
+    "is_retryable",
 ]

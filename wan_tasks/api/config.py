@@ -1,24 +1,26 @@
-"""Where the client's key and base URL come from: arguments, then the environment."""
+"""Where the client's key and base URL come from: arguments, then the settings (the
+environment, or an active `wan_tasks.settings.override`)."""
 
 from __future__ import annotations
 
-import os
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
+from wan_tasks import settings
 from wan_tasks.errors import ConfigurationError
+from wan_tasks.settings import DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL
 
-DEFAULT_BASE_URL = "https://api.wavespeed.ai"
-ENV_API_KEY = "WAVESPEED_API_KEY"
-ENV_BASE_URL = "WAVESPEED_BASE_URL"
+__all__ = ["DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "resolve_api_key", "resolve_base_url"]
 
 
 def resolve_api_key(api_key: SecretStr | str | None) -> SecretStr:
     if isinstance(api_key, SecretStr):
         value = api_key.get_secret_value()
     else:
-        value = api_key if api_key is not None else os.environ.get(ENV_API_KEY, "")
+        configured = settings.current().api_key
+        value = api_key if api_key is not None else (
+            configured.get_secret_value() if configured else "")
     value = value.strip()
     if not value:
         raise ConfigurationError(
@@ -29,7 +31,7 @@ def resolve_api_key(api_key: SecretStr | str | None) -> SecretStr:
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    url = (base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
+    url = (base_url or settings.current().base_url or DEFAULT_BASE_URL).strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{ENV_BASE_URL}/base_url must be an http(s) URL, got {url!r}")

@@ -15,14 +15,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from wan_tasks.errors import WaveSpeedError
+from wan_tasks.errors import WebhookVerificationError
 
 SIGNATURE_VERSION = "v3"
 DEFAULT_TOLERANCE_S = 300
-
-
-class WebhookVerificationError(WaveSpeedError):
-    """The webhook is forged, stale, replayed or malformed: reject it (HTTP 400)."""
 
 
 def _key(secret: str) -> bytes:

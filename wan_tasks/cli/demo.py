@@ -26,7 +26,7 @@ class DemoResult:
     seed: int
     cost_usd: str
     s3_uri: str
-    manifest_uri: str
+    sidecar_uri: str
     video: Path
     contact_sheet: Path | None
     info: str
@@ -46,7 +46,7 @@ def run_demo(out_dir: Path) -> DemoResult:
     options = RunOptions(poll=PollPolicy(first_poll_after=4.0, min_interval=2.0))
     with embedded_defaults():
         outcome = asyncio.run(generate_video(request, options=options))
-        assert outcome.s3_uri and outcome.manifest_uri and outcome.prediction_id
+        assert outcome.s3_uri and outcome.sidecar_uri and outcome.prediction_id
         video = out_dir / f"{outcome.prediction_id}.mp4"
         data = _download(outcome.s3_uri, video)
         if hashlib.sha256(data).hexdigest() != outcome.sha256:
@@ -59,7 +59,7 @@ def run_demo(out_dir: Path) -> DemoResult:
     return DemoResult(
         prediction_id=outcome.prediction_id, seed=outcome.seed or 0,
         cost_usd=str(outcome.cost_usd), s3_uri=outcome.s3_uri,
-        manifest_uri=outcome.manifest_uri, video=video.resolve(),
+        sidecar_uri=outcome.sidecar_uri, video=video.resolve(),
         contact_sheet=sheet.resolve() if sheet else None,
         info=f"{info.width}x{info.height}, {info.frames} frames, {info.fps:g} fps, "
              f"{info.duration_s:.2f} s, {info.codec}, sha256 verified",

@@ -107,7 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from wan_tasks.flows.generate import BatchIncompleteError, generate_batch
+    from wan_tasks.errors import BatchIncompleteError
+    from wan_tasks.flows.generate import generate_batch
 
     try:
         archive, options = _options(args)
@@ -152,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(Path(args.out))
     _out(f"archived:      {result.s3_uri}")
-    _out(f"manifest:      {result.manifest_uri}")
+    _out(f"manifest:      {result.sidecar_uri}")
     _out(f"local copy:    {result.video}  ({result.info})")
     _out(f"contact sheet: {result.contact_sheet}")
     _out(f"prediction {result.prediction_id}, seed {result.seed}, ${result.cost_usd} (emulated, "

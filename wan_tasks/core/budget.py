@@ -5,11 +5,7 @@ from __future__ import annotations
 import threading
 from decimal import Decimal
 
-
-class BudgetExceededError(Exception):
-    """Submitting this video would take the run past its budget. Not retryable."""
-
-    retryable = False
+from wan_tasks.errors import BudgetExceededError
 
 
 class Budget:

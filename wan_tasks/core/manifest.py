@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from wan_tasks.api.models import I2VRequest
+from wan_tasks.errors import ManifestError
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
@@ -59,10 +60,6 @@ _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # ASCII only: int() would also take "1_000" or non-ASCII digits, which no one means in a cell.
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole is unusable; no row of it can be trusted or was parsed."""
 
 
 @dataclass(frozen=True)

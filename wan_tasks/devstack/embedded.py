@@ -4,8 +4,11 @@
 - No `WAN_TASKS_BUCKET`: an embedded SeaweedFS on 127.0.0.1 (credentials enforced, data under
   `$WAN_TASKS_HOME/seaweedfs`) is the object store, with bucket `wan-videos`.
 
-Real services are used only when configured. The services started here live as long as the
-`with` block and are stopped through their handles, also on errors and Ctrl-C.
+Real services are used only when configured. What is started is passed to the rest of the
+package as a settings override (`wan_tasks.settings.override`), not through `os.environ`, so
+other libraries and child processes never see the emulator's key or the store's credentials.
+The services live as long as the `with` block and are stopped through their handles, also on
+errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wan_tasks.api.config import ENV_API_KEY, ENV_BASE_URL
+from wan_tasks import settings
 from wan_tasks.errors import ConfigurationError
-from wan_tasks.integration.runtime import ENV_BUCKET
+from wan_tasks.settings import ENV_API_KEY, ENV_BUCKET, ENV_NO_EMBEDDED, S3Connection
 
 logger = logging.getLogger(__name__)
 
-ENV_HOME = "WAN_TASKS_HOME"
-ENV_NO_EMBEDDED = "WAN_TASKS_NO_EMBEDDED"
 EMBEDDED_BUCKET = "wan-videos"
 # The emulator's concurrent-task cap when it stands in for the service (the lowest real tiers
 # allow 2-3 concurrent tasks).
@@ -48,12 +49,14 @@ class EmbeddedServices:
 
 
 def wan_home() -> Path:
-    return Path(os.environ.get(ENV_HOME) or Path.home() / ".wan-tasks").expanduser().resolve()
+    return settings.current().home_dir
 
 
 @contextmanager
 def env_overrides(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, unset) variables for the block; restore them after."""
+    """Set (or, for None, unset) environment variables for the block; restore them after.
+    For scripts that configure child processes (benchmarks); the package itself passes
+    settings with `wan_tasks.settings.override`."""
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
         if value is None:
@@ -92,11 +95,12 @@ def embedded_defaults(
         outer = _depth == 1
     try:
         if not outer:
-            yield _current or EmbeddedServices(None, None, os.environ.get(ENV_BUCKET, ""))
+            yield _current or EmbeddedServices(None, None, settings.current().bucket or "")
             return
-        need_emulator = emulator and not os.environ.get(ENV_API_KEY)
-        need_s3 = s3 and not os.environ.get(ENV_BUCKET)
-        if (need_emulator or need_s3) and os.environ.get(ENV_NO_EMBEDDED, "") not in ("", "0"):
+        config = settings.current()
+        need_emulator = emulator and config.api_key is None
+        need_s3 = s3 and not config.bucket
+        if (need_emulator or need_s3) and config.no_embedded:
             missing = [n for n, need in ((ENV_API_KEY, need_emulator), (ENV_BUCKET, need_s3))
                        if need]
             raise ConfigurationError(
@@ -104,31 +108,35 @@ def embedded_defaults(
                 "emulator and embedded store: configure this worker's environment"
             )
         with ExitStack() as stack:
-            env: dict[str, str | None] = {}
+            values: dict[str, Any] = {}
             emulator_url = s3_url = None
             if need_emulator:
                 from wan_tasks.emulator.server import run_emulator
 
-                settings = {"concurrency": EMULATOR_CONCURRENCY, **(emulator_settings or {})}
-                emu = stack.enter_context(run_emulator(**settings))
-                env.update({ENV_API_KEY: emu.api_key, ENV_BASE_URL: emu.base_url})
+                options = {"concurrency": EMULATOR_CONCURRENCY, **(emulator_settings or {})}
+                emu = stack.enter_context(run_emulator(**options))
+                values.update(api_key=emu.api_key, base_url=emu.base_url)
                 emulator_url = emu.base_url
                 logger.info("no WAVESPEED_API_KEY: using the local emulator at %s (free)",
                             emu.base_url)
             if need_s3:
                 from wan_tasks.storage.seaweed import SeaweedFS
 
-                data = (home or wan_home()) / "seaweedfs"
+                data = (home or config.home_dir) / "seaweedfs"
                 weed = stack.enter_context(SeaweedFS(data, buckets=[EMBEDDED_BUCKET]))
-                env.update(weed.endpoint.env())
-                env[ENV_BUCKET] = EMBEDDED_BUCKET
-                # Settings that would point boto3 elsewhere must not leak in.
-                env.update(dict.fromkeys(("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")))
-                s3_url = weed.endpoint.endpoint_url
+                end = weed.endpoint
+                values.update(
+                    bucket=EMBEDDED_BUCKET, s3_endpoint_url=end.endpoint_url,
+                    s3=S3Connection(endpoint_url=end.endpoint_url,
+                                    access_key_id=end.access_key_id,
+                                    secret_access_key=end.secret_access_key,
+                                    region=end.region),
+                )
+                s3_url = end.endpoint_url
                 logger.info("no WAN_TASKS_BUCKET: archiving to embedded SeaweedFS at %s (%s)",
                             s3_url, data)
-            stack.enter_context(env_overrides(env))
-            _current = EmbeddedServices(emulator_url, s3_url, os.environ.get(ENV_BUCKET, ""))
+            now = stack.enter_context(settings.override(**values))
+            _current = EmbeddedServices(emulator_url, s3_url, now.bucket or "")
             yield _current
     finally:
         with _lock:

@@ -19,6 +19,7 @@ from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.manifest import ManifestItem, parse_manifest
 from wan_tasks.devstack.embedded import EMULATOR_CONCURRENCY, EmbeddedServices, embedded_defaults
+from wan_tasks.errors import BatchIncompleteError, VideoFailedError
 from wan_tasks.flows.models import BatchReport, VideoJob, VideoOutcome
 from wan_tasks.flows.options import ArchiveOptions, RunOptions
 from wan_tasks.flows.produce import Producer
@@ -26,15 +27,6 @@ from wan_tasks.flows.reporting import publish_artifacts, write_summary
 from wan_tasks.integration.limits import ensure_limits
 from wan_tasks.integration.runtime import default_bucket, s3_bucket_block, s3_client
 from wan_tasks.storage.archive import ArchiveTarget
-
-
-class VideoFailedError(RuntimeError):
-    """The video was not made or not archived; the message carries the typed reason."""
-
-
-class BatchIncompleteError(RuntimeError):
-    """Some videos of a batch did not land. The summary says which and why; re-run the flow to
-    complete only those."""
 
 
 def resolve_target(options: ArchiveOptions) -> ArchiveTarget:

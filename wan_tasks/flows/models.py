@@ -31,7 +31,7 @@ class VideoOutcome(BaseModel):
     seed: int | None = None
     cost_usd: Decimal = Decimal("0")
     s3_uri: str | None = None
-    manifest_uri: str | None = None
+    sidecar_uri: str | None = None
     presigned_url: str | None = None
     contact_sheet_uri: str | None = None
     sha256: str | None = None
@@ -59,7 +59,7 @@ def archived_outcome(job: VideoJob, submitted: SubmittedVideo, prediction: Predi
     return VideoOutcome(
         item_id=job.item_id, status="archived", row=job.row, prediction_id=prediction.id,
         seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
-        manifest_uri=archived.manifest_uri, presigned_url=archived.presigned_url,
+        sidecar_uri=archived.sidecar_uri, presigned_url=archived.presigned_url,
         contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,
         size=archived.size, already_archived=archived.already_archived,
     )

@@ -28,13 +28,19 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from wan_tasks.api.models import I2VRequest, Prediction
-from wan_tasks.core.budget import Budget, BudgetExceededError
+from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import derive_seed
 from wan_tasks.core.ledger import LedgerSettings
-from wan_tasks.errors import OutputExpiredError, TaskFailedError
+from wan_tasks.errors import (
+    BudgetExceededError,
+    MissingLimitError,
+    NoSlotError,
+    OutputExpiredError,
+    TaskFailedError,
+)
 from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
-from wan_tasks.integration.limits import LimitSettings, MissingLimitError, read_limit
+from wan_tasks.integration.limits import LimitSettings, read_limit
 from wan_tasks.integration.tasks import (
     SubmittedVideo,
     archive_to_s3,
@@ -63,10 +69,6 @@ def in_flight_slot(limits: LimitSettings) -> AbstractContextManager[Any]:
     return concurrency(limits.in_flight, occupy=1, strict=True,
                        timeout_seconds=limits.acquire_timeout_s,
                        raise_on_lease_renewal_failure=False)
-
-
-class NoSlotError(RuntimeError):
-    """No in-flight slot could be taken for a video, so it was not submitted."""
 
 
 @dataclass

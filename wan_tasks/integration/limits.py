@@ -14,14 +14,12 @@ import logging
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from wan_tasks.errors import MissingLimitError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_IN_FLIGHT_LIMIT = "wan-video-in-flight"
 DEFAULT_RATE_LIMIT = "wan-video-submits-per-minute"
-
-
-class MissingLimitError(LookupError):
-    """A named concurrency limit does not exist on the Prefect server."""
 
 
 class LimitSettings(BaseModel):

@@ -11,8 +11,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from wan_tasks import settings
 from wan_tasks.api.client import WaveSpeedClient
-from wan_tasks.api.config import ENV_API_KEY, ENV_BASE_URL
 from wan_tasks.api.policies import PollPolicy
 
 if TYPE_CHECKING:
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _wavespeed: dict[tuple[str, ...], WaveSpeedClient] = {}
 _s3: dict[tuple[str, ...], Any] = {}
-
-ENV_BUCKET = "WAN_TASKS_BUCKET"
-
 
 def _fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
@@ -40,7 +37,9 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
             credentials_block, _sync=True)
         api_key, base_url = creds.api_key.get_secret_value(), creds.base_url
     else:
-        api_key, base_url = os.environ.get(ENV_API_KEY, ""), os.environ.get(ENV_BASE_URL, "")
+        config = settings.current()
+        api_key = config.api_key.get_secret_value() if config.api_key else ""
+        base_url = config.base_url or ""
     ident = (credentials_block or "", base_url, _fingerprint(api_key))
     with _lock:
         client = _wavespeed.get(ident)
@@ -82,18 +81,22 @@ def s3_client(block: str | None = None) -> S3Client:
     if block:
         return s3_bucket_block(block)[1]
 
+    # boto3 resolves its own chain from the environment: the client is per distinct setting.
+    config = settings.current()
     names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_REGION",
              "AWS_DEFAULT_REGION", "AWS_PROFILE")
     ident = (*(os.environ.get(n, "") for n in names),
-             _fingerprint(os.environ.get("AWS_SECRET_ACCESS_KEY", "")))
+             _fingerprint(os.environ.get("AWS_SECRET_ACCESS_KEY", "")),
+             config.s3.model_dump_json() if config.s3 else "",
+             _fingerprint(config.s3.secret_access_key.get_secret_value()) if config.s3 else "")
     with _lock:
         client = _s3.get(ident)
         if client is None:
-            client = make_s3_client()
+            client = make_s3_client(config)
             _s3[ident] = client
         result: S3Client = client
         return result
 
 
 def default_bucket() -> str | None:
-    return os.environ.get(ENV_BUCKET) or None
+    return settings.current().bucket

@@ -36,21 +36,24 @@ from pydantic import BaseModel
 
 from wan_tasks.api.models import MODEL_ID, I2VRequest, Prediction
 from wan_tasks.api.policies import PollPolicy
-from wan_tasks.core.budget import Budget, BudgetExceededError
+from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import derive_seed, request_key
 from wan_tasks.core.inference_times import InferenceTimes
 from wan_tasks.core.ledger import LedgerSettings, reconcile
 from wan_tasks.core.redact import redact_payload
 from wan_tasks.errors import (
+    ArchiveError,
     OutputExpiredError,
+    SubmissionNotFoundError,
     SubmissionUncertainError,
     TaskFailedError,
     WaitTimeoutError,
+    WanTasksError,
     WaveSpeedError,
 )
 from wan_tasks.integration.locking import CrashSafeFileLockManager
 from wan_tasks.integration.runtime import s3_client, wavespeed_client
-from wan_tasks.storage.archive import ArchiveError, ArchiveResult, ArchiveTarget, S3Archiver
+from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget, S3Archiver
 from wan_tasks.storage.keys import KeyFields
 
 logger = logging.getLogger(__name__)
@@ -60,13 +63,6 @@ ARCHIVED_EVENT = "wan.video.archived"
 RECONCILE_SETTLE_S = (1.0, 3.0, 10.0)
 # What this process has seen the service take, to aim first polls (PollPolicy.learn_first_poll).
 INFERENCE_TIMES = InferenceTimes()
-
-
-class SubmissionNotFoundError(WaveSpeedError):
-    """A submit's answer was lost, and the service's history, after settling, shows no such
-    task. Retryable: the retry reconciles again through the ledger before submitting."""
-
-    retryable = True
 
 
 class SubmittedVideo(BaseModel):
@@ -99,7 +95,9 @@ def _exception(state: State[Any]) -> BaseException | None:
 
 
 def _transient(exc: BaseException | None) -> bool:
-    if isinstance(exc, WaveSpeedError | ArchiveError):
+    """One question for errors of this package (`retryable`); S3 and network errors that
+    reach a task untranslated are transient when the store or the network says so."""
+    if isinstance(exc, WanTasksError):
         return exc.retryable
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -107,18 +105,16 @@ def _transient(exc: BaseException | None) -> bool:
     return isinstance(exc, httpx.TransportError | BotoCoreError | ConnectionError)
 
 
+# An ambiguous submit (SubmissionUncertainError) is not retryable: it is reconciled, never
+# re-sent; SubmissionNotFoundError (the history shows no task) is. Budget refusals are final.
 def retry_submit(task: Task[..., Any], run: TaskRun, state: State[Any]) -> bool:
-    exc = _exception(state)
-    # Ambiguous submits are reconciled, never re-sent; budget refusals are final.
-    if isinstance(exc, SubmissionUncertainError | BudgetExceededError):
-        return False
-    return _transient(exc)
+    return _transient(_exception(state))
 
 
+# A failed prediction stays failed (the flow resubmits 5xxx failures deliberately, as a new
+# attempt), and a passed deadline is final for this task run.
 def retry_wait(task: Task[..., Any], run: TaskRun, state: State[Any]) -> bool:
     exc = _exception(state)
-    # A failed prediction stays failed (the flow resubmits 5xxx failures deliberately), and a
-    # passed deadline is final.
     if isinstance(exc, TaskFailedError | WaitTimeoutError):
         return False
     return _transient(exc)
@@ -345,7 +341,7 @@ def archive_to_s3(
     *,
     credentials_block: str | None = None,
 ) -> ArchiveResult:
-    """Stream the output into S3 (verified, conditional), with metadata and a manifest."""
+    """Stream the output into S3 (verified, conditional), with metadata and a JSON sidecar."""
     log = get_run_logger()
     archiver = S3Archiver(s3_client(target.s3_block), target)
     fields = KeyFields(
@@ -355,7 +351,7 @@ def archive_to_s3(
     )
     result = archiver.find_archived(fields)
     if result is not None:
-        archiver.ensure_manifest(result, _manifest(submitted, prediction))
+        archiver.ensure_sidecar(result, _sidecar(submitted, prediction))
     else:
         if not prediction.outputs:
             raise ArchiveError(f"prediction {prediction.id} has no output", retryable=False)
@@ -366,7 +362,7 @@ def archive_to_s3(
                 result = archiver.archive(
                     response.iter_bytes(1024 * 1024), fields,
                     metadata=_object_metadata(submitted, prediction),
-                    manifest=_manifest(submitted, prediction),
+                    sidecar=_sidecar(submitted, prediction),
                     expected_size=int(length) if length and length.isdigit() else None,
                 )
         except OutputExpiredError as exc:
@@ -385,7 +381,7 @@ def archive_to_s3(
         event=ARCHIVED_EVENT,
         resource={"prefect.resource.id": result.s3_uri, "prefect.resource.name": result.key},
         payload={
-            "s3_uri": result.s3_uri, "manifest_uri": result.manifest_uri,
+            "s3_uri": result.s3_uri, "sidecar_uri": result.sidecar_uri,
             "sha256": result.sha256, "size": result.size, "prediction_id": prediction.id,
             "item_id": submitted.item_id, "already_archived": result.already_archived,
         },
@@ -401,8 +397,9 @@ def _object_metadata(submitted: SubmittedVideo, prediction: Prediction) -> dict[
     return meta
 
 
-def _manifest(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, Any]:
+def _sidecar(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, Any]:
     return {
+        # The schema id predates the "sidecar" name; kept so readers of round-1 archives match.
         "schema": "wan-tasks/video-manifest@1",
         "model": submitted.model or MODEL_ID,
         "prediction_id": prediction.id,

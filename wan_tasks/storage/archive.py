@@ -1,4 +1,4 @@
-"""Stream a finished video into S3, verified, with its metadata and a sidecar manifest.
+"""Stream a finished video into S3, verified, with its metadata and a JSON sidecar.
 
 Memory stays bounded: parts of `part_size` go up while the download continues, at most
 `max_inflight_parts` at a time. The SHA-256 of the whole file is computed on the way (S3's own
@@ -25,6 +25,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from wan_tasks import settings
+from wan_tasks.errors import ArchiveError
+from wan_tasks.settings import Settings
 from wan_tasks.storage.keys import DEFAULT_TEMPLATE, KeyFields, render_key, validate_template
 
 if TYPE_CHECKING:
@@ -35,21 +38,6 @@ else:
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-
-
-class ArchiveError(Exception):
-    """The video could not be archived. `retryable` says whether another attempt may work."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_archive_error, (str(self), self.retryable))
-
-
-def _rebuild_archive_error(message: str, retryable: bool) -> ArchiveError:
-    return ArchiveError(message, retryable=retryable)
 
 
 class ArchiveTarget(BaseModel):
@@ -79,7 +67,7 @@ class ArchiveResult(BaseModel):
     bucket: str
     key: str
     s3_uri: str
-    manifest_uri: str
+    sidecar_uri: str
     presigned_url: str
     sha256: str
     size: int
@@ -87,17 +75,24 @@ class ArchiveResult(BaseModel):
     contact_sheet_uri: str | None = None
 
 
-def make_s3_client(**overrides: Any) -> S3Client:
-    """boto3's standard configuration chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, profiles,
-    ...), path-style addressing for custom endpoints, and adaptive retries for throttling."""
+def make_s3_client(config: Settings | None = None) -> S3Client:
+    """An S3 client for the settings: their explicit connection (the embedded store) when one
+    is set, else boto3's standard configuration chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
+    profiles, ...); path-style addressing for custom endpoints, adaptive retries for throttling.
+    """
     import boto3
 
-    custom_endpoint = bool(
-        overrides.get("endpoint_url")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    config = Config(
+    config = config or settings.current()
+    explicit: dict[str, Any] = {}
+    if config.s3 is not None:
+        explicit = {
+            "endpoint_url": config.s3.endpoint_url,
+            "aws_access_key_id": config.s3.access_key_id,
+            "aws_secret_access_key": config.s3.secret_access_key.get_secret_value(),
+            "region_name": config.s3.region,
+        }
+    custom_endpoint = bool(explicit.get("endpoint_url") or config.s3_endpoint_url)
+    client_config = Config(
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
         retries={"max_attempts": 8, "mode": "adaptive"},
         connect_timeout=10,
@@ -105,7 +100,8 @@ def make_s3_client(**overrides: Any) -> S3Client:
     )
     # A fresh session each time: boto3's default session keeps the first credentials it
     # resolved in the process, so a client made for new AWS settings would sign with old ones.
-    client: S3Client = boto3.session.Session().client("s3", config=config, **overrides)
+    # Explicit arguments win over whatever the environment's chain would resolve.
+    client: S3Client = boto3.session.Session().client("s3", config=client_config, **explicit)
     return client
 
 
@@ -149,7 +145,7 @@ class S3Archiver:
         return f"s3://{self.target.bucket}/{key}"
 
     @staticmethod
-    def manifest_key(key: str) -> str:
+    def sidecar_key(key: str) -> str:
         return key.removesuffix(".mp4") + ".json"
 
     @staticmethod
@@ -171,12 +167,12 @@ class S3Archiver:
             return None  # not ours (or written by something else): do not trust it
         return self._result(key, sha, int(head["ContentLength"]), already=True)
 
-    def ensure_manifest(self, result: ArchiveResult, manifest: dict[str, Any]) -> None:
+    def ensure_sidecar(self, result: ArchiveResult, sidecar: dict[str, Any]) -> None:
         """Write the sidecar of an object found already archived, if it is missing (a run
-        that died between the video and its manifest)."""
-        if self.head(self.manifest_key(result.key)) is None:
-            logger.warning("%s had no manifest; writing it", result.s3_uri)
-            self._put_manifest(result.key, {**manifest, "sha256": result.sha256,
+        that died between the video and its sidecar)."""
+        if self.head(self.sidecar_key(result.key)) is None:
+            logger.warning("%s had no sidecar; writing it", result.s3_uri)
+            self._put_sidecar(result.key, {**sidecar, "sha256": result.sha256,
                                             "size": result.size,
                                             "contact_sheet_uri": result.contact_sheet_uri})
 
@@ -186,12 +182,12 @@ class S3Archiver:
         fields: KeyFields,
         *,
         metadata: dict[str, str],
-        manifest: dict[str, Any],
+        sidecar: dict[str, Any],
         expected_size: int | None = None,
     ) -> ArchiveResult:
         if "sha256" in validate_template(self.target.key_template):
             return self._archive_content_addressed(
-                chunks, fields, metadata=metadata, manifest=manifest, expected_size=expected_size
+                chunks, fields, metadata=metadata, sidecar=sidecar, expected_size=expected_size
             )
         key = render_key(self.target.key_template, fields)
         # A known size past the spool limit gets no contact sheet: do not write a copy to
@@ -199,11 +195,11 @@ class S3Archiver:
         too_big = expected_size is not None and expected_size > self.target.spool_limit
         with self._spool(enabled=not too_big) as spool:
             sha, size, created = self._upload(key, chunks, metadata, spool, expected_size)
-            return self._finish(key, sha, size, created, manifest, spool)
+            return self._finish(key, sha, size, created, sidecar, spool)
 
     def _archive_content_addressed(
         self, chunks: Iterable[bytes], fields: KeyFields, *, metadata: dict[str, str],
-        manifest: dict[str, Any], expected_size: int | None,
+        sidecar: dict[str, Any], expected_size: int | None,
     ) -> ArchiveResult:
         # The key depends on the hash: land the bytes on local disk first, then upload.
         with tempfile.TemporaryFile(prefix="wan-archive-") as disk:
@@ -223,7 +219,7 @@ class S3Archiver:
             _, _, created = self._upload(key, iter(lambda: disk.read(MiB), b""), metadata,
                                          None, size)
             disk.seek(0)
-            return self._finish(key, sha, size, created, manifest, disk)
+            return self._finish(key, sha, size, created, sidecar, disk)
 
     @contextmanager
     def _spool(self, *, enabled: bool = True) -> Iterator[IO[bytes] | None]:
@@ -295,7 +291,7 @@ class S3Archiver:
         return True
 
     def _finish(
-        self, key: str, sha: str, size: int, created: bool, manifest: dict[str, Any],
+        self, key: str, sha: str, size: int, created: bool, sidecar: dict[str, Any],
         spool: IO[bytes] | None,
     ) -> ArchiveResult:
         head = self.head(key)
@@ -316,7 +312,7 @@ class S3Archiver:
                 "refusing to overwrite it. Use a key_template with {prediction_id} or {sha256}.",
                 retryable=False)
         sheet_uri = self._contact_sheet(key, spool) if created else None
-        self._put_manifest(key, {**manifest, "sha256": sha, "size": size,
+        self._put_sidecar(key, {**sidecar, "sha256": sha, "size": size,
                                  "contact_sheet_uri": sheet_uri})
         logger.info("archived %s (%d bytes, sha256 %s)%s", self.uri(key), size, sha[:12],
                     "" if created else " (already there)")
@@ -360,18 +356,18 @@ class S3Archiver:
         )
         return self.uri(sheet_key)
 
-    def _put_manifest(self, key: str, manifest: dict[str, Any]) -> None:
-        body = json.dumps({**manifest, "s3_uri": self.uri(key)}, indent=2, sort_keys=True,
+    def _put_sidecar(self, key: str, sidecar: dict[str, Any]) -> None:
+        body = json.dumps({**sidecar, "s3_uri": self.uri(key)}, indent=2, sort_keys=True,
                           default=str).encode()
         try:
             self.s3.put_object(
-                Bucket=self.target.bucket, Key=self.manifest_key(key), Body=body,
+                Bucket=self.target.bucket, Key=self.sidecar_key(key), Body=body,
                 ContentType="application/json",
                 ChecksumSHA256=_b64(hashlib.sha256(body).digest()), IfNoneMatch="*",
             )
         except ClientError as exc:
             if not _is_precondition_failed(exc):
-                raise  # 412: the first archiving run's manifest stays
+                raise  # 412: the first archiving run's sidecar stays
 
     def _result(self, key: str, sha: str, size: int, *, already: bool,
                 sheet_uri: str | None = None) -> ArchiveResult:
@@ -379,7 +375,7 @@ class S3Archiver:
             sheet_uri = self.uri(self.sheet_key(key))
         return ArchiveResult(
             bucket=self.target.bucket, key=key, s3_uri=self.uri(key),
-            manifest_uri=self.uri(self.manifest_key(key)), presigned_url=self.presign(key),
+            sidecar_uri=self.uri(self.sidecar_key(key)), presigned_url=self.presign(key),
             sha256=sha, size=size, already_archived=already, contact_sheet_uri=sheet_uri,
         )
 

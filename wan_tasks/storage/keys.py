@@ -17,6 +17,8 @@ import string
 from dataclasses import dataclass
 from datetime import datetime
 
+from wan_tasks.errors import KeyTemplateError
+
 DEFAULT_TEMPLATE = "{prefix}/{model_slug}/{date}/{prediction_id}.mp4"
 CONTENT_ADDRESSED_TEMPLATE = "{prefix}/sha256/{sha256}.mp4"
 FIELDS = frozenset(
@@ -24,10 +26,6 @@ FIELDS = frozenset(
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 MAX_KEY_BYTES = 1024
-
-
-class KeyTemplateError(ValueError):
-    """The key template cannot produce safe keys."""
 
 
 @dataclass(frozen=True)

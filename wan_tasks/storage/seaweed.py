@@ -39,6 +39,8 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from wan_tasks.errors import SeaweedError
+
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
@@ -77,10 +79,6 @@ _WEED_ENV_FALLBACKS = frozenset({"S3_BUCKET", "S3_TABLE_BUCKET", "S3_EXTERNAL_UR
 _SOCKET_DIR = Path("/tmp")  # noqa: S108
 _GLOG_ERROR = re.compile(r"^[EF]\d{4} ")
 _PORT_TAKEN_MARKERS = ("Port allocation failed", "address already in use")
-
-
-class SeaweedError(RuntimeError):
-    """The embedded SeaweedFS could not be started (the message carries its log's last lines)."""
 
 
 class _PortTaken(SeaweedError):

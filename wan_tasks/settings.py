@@ -1,0 +1,131 @@
+"""Every environment variable wan-tasks reads, in one settings model.
+
+`current()` is what the package uses: the environment, read when asked (so a worker picks up
+its configuration without re-importing anything), with the overrides of any active
+`override()` block on top. The embedded defaults (`wan_tasks.devstack.embedded`) pass the
+emulator's URL and key and the embedded store's endpoint this way, instead of writing them into
+`os.environ` where every other library in the process (and every child process) would see them.
+Overrides are process-wide, not per thread: the flows run their videos in worker threads.
+
+S3 access is boto3's own standard chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_REGION, ...),
+read by boto3 itself; only the endpoint is read here too (path-style addressing for local
+stores), and `s3` carries an explicit connection only when one was set by an override.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_API_KEY = "WAVESPEED_API_KEY"
+ENV_BASE_URL = "WAVESPEED_BASE_URL"
+ENV_BUCKET = "WAN_TASKS_BUCKET"
+ENV_HOME = "WAN_TASKS_HOME"
+ENV_NO_EMBEDDED = "WAN_TASKS_NO_EMBEDDED"
+ENV_EMULATOR_KEY = "WAVESPEED_EMULATOR_KEY"
+DEFAULT_BASE_URL = "https://api.wavespeed.ai"
+
+
+class S3Connection(BaseModel):
+    """An explicit S3 connection (the embedded store); None in `Settings.s3` means boto3's
+    standard configuration."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: SecretStr
+    region: str = "us-east-1"
+
+
+class Settings(BaseSettings):
+    """What the environment configures. Field names are the package's; aliases are the
+    variables."""
+
+    model_config = SettingsConfigDict(
+        extra="ignore", frozen=True, populate_by_name=True, env_ignore_empty=True
+    )
+
+    api_key: SecretStr | None = Field(
+        None, validation_alias=ENV_API_KEY, description="WaveSpeed API key; none: the emulator"
+    )
+    base_url: str | None = Field(
+        None, validation_alias=ENV_BASE_URL, description=f"API base URL ({DEFAULT_BASE_URL})"
+    )
+    bucket: str | None = Field(
+        None, validation_alias=ENV_BUCKET, description="archive bucket; none: the embedded store"
+    )
+    home: Path = Field(
+        Path("~/.wan-tasks"), validation_alias=ENV_HOME,
+        description="where embedded services keep their data",
+    )
+    no_embedded: bool = Field(
+        False, validation_alias=ENV_NO_EMBEDDED,
+        description="refuse the emulator and embedded store (set it on production workers)",
+    )
+    emulator_key: SecretStr | None = Field(
+        None, validation_alias=ENV_EMULATOR_KEY, description="the key a local emulator accepts"
+    )
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        description="S3 endpoint (boto3's own setting, read here for path-style addressing)",
+    )
+    s3: S3Connection | None = Field(None, description="an explicit connection (overrides only)")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+
+_lock = threading.Lock()
+_overrides: list[dict[str, Any]] = []
+
+
+def current() -> Settings:
+    """The settings in force now: the environment, then active overrides, innermost last."""
+    with _lock:
+        layers = [dict(layer) for layer in _overrides]
+    settings = Settings()
+    for layer in layers:
+        settings = settings.model_copy(update=layer)
+    return settings
+
+
+@contextmanager
+def override(**values: Any) -> Iterator[Settings]:
+    """Settings for the duration of the block (by field name), for the whole process."""
+    unknown = set(values) - set(Settings.model_fields)
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    layer = {k: SecretStr(v) if isinstance(v, str) and k in _SECRET_FIELDS else v
+             for k, v in values.items()}
+    with _lock:
+        _overrides.append(layer)
+    try:
+        yield current()
+    finally:
+        with _lock:
+            _overrides.remove(layer)
+
+
+_SECRET_FIELDS = frozenset({"api_key", "emulator_key"})
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "ENV_BUCKET",
+    "ENV_EMULATOR_KEY",
+    "ENV_HOME",
+    "ENV_NO_EMBEDDED",
+    "S3Connection",
+    "Settings",
+    "current",
+    "override",
+]
