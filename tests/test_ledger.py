@@ -11,8 +11,14 @@ from tests.conftest import Stack, run_video
 from tests.test_flows import FAST, req
 from wan_tasks import MODEL_ID, WaveSpeedClient
 from wan_tasks.core.identity import derive_seed, request_key
-from wan_tasks.core.ledger import FileLedger, LedgerSettings, input_fingerprint, reconcile
+from wan_tasks.core.ledger import DEFAULT_LEDGER_PREFIX, FileLedger, input_fingerprint, reconcile
 from wan_tasks.errors import VideoFailedError
+from wan_tasks.integration.runtime import open_ledger
+from wan_tasks.storage.place import S3Place
+
+
+def ledger_place(stack: Stack) -> S3Place:
+    return S3Place(bucket=stack.bucket, prefix=DEFAULT_LEDGER_PREFIX)
 
 
 def client_for(stack: Stack) -> WaveSpeedClient:
@@ -23,7 +29,7 @@ def test_crash_between_accept_and_record_is_reconciled(stack: Stack) -> None:
     """The process died after the service accepted the task, before the id was recorded."""
     request = derive_seed(req("crash-window"))
     key = request_key(request)
-    ledger = LedgerSettings(bucket=stack.bucket).open()
+    ledger = open_ledger(ledger_place(stack))
     with client_for(stack) as client:
         payload = client.prepare(request)
         entry = ledger.record_intent(key, MODEL_ID, payload)
@@ -39,7 +45,7 @@ def test_crash_between_accept_and_record_is_reconciled(stack: Stack) -> None:
 def test_intent_that_never_reached_the_service_is_submitted(stack: Stack) -> None:
     request = derive_seed(req("never-sent"))
     key = request_key(request)
-    ledger = LedgerSettings(bucket=stack.bucket).open()
+    ledger = open_ledger(ledger_place(stack))
     with client_for(stack) as client:
         ledger.record_intent(key, MODEL_ID, client.prepare(request))
     out = run_video(req("never-sent"), options=FAST)
@@ -61,7 +67,7 @@ def test_ledger_reconnects_when_the_cache_is_gone(stack: Stack) -> None:
 
     first = run_video(req("cache-gone"), options=FAST)
     with disable_run_logger():  # .fn: the task body, without Prefect's cache
-        again = submit_i2v.fn(req("cache-gone"), ledger=LedgerSettings(bucket=stack.bucket))
+        again = submit_i2v.fn(req("cache-gone"), ledger=ledger_place(stack))
     assert again.prediction_id == first.prediction_id
     assert stack.stats()["submissions"] == 1
 

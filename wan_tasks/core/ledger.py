@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.models import I2VRequest, Prediction
 from wan_tasks.core.redact import redact_payload
+from wan_tasks.storage.place import S3Place
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -57,26 +58,6 @@ class LedgerEntry(BaseModel):
     flow_run_id: str | None = None
     host: str = ""
     pid: int = 0
-    resubmits_expired: list[str] = []  # prediction ids replaced because their output expired
-
-
-class LedgerSettings(BaseModel):
-    """Where the ledger lives: an S3 bucket (the archive bucket by default), or a local folder
-    (one machine only)."""
-
-    bucket: str | None = None
-    prefix: str = DEFAULT_LEDGER_PREFIX
-    path: str | None = None
-    s3_block: str | None = None
-
-    def open(self) -> Ledger:
-        if self.path:
-            return FileLedger(Path(self.path).expanduser())
-        if not self.bucket:
-            raise ValueError("ledger: give a bucket or a local path")
-        from wan_tasks.integration.runtime import s3_client
-
-        return S3Ledger(s3_client(self.s3_block), self.bucket, self.prefix)
 
 
 def input_fingerprint(body: dict[str, Any]) -> str | None:
@@ -101,13 +82,9 @@ class Ledger(ABC):
     @abstractmethod
     def write(self, entry: LedgerEntry) -> None: ...
 
-    @abstractmethod
-    def location(self) -> str: ...
-
     def record_intent(
         self, request_key: str, model: str, payload: dict[str, Any], *, item_id: str = "",
         seed: int | None = None, flow_run_id: str | None = None,
-        previous: LedgerEntry | None = None,
     ) -> LedgerEntry:
         fingerprint = input_fingerprint(payload)
         if fingerprint is None:
@@ -116,7 +93,6 @@ class Ledger(ABC):
             request_key=request_key, model=model, intent_at=datetime.now(UTC),
             input_fingerprint=fingerprint, payload=redact_payload(payload), item_id=item_id,
             seed=seed, flow_run_id=flow_run_id, host=socket.gethostname(), pid=os.getpid(),
-            resubmits_expired=previous.resubmits_expired if previous else [],
         )
         self.write(entry)
         return entry
@@ -154,20 +130,18 @@ class FileLedger(Ledger):
             os.fsync(fh.fileno())
         tmp.replace(path)
 
-    def location(self) -> str:
-        return str(self.root)
-
 
 class S3Ledger(Ledger):
-    """One small JSON object per request key in the archive bucket."""
+    """One small JSON object per request key, at a place in S3 (by default the archive
+    bucket, under `_wan-tasks/ledger`)."""
 
-    def __init__(self, s3: S3Client, bucket: str, prefix: str = DEFAULT_LEDGER_PREFIX) -> None:
+    def __init__(self, s3: S3Client, place: S3Place) -> None:
         self.s3 = s3
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
+        self.place = place
+        self.bucket = place.bucket
 
     def _key(self, request_key: str) -> str:
-        return f"{self.prefix}/{request_key}.json"
+        return self.place.key(f"{request_key}.json")
 
     def read(self, request_key: str) -> LedgerEntry | None:
         try:
@@ -187,9 +161,6 @@ class S3Ledger(Ledger):
             ContentType="application/json",
             ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
         )
-
-    def location(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}/"
 
 
 def reconcile(

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from wan_tasks.api.models import I2VRequest, Prediction
-from wan_tasks.integration.tasks import SubmittedVideo
+from wan_tasks.core.submit import SubmittedVideo
 from wan_tasks.storage.archive import ArchiveResult
 
 Status = Literal["archived", "failed", "invalid", "skipped"]

@@ -30,7 +30,7 @@ from prefect.runtime import flow_run
 from wan_tasks.api.models import I2VRequest, Prediction
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import derive_seed
-from wan_tasks.core.ledger import LedgerSettings
+from wan_tasks.core.submit import SubmittedVideo
 from wan_tasks.errors import (
     BudgetExceededError,
     MissingLimitError,
@@ -42,7 +42,6 @@ from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.integration.limits import LimitSettings, read_limit
 from wan_tasks.integration.tasks import (
-    SubmittedVideo,
     archive_to_s3,
     learn_inference_times,
     submit_i2v,
@@ -86,8 +85,7 @@ class Producer:
 
     def __init__(self, target: ArchiveTarget, options: RunOptions, budget: Budget) -> None:
         self.target, self.options, self.budget = target, options, budget
-        self.ledger = (LedgerSettings(bucket=target.bucket, prefix=options.ledger_prefix,
-                                      s3_block=target.s3_block) if options.ledger else None)
+        self.ledger = target.at(options.ledger_prefix) if options.ledger else None
         self.this_run = str(flow_run.id) if flow_run.id else None
 
     # -- one video -------------------------------------------------------------------------

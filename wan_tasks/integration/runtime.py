@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from wan_tasks import settings
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.policies import PollPolicy
+from wan_tasks.core.ledger import S3Ledger
+from wan_tasks.storage.place import S3Place
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -100,3 +102,8 @@ def s3_client(block: str | None = None) -> S3Client:
 
 def default_bucket() -> str | None:
     return settings.current().bucket
+
+
+def open_ledger(place: S3Place) -> S3Ledger:
+    """The submission ledger at `place`, through the place's block or the standard chain."""
+    return S3Ledger(s3_client(place.s3_block), place)

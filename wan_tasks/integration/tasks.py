@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -32,55 +31,32 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run, task_run
 from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel
 
 from wan_tasks.api.models import MODEL_ID, I2VRequest, Prediction
 from wan_tasks.api.policies import PollPolicy
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import derive_seed, request_key
 from wan_tasks.core.inference_times import InferenceTimes
-from wan_tasks.core.ledger import LedgerSettings, reconcile
-from wan_tasks.core.redact import redact_payload
+from wan_tasks.core.submit import SubmittedVideo, submit_once
 from wan_tasks.errors import (
     ArchiveError,
     OutputExpiredError,
-    SubmissionNotFoundError,
-    SubmissionUncertainError,
     TaskFailedError,
     WaitTimeoutError,
     WanTasksError,
     WaveSpeedError,
 )
 from wan_tasks.integration.locking import CrashSafeFileLockManager
-from wan_tasks.integration.runtime import s3_client, wavespeed_client
+from wan_tasks.integration.runtime import open_ledger, s3_client, wavespeed_client
 from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget, S3Archiver
 from wan_tasks.storage.keys import KeyFields
+from wan_tasks.storage.place import S3Place
 
 logger = logging.getLogger(__name__)
 
 ARCHIVED_EVENT = "wan.video.archived"
-# How long an unanswered submit waits for the service's history to show the task.
-RECONCILE_SETTLE_S = (1.0, 3.0, 10.0)
 # What this process has seen the service take, to aim first polls (PollPolicy.learn_first_poll).
 INFERENCE_TIMES = InferenceTimes()
-
-
-class SubmittedVideo(BaseModel):
-    """What submit hands to the next steps (and persists). No secrets: stored URLs are
-    scrubbed of signatures, and the key never enters it."""
-
-    request_key: str
-    prediction_id: str
-    model: str
-    request: dict[str, Any]
-    payload: dict[str, Any]
-    seed: int
-    duration: int
-    cost_usd: Decimal
-    submitted_at: datetime
-    item_id: str = ""
-    attempt: int = 0
-    flow_run_id: str | None = None
 
 
 # -- retry conditions --------------------------------------------------------------------
@@ -188,7 +164,7 @@ def submit_i2v(
     credentials_block: str | None = None,
     budget: Budget | None = None,
     rate_limit_name: str | None = None,
-    ledger: LedgerSettings | None = None,
+    ledger: S3Place | None = None,
 ) -> SubmittedVideo:
     """Validate, upload local images, submit once; return the prediction id and what the
     next steps need. Seed -1 becomes a concrete seed derived from the request and `variant`.
@@ -196,83 +172,20 @@ def submit_i2v(
     With a ledger, a submit first reconnects to a prediction recorded for this request key,
     or reconciles an unfinished intent through the service's history; it records its intent
     before the POST and the prediction id right after."""
-    log = get_run_logger()
     request = derive_seed(request, variant)
-    key = request_key(request, attempt=attempt)
-    client = wavespeed_client(credentials_block)
-    book = ledger.open() if ledger else None
-    this_run = str(flow_run.id) if flow_run.id else None
-
-    def submitted(prediction_id: str, payload: dict[str, Any], at: datetime,
-                  run: str | None) -> SubmittedVideo:
-        return SubmittedVideo(
-            request_key=key, prediction_id=prediction_id, model=client.ops.model,
-            request=redact_payload(request.model_dump(mode="json")),
-            payload=redact_payload(payload), seed=request.seed, duration=request.duration,
-            cost_usd=request.cost_usd, submitted_at=at, item_id=item_id, attempt=attempt,
-            flow_run_id=run,
-        )
-
-    previous = book.read(key) if book else None
-    if book and previous:
-        if previous.prediction_id:
-            log.info("%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
-                     item_id or key[:12], previous.prediction_id)
-            return submitted(previous.prediction_id, previous.payload,
-                             previous.submitted_at or previous.intent_at, previous.flow_run_id)
-        # A fresh intent may belong to a submit the history does not show yet.
-        age = (datetime.now(UTC) - previous.intent_at).total_seconds()
-        found = reconcile(client, previous,
-                          settle_s=max(0.0, min(sum(RECONCILE_SETTLE_S) - age, 15.0)))
-        if found is not None:
-            log.warning("%s: found prediction %s in the service's history for an unfinished "
-                        "submit (%s pid %d); reconnecting", item_id or key[:12], found.id,
-                        previous.host, previous.pid)
-            book.record_prediction(previous, found.id)
-            return submitted(found.id, previous.payload, previous.intent_at,
-                             previous.flow_run_id)
-        log.info("%s: an earlier submit (%s pid %d) never reached the service; submitting",
-                 item_id or key[:12], previous.host, previous.pid)
-
-    payload = client.prepare(request)
+    hook = None
     if rate_limit_name:
         from prefect.concurrency.sync import rate_limit
 
-        rate_limit(rate_limit_name, strict=True)
-    if budget is not None:
-        budget.reserve(key, request.cost_usd)
-    entry = book.record_intent(key, client.ops.model, payload, item_id=item_id,
-                               seed=request.seed, flow_run_id=this_run,
-                               previous=previous) if book else None
-    try:
-        prediction = client.submit_payload(payload)
-    except SubmissionUncertainError:
-        # The task may exist and be billed: look for it before giving up; keep the budget.
-        if book is None or entry is None:
-            raise
-        for settle in RECONCILE_SETTLE_S:
-            found = reconcile(client, entry, settle_s=settle)
-            if found is not None:
-                log.warning("%s: submit answer lost; found prediction %s in history",
-                            item_id or key[:12], found.id)
-                book.record_prediction(entry, found.id)
-                return submitted(found.id, payload, entry.intent_at, this_run)
-        # The history, given time to settle, holds no such task: the service never took it.
-        # The retry reconciles once more before it submits (the intent stays recorded).
-        raise SubmissionNotFoundError(
-            f"{item_id or key[:12]}: the submit's answer was lost and after "
-            f"{sum(RECONCILE_SETTLE_S):.0f}s the service's history shows no such task; "
-            "retrying (the retry checks the history again before submitting)"
-        ) from None
-    except BaseException:
-        if budget is not None:
-            budget.release(key)
-        raise
-    if book is not None and entry is not None:
-        book.record_prediction(entry, prediction.id)
-    log.info("submitted %s: prediction %s, seed %d, $%s", item_id or key[:12],
-             prediction.id, request.seed, request.cost_usd)
-    return submitted(prediction.id, payload, datetime.now(UTC), this_run)
+        def hook() -> None:
+            rate_limit(rate_limit_name, strict=True)
+
+    return submit_once(
+        wavespeed_client(credentials_block), request, attempt=attempt, item_id=item_id,
+        ledger=open_ledger(ledger) if ledger else None, budget=budget,
+        run_id=str(flow_run.id) if flow_run.id else None, before_post=hook,
+        log=get_run_logger(),
+    )
 
 
 @task(
@@ -405,8 +318,8 @@ def _sidecar(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, Any
         "prediction_id": prediction.id,
         "item_id": submitted.item_id,
         "request_key": submitted.request_key,
-        "request": submitted.request,
-        "payload": submitted.payload,
+        "request": submitted.redacted_request,
+        "payload": submitted.redacted_payload,
         "seed": submitted.seed,
         "cost_usd": str(submitted.cost_usd),
         "timings": {

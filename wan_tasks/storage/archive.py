@@ -23,12 +23,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from wan_tasks import settings
 from wan_tasks.errors import ArchiveError
 from wan_tasks.settings import Settings
 from wan_tasks.storage.keys import DEFAULT_TEMPLATE, KeyFields, render_key, validate_template
+from wan_tasks.storage.place import S3Place
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,12 +41,9 @@ logger = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 
-class ArchiveTarget(BaseModel):
-    """Where and how videos are archived."""
+class ArchiveTarget(S3Place):
+    """Where (a place in S3) and how videos are archived."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
     prefix: str = "videos"
     key_template: str = DEFAULT_TEMPLATE
     multipart_threshold: int = Field(16 * MiB, ge=5 * MiB)
@@ -53,7 +51,6 @@ class ArchiveTarget(BaseModel):
     max_inflight_parts: int = Field(4, ge=1, le=16)
     presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
     contact_sheet: bool = True
-    s3_block: str | None = Field(None, description="prefect-aws S3Bucket block; else AWS env")
     spool_limit: int = Field(256 * MiB, ge=0, description="keep a local copy for the sheet")
 
     @field_validator("key_template")
