@@ -123,14 +123,6 @@ def test_price_per_duration() -> None:
     assert I2VRequest(image=URL, prompt="x", duration=8).frame_count == 129
 
 
-def test_concrete_seed() -> None:
-    req = I2VRequest(image=URL, prompt="x")
-    resolved = req.with_concrete_seed()
-    assert 0 <= resolved.seed <= MAX_SEED
-    assert resolved.with_concrete_seed() is resolved
-    assert I2VRequest(image=URL, prompt="x", seed=42).with_concrete_seed().seed == 42
-
-
 def test_status_terminality() -> None:
     terminal = {s for s in PredictionStatus if s.is_terminal}
     assert terminal == {"completed", "failed", "cancelled", "timeout", "deleted"}

@@ -7,7 +7,6 @@ dropped: a typo such as `negative_promt` must not silently produce a different v
 
 from __future__ import annotations
 
-import secrets
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -91,14 +90,6 @@ class I2VRequest(BaseModel):
     @property
     def frame_count(self) -> int:
         return FPS * self.duration + 1
-
-    def with_concrete_seed(self, seed: int | None = None) -> I2VRequest:
-        """Resolve seed -1 to a concrete random seed, so the video is reproducible and its
-        cache key is meaningful. A concrete seed is kept as it is."""
-        if self.seed != -1:
-            return self
-        chosen = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-        return self.model_copy(update={"seed": chosen})
 
     def local_images(self) -> dict[str, Path]:
         """The fields that name local files (and so need an upload before submit)."""

@@ -16,7 +16,7 @@ from wan_tasks.flows.generate import generate_video
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.integration.runtime import s3_client
 
-SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "wan_tasks" / "assets" / "sample.png"
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
 DEMO_PROMPT = "slow aerial drift over a mountain lake at sunset, gentle ripples"
 
 

@@ -26,9 +26,10 @@ import av
 from av.video.reformatter import Interpolation
 from PIL import Image, ImageOps
 
+from wan_tasks.api.models import FPS
+
 __all__ = ["FPS", "VideoInfo", "frame_count", "probe_mp4", "render_i2v"]
 
-FPS: Final = 16
 _LANDSCAPE: Final = (832, 480)
 _PORTRAIT: Final = (480, 832)
 # Sources are prepared this much larger than the output so zooming and panning crop real
