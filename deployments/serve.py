@@ -80,6 +80,9 @@ def load_deployments(prefect_file: Path = PREFECT_FILE) -> list[RunnerDeployment
             triggers=triggers,
             concurrency_limit=_concurrency(spec.get("concurrency_limit")),
         )
+        # Prefect derives the entrypoint from the file that defines the function (inside the
+        # installed package); runs load the flow from the same entrypoint as prefect.yaml.
+        deployment.entrypoint = spec["entrypoint"]
         deployments.append(deployment)
     return deployments
 

@@ -166,12 +166,27 @@ def submit_i2v(
     rate_limit_name: str | None = None,
     ledger: S3Place | None = None,
 ) -> SubmittedVideo:
-    """Validate, upload local images, submit once; return the prediction id and what the
-    next steps need. Seed -1 becomes a concrete seed derived from the request and `variant`.
+    """Submit one image-to-video request, at most once per request key (`core.submit_once`).
 
-    With a ledger, a submit first reconnects to a prediction recorded for this request key,
-    or reconciles an unfinished intent through the service's history; it records its intent
-    before the POST and the prediction id right after."""
+    Local images are uploaded first; seed -1 becomes a concrete seed derived from the request
+    and `variant`. Cached on the request key under SERIALIZABLE isolation, so identical
+    concurrent calls submit once. With a ledger, a recorded prediction is reconnected to and an
+    unfinished intent is reconciled through the service's history before anything is sent.
+
+    Args:
+        request: what to generate.
+        variant: another take of the same request (a different derived seed).
+        attempt: 0 for the first submission; n > 0 names a deliberate resubmission (after a
+            5xxx failure or an expired output), a separate paid task with its own key.
+        item_id: the batch row's id, for names, logs and object metadata.
+        credentials_block: a saved `WaveSpeedCredentials` block; None: the settings.
+        budget: the run's budget; a submit past it raises `BudgetExceededError`.
+        rate_limit_name: a Prefect rate limit to take a slot from right before the POST.
+        ledger: where the submission ledger lives (usually the archive bucket).
+
+    Returns:
+        The prediction id and what wait and archive need; no secrets.
+    """
     request = derive_seed(request, variant)
     hook = None
     if rate_limit_name:
@@ -205,8 +220,26 @@ def wait_for_prediction(
     cancel_on_timeout: bool = True,
     credentials_block: str | None = None,
 ) -> Prediction:
-    """Wait (one task run, however many polls) until the prediction is done; cancel the
-    remote task if the deadline passes."""
+    """Wait for a prediction to finish, in one task run however many polls it takes.
+
+    The first poll is aimed just after the inference times seen for the same model and
+    duration, counted from the submit (a reconnect to an old prediction polls at once).
+
+    Args:
+        submitted: what `submit_i2v` returned.
+        timeout_s: the wall-clock deadline for the wait.
+        poll: the poll schedule; None: the client's.
+        cancel_on_timeout: cancel the remote task when the deadline passes.
+        credentials_block: a saved `WaveSpeedCredentials` block; None: the settings.
+
+    Returns:
+        The completed prediction (outputs, timings).
+
+    Raises:
+        TaskFailedError: the service failed the task (retryable for 5000/5003/5004: the flow
+            resubmits those as a new attempt).
+        WaitTimeoutError: the deadline passed.
+    """
     client = wavespeed_client(credentials_block)
     policy = poll or client.ops.poll
     # The first poll lands near the expected inference time after the *submit*, not after
@@ -254,7 +287,21 @@ def archive_to_s3(
     *,
     credentials_block: str | None = None,
 ) -> ArchiveResult:
-    """Stream the output into S3 (verified, conditional), with metadata and a JSON sidecar."""
+    """Archive a prediction's output into S3, verified, with metadata and a JSON sidecar.
+
+    Streams the MP4 in parts (bounded memory), checks its SHA-256 against the stored object,
+    writes with `If-None-Match: *`, and finds an already archived object instead of
+    downloading again. Emits `wan.video.archived`.
+
+    Args:
+        submitted: what `submit_i2v` returned.
+        prediction: what `wait_for_prediction` returned.
+        target: where and how to archive.
+        credentials_block: a saved `WaveSpeedCredentials` block; None: the settings.
+
+    Returns:
+        The object's `s3://` URI, its sidecar's, a presigned link, size and SHA-256.
+    """
     log = get_run_logger()
     archiver = S3Archiver(s3_client(target.s3_block), target)
     fields = KeyFields(
