@@ -144,12 +144,18 @@ class OutputExpiredError(WaveSpeedError):
     """The prediction's output is gone (HTTP 404 on the output URL or the prediction)."""
 
 
+class LocalServiceError(RuntimeError):
+    """A local service of the dev stack (a process on this machine) did not start or died;
+    the message names it and quotes the end of its log."""
+
+
 __all__ = [
     "AuthenticationError",
     "ConfigurationError",
     "ContentModerationError",
     "InsufficientBalanceError",
     "InvalidRequestError",
+    "LocalServiceError",
     "MediaAccessError",
     "OutputExpiredError",
     "RateLimitedError",
