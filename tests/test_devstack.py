@@ -26,15 +26,20 @@ from wan_tasks.devstack.processes import (
 )
 from wan_tasks.errors import LocalServiceError
 
-# Ignores SIGTERM; starts a helper in its own group (also ignoring SIGTERM) and one in a
+# Ignores SIGTERM; starts helpers that do too: one in its group, one in its group orphaned by
+# a parent that exits at once (no longer below it: only the group reaches it), and one in a
 # session of its own (as a Prefect worker's flow runs are); prints their pids.
 STUBBORN = textwrap.dedent("""
     import signal, subprocess, sys, time
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     same_group = subprocess.Popen([sys.executable, "-c", code])
+    orphan = subprocess.run(
+        [sys.executable, "-c", f"import subprocess as s, sys; print(s.Popen("
+         f"[sys.executable, '-c', {code!r}], stdout=s.DEVNULL, stderr=s.DEVNULL).pid)"],
+        capture_output=True, text=True, check=True).stdout.strip()
     own_session = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-    print("pids", same_group.pid, own_session.pid, flush=True)
+    print("pids", same_group.pid, orphan, own_session.pid, flush=True)
     time.sleep(600)
 """)
 
@@ -47,7 +52,7 @@ def test_stop_kills_a_process_ignoring_sigterm_and_its_children(tmp_path: Path) 
     with ManagedProcess("stubborn", [sys.executable, "-c", STUBBORN],
                         log=tmp_path / "stubborn.log", stop_timeout=1.0) as proc:
         wait_until("printing its children", lambda: "pids" in proc.output(), proc, timeout=60)
-        pids = [int(p) for p in proc.output().split("pids", 1)[1].split()[:2]]
+        pids = [int(p) for p in proc.output().split("pids", 1)[1].split()[:3]]
         infos = [proc_info(pid) for pid in pids]
         assert all(info is not None and same_process(info) for info in infos)
         proc.stop()
