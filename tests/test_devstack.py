@@ -49,8 +49,12 @@ def _gone(info: ProcInfo) -> bool:
 
 
 def test_stop_kills_a_process_ignoring_sigterm_and_its_children(tmp_path: Path) -> None:
-    with ManagedProcess("stubborn", [sys.executable, "-c", STUBBORN],
-                        log=tmp_path / "stubborn.log", stop_timeout=1.0) as proc:
+    with ManagedProcess(
+        "stubborn",
+        [sys.executable, "-c", STUBBORN],
+        log=tmp_path / "stubborn.log",
+        stop_timeout=1.0,
+    ) as proc:
         wait_until("printing its children", lambda: "pids" in proc.output(), proc, timeout=60)
         pids = [int(p) for p in proc.output().split("pids", 1)[1].split()[:3]]
         infos = [proc_info(pid) for pid in pids]
@@ -62,8 +66,9 @@ def test_stop_kills_a_process_ignoring_sigterm_and_its_children(tmp_path: Path) 
     deadline = time.monotonic() + 10
     while any(not _gone(i) for i in infos if i) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [pid for pid, info in zip(pids, infos, strict=True)
-            if info is not None and not _gone(info)] == []
+    assert [
+        pid for pid, info in zip(pids, infos, strict=True) if info is not None and not _gone(info)
+    ] == []
 
 
 def test_failed_start_raises_with_the_log_tail(tmp_path: Path) -> None:

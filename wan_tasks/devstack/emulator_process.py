@@ -84,8 +84,14 @@ class EmulatorProcess:
         env = dict(self.env) if self.env is not None else dict(os.environ)
         env["WAVESPEED_EMULATOR_KEY"] = self.api_key
         cmd = [*self.command, "--host", HOST, "--port", "0", "--config", str(config)]
-        self.process = ManagedProcess(self.name, cmd, log=self.log or self._dir / "emulator.log",
-                                      env=env, cwd=self.cwd, stop_timeout=10.0)
+        self.process = ManagedProcess(
+            self.name,
+            cmd,
+            log=self.log or self._dir / "emulator.log",
+            env=env,
+            cwd=self.cwd,
+            stop_timeout=10.0,
+        )
         return self
 
     def wait_until_ready(self) -> Self:
@@ -99,8 +105,13 @@ class EmulatorProcess:
                 found.append(match.group(1))
             return match is not None
 
-        wait_until("serving (printed no address)", printed_address, process,
-                   timeout=self.startup_timeout, interval=0.1)
+        wait_until(
+            "serving (printed no address)",
+            printed_address,
+            process,
+            timeout=self.startup_timeout,
+            interval=0.1,
+        )
         self.base_url = found[0]
         logger.info("%s at %s (pid %d)", self.name, self.base_url, process.pid)
         return self
@@ -132,6 +143,10 @@ class EmulatorProcess:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -55,8 +55,11 @@ class PostgresBinaries:
         on_path = [shutil.which(name) for name in _PROGRAMS]
         if all(on_path):
             return cls(*(str(p) for p in on_path))
-        versions = sorted((d for d in _DEBIAN_ROOT.glob("*/bin") if d.parent.name.isdigit()),
-                          key=lambda d: int(d.parent.name), reverse=True)
+        versions = sorted(
+            (d for d in _DEBIAN_ROOT.glob("*/bin") if d.parent.name.isdigit()),
+            key=lambda d: int(d.parent.name),
+            reverse=True,
+        )
         for bin_dir in versions:
             if (found := cls.in_dir(bin_dir)) is not None:
                 return found
@@ -66,12 +69,17 @@ class PostgresBinaries:
 class PostgresServer:
     """A PostgreSQL cluster for the block; `url` is an asyncpg URL for Prefect.
 
-        with PostgresServer() as pg:
-            PrefectServer(home, database_url=pg.url)
+    with PostgresServer() as pg:
+        PrefectServer(home, database_url=pg.url)
     """
 
-    def __init__(self, *, binaries: PostgresBinaries | None = None,
-                 startup_timeout: float = 60.0, max_connections: int = 200) -> None:
+    def __init__(
+        self,
+        *,
+        binaries: PostgresBinaries | None = None,
+        startup_timeout: float = 60.0,
+        max_connections: int = 200,
+    ) -> None:
         self.binaries = binaries
         self.startup_timeout = startup_timeout
         self.max_connections = max_connections
@@ -94,37 +102,69 @@ class PostgresServer:
     def start(self) -> Self:
         bins = self.binaries or PostgresBinaries.find()
         if bins is None:
-            raise LocalServiceError("PostgreSQL not found: need initdb, postgres, pg_isready "
-                                    f"and createdb on PATH or in {_DEBIAN_ROOT}/<version>/bin")
+            raise LocalServiceError(
+                "PostgreSQL not found: need initdb, postgres, pg_isready "
+                f"and createdb on PATH or in {_DEBIAN_ROOT}/<version>/bin"
+            )
         self._dir = Path(tempfile.mkdtemp(prefix="wan-pg-"))
         try:
             if os.geteuid() == 0:
                 shutil.chown(self._dir, "postgres", "postgres")
             data, self.port = self._dir / "data", free_port(HOST)
             done = subprocess.run(
-                self._as_owner([bins.initdb, "-D", str(data), "-A", "trust", "-U", "prefect",
-                                "--no-sync"]),
-                capture_output=True, text=True, timeout=120, check=False)
+                self._as_owner(
+                    [bins.initdb, "-D", str(data), "-A", "trust", "-U", "prefect", "--no-sync"]
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
             if done.returncode != 0:
-                raise LocalServiceError(f"initdb failed ({done.returncode}):\n"
-                                        f"{done.stdout}{done.stderr}")
+                raise LocalServiceError(
+                    f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+                )
             self.process = ManagedProcess(
                 "postgres",
-                self._as_owner([bins.postgres, "-D", str(data), "-h", HOST, "-p",
-                                str(self.port), "-k", str(self._dir), "-c",
-                                f"max_connections={self.max_connections}"]),
-                log=self._dir / "postgres.log", stop_signal=signal.SIGINT, stop_timeout=25.0)
+                self._as_owner(
+                    [
+                        bins.postgres,
+                        "-D",
+                        str(data),
+                        "-h",
+                        HOST,
+                        "-p",
+                        str(self.port),
+                        "-k",
+                        str(self._dir),
+                        "-c",
+                        f"max_connections={self.max_connections}",
+                    ]
+                ),
+                log=self._dir / "postgres.log",
+                stop_signal=signal.SIGINT,
+                stop_timeout=25.0,
+            )
 
             def ready() -> bool:
-                return subprocess.run([bins.pg_isready, "-h", HOST, "-p", str(self.port)],
-                                      capture_output=True, timeout=30,
-                                      check=False).returncode == 0
+                return (
+                    subprocess.run(
+                        [bins.pg_isready, "-h", HOST, "-p", str(self.port)],
+                        capture_output=True,
+                        timeout=30,
+                        check=False,
+                    ).returncode
+                    == 0
+                )
 
-            wait_until("accepting connections", ready, self.process,
-                       timeout=self.startup_timeout)
-            done = subprocess.run([bins.createdb, "-h", HOST, "-p", str(self.port), "-U",
-                                   "prefect", "prefect"],
-                                  capture_output=True, text=True, timeout=60, check=False)
+            wait_until("accepting connections", ready, self.process, timeout=self.startup_timeout)
+            done = subprocess.run(
+                [bins.createdb, "-h", HOST, "-p", str(self.port), "-U", "prefect", "prefect"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             if done.returncode != 0:
                 raise LocalServiceError(f"createdb failed ({done.returncode}): {done.stderr}")
         except BaseException:
@@ -148,6 +188,10 @@ class PostgresServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -132,10 +132,20 @@ class PrefectServer:
         if not self._began:
             self._began = time.perf_counter()
         self.port = free_port(HOST)
-        cmd = [executable("prefect"), "server", "start", "--host", HOST, "--port",
-               str(self.port), "--ui" if self.ui else "--no-ui", "--analytics-off"]
-        self.process = ManagedProcess(self.name, cmd, log=self.log, env=self.server_env(),
-                                      stop_timeout=self.stop_timeout)
+        cmd = [
+            executable("prefect"),
+            "server",
+            "start",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--ui" if self.ui else "--no-ui",
+            "--analytics-off",
+        ]
+        self.process = ManagedProcess(
+            self.name, cmd, log=self.log, env=self.server_env(), stop_timeout=self.stop_timeout
+        )
         return self
 
     def wait_until_ready(self) -> Self:
@@ -143,20 +153,19 @@ class PrefectServer:
         while True:
             assert self.process is not None, "launch() first"
             try:
-                wait_for_http(f"{self.api_url}/health", self.process,
-                              timeout=self.startup_timeout)
+                wait_for_http(f"{self.api_url}/health", self.process, timeout=self.startup_timeout)
                 break
             except LocalServiceError:
                 # The free port found can be taken before the server binds it.
                 if not (retries and port_taken(self.process)):
                     raise
                 retries -= 1
-                logger.info("port %d was taken before %s bound it; retrying", self.port,
-                            self.name)
+                logger.info("port %d was taken before %s bound it; retrying", self.port, self.name)
                 self.launch()
         self.startup_s = time.perf_counter() - self._began
-        logger.info("%s at %s in %.1fs (pid %d)", self.name, self.api_url, self.startup_s,
-                    self.process.pid)
+        logger.info(
+            "%s at %s in %.1fs (pid %d)", self.name, self.api_url, self.startup_s, self.process.pid
+        )
         return self
 
     def start(self) -> Self:
@@ -175,6 +184,10 @@ class PrefectServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -131,8 +131,10 @@ def _sigint_not_ignored() -> Iterator[None]:
     """Children inherit an ignored SIGINT (a parent started with `&` from a script, nohup).
     A Prefect worker stops on SIGTERM by sending itself SIGINT, so it would never stop. A
     handler, unlike SIG_IGN, is reset to the default by exec."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    ):
         yield
         return
     signal.signal(signal.SIGINT, _swallow)
@@ -171,9 +173,14 @@ class ManagedProcess:
         with self.log.open("ab") as out, _sigint_not_ignored():
             self._log_offset = out.tell()  # error excerpts quote only this run's lines
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                list(cmd), env=dict(env) if env is not None else None, cwd=cwd,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, pass_fds=tuple(pass_fds),
+                list(cmd),
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=tuple(pass_fds),
             )
         info = proc_info(self.proc.pid)
         self.start_time = info.start_time if info else 0
@@ -210,8 +217,7 @@ class ManagedProcess:
         """An error naming this process, what went wrong and the end of its log."""
         if not self.alive() and "code" not in what:
             what = f"{what} (exit code {self.proc.returncode})"
-        return LocalServiceError(
-            f"{self.name} {what}; last lines of {self.log}:\n{self.tail()}")
+        return LocalServiceError(f"{self.name} {what}; last lines of {self.log}:\n{self.tail()}")
 
     def stop(self, timeout: float | None = None) -> None:
         timeout = self.stop_timeout if timeout is None else timeout
@@ -228,8 +234,13 @@ class ManagedProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) ignored %s for %.0fs; killing it", self.name,
-                               self.proc.pid, self.stop_signal.name, timeout)
+                logger.warning(
+                    "%s (pid %d) ignored %s for %.0fs; killing it",
+                    self.name,
+                    self.proc.pid,
+                    self.stop_signal.name,
+                    timeout,
+                )
         finally:
             # Also reached on a second Ctrl-C during the wait: never leave anything running.
             if self.proc.poll() is None:
@@ -239,8 +250,9 @@ class ManagedProcess:
             self._kill_group()
             for info in below:
                 signal_process(info, signal.SIGKILL)
-        logger.info("%s (pid %d) stopped in %.1fs", self.name, self.proc.pid,
-                    time.monotonic() - began)
+        logger.info(
+            "%s (pid %d) stopped in %.1fs", self.name, self.proc.pid, time.monotonic() - began
+        )
 
     def _kill_group(self) -> None:
         """SIGKILL what the (reaped) child left in its group. The kernel reuses a pid only
@@ -254,16 +266,26 @@ class ManagedProcess:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
 # -- waiting until ready ----------------------------------------------------------------------
 
 
-def wait_until(what: str, ready: Callable[[], bool], process: ManagedProcess, *,
-               timeout: float, interval: float = 0.2) -> None:
+def wait_until(
+    what: str,
+    ready: Callable[[], bool],
+    process: ManagedProcess,
+    *,
+    timeout: float,
+    interval: float = 0.2,
+) -> None:
     """Poll `ready()` until it is true. Raises `LocalServiceError` (with the process's log
     tail) if the process exits first or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -275,8 +297,14 @@ def wait_until(what: str, ready: Callable[[], bool], process: ManagedProcess, *,
         time.sleep(interval)
 
 
-def wait_for_http(url: str, process: ManagedProcess, *, timeout: float,
-                  interval: float = 0.25, what: str = "healthy") -> None:
+def wait_for_http(
+    url: str,
+    process: ManagedProcess,
+    *,
+    timeout: float,
+    interval: float = 0.25,
+    what: str = "healthy",
+) -> None:
     """Poll GET `url` until it answers 200 (see `wait_until`)."""
     with httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0)) as http:
 
