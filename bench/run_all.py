@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULT_PREFIX, machine, table
-from bench.stack import PostgresServer, PrefectServer
+from bench.stack import bench_server
+from wan_tasks.devstack.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 # (module, extra arguments for a full run, extra arguments for --quick)
@@ -53,8 +54,8 @@ def shared_server(workdir: Path, *, postgres: bool) -> Iterator[dict[str, str]]:
     """One Prefect server for the benchmarks that follow; yields the environment naming it."""
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(PostgresServer()) if postgres else None
-        server = stack.enter_context(PrefectServer(workdir / ("prefect-pg" if pg else "prefect"),
-                                                   database_url=pg.url if pg else None))
+        server = stack.enter_context(bench_server(workdir / ("prefect-pg" if pg else "prefect"),
+                                                  database_url=pg.url if pg else None))
         database = "postgresql" if pg else "sqlite"
         print(f"Prefect server ({database}) started in {server.startup_s:.1f} s "
               "(excluded from every figure)", flush=True)

@@ -30,25 +30,31 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 import httpx
 
-from wan_tasks.errors import SeaweedError
+from wan_tasks.devstack.emulator_process import EmulatorProcess
+from wan_tasks.devstack.prefect_server import PrefectServer, clean_env
+from wan_tasks.devstack.prefect_server import executable as _executable
+from wan_tasks.devstack.processes import (
+    HOST,
+    ManagedProcess,
+    ProcInfo,
+    proc_info,
+    same_process,
+    terminate_orphan,
+)
+from wan_tasks.errors import LocalServiceError, SeaweedError
 from wan_tasks.storage.seaweed import SeaweedFS
 
 logger = logging.getLogger("deployments.stack")
@@ -58,171 +64,16 @@ PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 DEFAULT_ROOT = REPO / "var" / "stack"
 POOL = "wan-video"
 BUCKET = "wan-videos"
-HOST = "127.0.0.1"
 
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
 # Inherited settings that would point boto3 or Prefect elsewhere must not leak into the stack.
 _DROPPED_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-_EMULATOR_URL = re.compile(r"WaveSpeed emulator on (http://\S+)")
 
 
-class StackError(RuntimeError):
-    """A part of the stack did not start or died; the message names it and its log."""
-
-
-# -- processes ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ProcInfo:
-    pid: int
-    ppid: int
-    start_time: int  # clock ticks after boot: with the pid, identifies one process for good
-    state: str = "R"
-
-    @property
-    def exited(self) -> bool:
-        return self.state in ("Z", "X")  # a zombie has exited; only its parent can reap it
-
-
-def _proc_info(pid: int) -> _ProcInfo | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = stat[stat.rindex(")") + 2 :].split()
-    return _ProcInfo(pid=pid, ppid=int(rest[1]), start_time=int(rest[19]), state=rest[0])
-
-
-def _descendants(pid: int) -> list[_ProcInfo]:
-    """Every process below `pid` now (Linux /proc; elsewhere none are found)."""
-    children: dict[int, list[_ProcInfo]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and (info := _proc_info(int(entry.name))) is not None:
-                children.setdefault(info.ppid, []).append(info)
-    found: list[_ProcInfo] = []
-    queue = [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child.pid)
-    return found
-
-
-def _same_process(info: _ProcInfo) -> bool:
-    now = _proc_info(info.pid)
-    return now is not None and now.start_time == info.start_time and not now.exited
-
-
-def _signal(info: _ProcInfo, sig: signal.Signals) -> None:
-    # Only a process we saw below one of ours, and only while it is still that process.
-    if _same_process(info):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(info.pid, sig)
-
-
-class ManagedProcess:
-    """A child in its own session (so its process group is exactly it and its helpers)."""
-
-    def __init__(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log: Path,
-                 cwd: Path = REPO) -> None:
-        self.name, self.log = name, log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out, _sigint_not_ignored():
-            self._log_offset = out.tell()
-            self.proc = subprocess.Popen(
-                list(cmd), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        info = _proc_info(self.proc.pid)
-        self.start_time = info.start_time if info else 0
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def output(self) -> str:
-        """What this process wrote to its log since it started."""
-        with self.log.open("rb") as fh:
-            fh.seek(self._log_offset)
-            return fh.read().decode("utf-8", errors="replace")
-
-    def failure(self, what: str) -> StackError:
-        tail = "\n".join(self.output().splitlines()[-15:])
-        return StackError(f"{self.name} {what}; last lines of {self.log}:\n{tail}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if not self.alive():
-            return
-        # A worker's flow runs live in sessions of their own (Prefect isolates them so a
-        # group-wide signal cannot pre-empt the worker), so they are signalled one by one;
-        # a worker asked to stop otherwise waits for its runs to finish.
-        below = _descendants(self.proc.pid)
-        began = time.monotonic()
-        try:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            for info in below:
-                _signal(info, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) ignored SIGTERM for %.0fs; killing it",
-                               self.name, self.proc.pid, timeout)
-        finally:
-            # Also reached on a second Ctrl-C during the wait: never leave anything running.
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # helpers left in its group
-            for info in below:
-                _signal(info, signal.SIGKILL)
-        logger.info("%s (pid %d) stopped in %.1fs", self.name, self.proc.pid,
-                    time.monotonic() - began)
-
-
-def _swallow(signum: int, frame: FrameType | None) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def _sigint_not_ignored() -> Iterator[None]:
-    """Children inherit an ignored SIGINT (a parent started with `&` from a script, nohup).
-    A Prefect worker stops on SIGTERM by sending itself SIGINT, so it would never stop. A
-    handler, unlike SIG_IGN, is reset to the default by exec."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
-        yield
-        return
-    signal.signal(signal.SIGINT, _swallow)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _executable(name: str) -> str:
-    """A console script of this environment, also when the venv is not activated."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if not found:
-        raise StackError(f"{name!r} not found next to {sys.executable} or on PATH")
-    return found
+class StackError(LocalServiceError):
+    """A step of setting up the stack failed (work pool, limits, deploy); the message says
+    which, with its output. Processes that die raise `LocalServiceError` with their log."""
 
 
 # -- the stack ------------------------------------------------------------------------------
@@ -269,8 +120,8 @@ class LocalStack:
         self.startup_timeout_s = startup_timeout_s
         self.prefect_home = self.root / "prefect"
         self.logs = self.root / "logs"
-        self.server: ManagedProcess | None = None
-        self.emulator: ManagedProcess | None = None
+        self.server: PrefectServer | None = None
+        self.emulator: EmulatorProcess | None = None
         self.workers: dict[str, ManagedProcess] = {}
         self.seaweed: SeaweedFS | None = None
         self.port = 0
@@ -296,9 +147,7 @@ class LocalStack:
     def child_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """A full environment for a process that uses the stack. The caller's own PREFECT_*
         settings are dropped, so no profile or home from ~/.prefect leaks in."""
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith("PREFECT_") and k not in _DROPPED_ENV}
-        return {**base, **self._env, **(extra or {})}
+        return {**clean_env(_DROPPED_ENV), **self._env, **(extra or {})}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -336,7 +185,8 @@ class LocalStack:
     def stop(self) -> None:
         """Stop everything this object started, workers first, the server last. Each part is
         stopped even if stopping another failed or was interrupted (a second Ctrl-C)."""
-        parts: list[ManagedProcess | SeaweedFS] = [*self.workers.values()]
+        parts: list[ManagedProcess | EmulatorProcess | SeaweedFS | PrefectServer] = [
+            *self.workers.values()]
         parts += [p for p in (self.emulator, self.seaweed, self.server) if p is not None]
         self.workers, self.emulator, self.seaweed, self.server = {}, None, None, None
         interrupted: BaseException | None = None
@@ -356,74 +206,47 @@ class LocalStack:
 
     def check(self) -> None:
         """Raise if a part of the stack has died."""
-        for proc in (self.server, self.emulator, *self.workers.values()):
-            if proc is not None and not proc.alive():
-                raise proc.failure(f"exited with code {proc.proc.returncode}")
+        for proc in self.children():
+            if not proc.alive():
+                raise proc.failure(f"exited with code {proc.returncode}")
         if self.seaweed is not None and self.seaweed.pid is not None:
-            weed = _proc_info(self.seaweed.pid)
+            weed = proc_info(self.seaweed.pid)
             if weed is None or weed.exited:
-                raise StackError(f"SeaweedFS exited; see {self.seaweed.log_file}")
+                raise LocalServiceError(f"SeaweedFS exited; see {self.seaweed.log_file}")
 
     def children(self) -> list[ManagedProcess]:
-        return [p for p in (self.server, self.emulator, *self.workers.values()) if p]
+        services = (self.server, self.emulator)
+        return [p for p in (*(s.process for s in services if s is not None),
+                            *self.workers.values()) if p is not None]
 
     # -- parts ----------------------------------------------------------------------------
 
     def _start_server(self) -> None:
-        self.port = _free_port()
-        env = {
-            "PREFECT_HOME": str(self.prefect_home),
-            "PREFECT_API_URL": self.api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            **self.server_env,
-        }
-        cmd = [_executable("prefect"), "server", "start", "--host", HOST, "--port",
-               str(self.port), "--ui" if self.ui else "--no-ui", "--analytics-off"]
-        self.server = ManagedProcess("prefect-server", cmd, self.child_env(env),
-                                     self.logs / "prefect-server.log")
+        self.server = PrefectServer(
+            self.prefect_home, ui=self.ui, env=self.server_env, base_env=self.child_env(),
+            log=self.logs / "prefect-server.log", startup_timeout=self.startup_timeout_s,
+        ).launch()
+        self.port = self.server.port
         self._record()
 
     def _wait_for_server(self) -> None:
         assert self.server is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        retries = 2
-        with httpx.Client(timeout=2.0) as http:
-            while True:
-                if not self.server.alive():
-                    # The free port found can be taken before the server binds it.
-                    if "already in use" in self.server.output() and retries:
-                        retries -= 1
-                        self._start_server()
-                        continue
-                    raise self.server.failure("exited during startup")
-                with contextlib.suppress(httpx.HTTPError):
-                    if http.get(f"{self.api_url}/health").status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise self.server.failure(f"not healthy after {self.startup_timeout_s}s")
-                time.sleep(0.25)
+        self.server.wait_until_ready()
+        if self.server.port != self.port:  # started again: the first port was taken
+            self.port = self.server.port
+            self._record()
 
     def _start_emulator(self) -> None:
-        cmd = [sys.executable, "-m", "wan_tasks.cli", "emulator", "--host", HOST, "--port", "0",
-               "--latency-s", str(self.emulator_latency_s),
-               "--concurrency", str(self.emulator_concurrency)]
-        # The key goes through the environment: command lines are visible in `ps`.
-        env = self.child_env({"WAVESPEED_EMULATOR_KEY": self._emulator_key})
-        self.emulator = ManagedProcess("wavespeed-emulator", cmd, env,
-                                       self.logs / "emulator.log")
+        self.emulator = EmulatorProcess(
+            api_key=self._emulator_key, log=self.logs / "emulator.log", env=self.child_env(),
+            cwd=REPO, startup_timeout=self.startup_timeout_s,
+            latency_s=self.emulator_latency_s, concurrency=self.emulator_concurrency,
+        ).launch()
         self._record()
 
     def _wait_for_emulator(self) -> None:
-        if self.emulator is None:
-            return
-        deadline = time.monotonic() + self.startup_timeout_s
-        while (match := _EMULATOR_URL.search(self.emulator.output())) is None:
-            if not self.emulator.alive():
-                raise self.emulator.failure("exited during startup")
-            if time.monotonic() > deadline:
-                raise self.emulator.failure("printed no address")
-            time.sleep(0.1)
-        self.emulator_url = match.group(1)
+        if self.emulator is not None:
+            self.emulator_url = self.emulator.wait_until_ready().base_url
 
     def _compose_env(self) -> None:
         assert self.seaweed is not None
@@ -482,8 +305,8 @@ class LocalStack:
         if limit is not None:
             cmd += ["--limit", str(limit)]
         self.workers[name] = ManagedProcess(f"worker {name}", cmd,
-                                            self.child_env(self.worker_env),
-                                            self.logs / f"{name}.log")
+                                            env=self.child_env(self.worker_env),
+                                            log=self.logs / f"{name}.log", cwd=REPO)
         self._record()
         if wait:
             self.wait_for_workers([name])
@@ -528,16 +351,19 @@ class LocalStack:
         """The ids `down` needs, in the order to stop them (owner-only file)."""
         if not self.record_state:
             return
-        me = _proc_info(os.getpid())
-        children = [{"name": p.name, "pid": p.pid, "start_time": p.start_time}
-                    for p in (*self.workers.values(), self.emulator) if p is not None]
+        me = proc_info(os.getpid())
+        # Workers first, the server last: the order `down` stops them in.
+        procs = [*self.workers.values(), *(s.process for s in (self.emulator,)
+                                            if s is not None and s.process is not None)]
+        children = [{"name": p.name, "pid": p.pid, "start_time": p.start_time} for p in procs]
         if self.seaweed is not None and self.seaweed.pid is not None:
-            weed = _proc_info(self.seaweed.pid)
+            weed = proc_info(self.seaweed.pid)
             children.append({"name": "seaweedfs", "pid": self.seaweed.pid,
                              "start_time": weed.start_time if weed else 0})
-        if self.server is not None:
-            children.append({"name": self.server.name, "pid": self.server.pid,
-                             "start_time": self.server.start_time})
+        if self.server is not None and self.server.process is not None:
+            server = self.server.process
+            children.append({"name": server.name, "pid": server.pid,
+                             "start_time": server.start_time})
         state = {"pid": os.getpid(), "start_time": me.start_time if me else 0,
                  "api_url": self.api_url, "children": children}
         _write_private(self.root / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -576,8 +402,8 @@ def _read_state(root: Path) -> dict[str, Any] | None:
     return state
 
 
-def _running(entry: Mapping[str, Any]) -> _ProcInfo | None:
-    info = _proc_info(int(entry["pid"]))
+def _running(entry: Mapping[str, Any]) -> ProcInfo | None:
+    info = proc_info(int(entry["pid"]))
     return info if info is not None and info.start_time == entry["start_time"] else None
 
 
@@ -614,7 +440,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Stop):
         _out("stopped")
         return 0
-    except (StackError, SeaweedError) as exc:
+    except (LocalServiceError, SeaweedError) as exc:
         logger.error("%s", exc)
         return 1
 
@@ -668,36 +494,19 @@ def cmd_down(args: argparse.Namespace) -> int:
         # The `up` process tears down through its own handles.
         os.kill(owner.pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
-        while _same_process(owner) and time.monotonic() < deadline:
+        while same_process(owner) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _same_process(owner):
+        if not same_process(owner):
             _out(f"stopped the stack of pid {owner.pid}")
             return 0
         _out(f"pid {owner.pid} did not stop within {args.timeout:.0f}s; stopping its children")
     # `up` is gone (killed -9?): stop what it recorded, if those are still the same processes.
     for entry in state.get("children", []):
         if (info := _running(entry)) is not None:
-            _terminate_orphan(info, timeout=20.0)
+            terminate_orphan(info, timeout=20.0)
             _out(f"stopped {entry['name']} (pid {info.pid})")
     (root / STATE_FILE).unlink(missing_ok=True)
     return 0
-
-
-def _terminate_orphan(info: _ProcInfo, timeout: float) -> None:
-    """Like ManagedProcess.stop, for a recorded child whose parent is gone."""
-    below = _descendants(info.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(info.pid, signal.SIGTERM)
-    for child in below:
-        _signal(child, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _same_process(info) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _same_process(info):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(info.pid, signal.SIGKILL)
-    for child in below:
-        _signal(child, signal.SIGKILL)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stack import EmulatorProcess, flow_env, new_limits, prefect_api, s3_store
+from wan_tasks.devstack.processes import ManagedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "wan_tasks" / "assets" / "sample.png"
@@ -36,7 +36,7 @@ def write_manifest(path: Path, videos: int, tag: str) -> Path:
     return path
 
 
-def _wait_for(phase: str, emu: EmulatorProcess, proc: subprocess.Popen[bytes],
+def _wait_for(phase: str, emu: EmulatorProcess, proc: ManagedProcess,
               rng: random.Random, timeout: float, max_progress: int) -> bool:
     """Block until the moment to kill in `phase`; False if the child finished first."""
     start = emu.stats()
@@ -45,15 +45,15 @@ def _wait_for(phase: str, emu: EmulatorProcess, proc: subprocess.Popen[bytes],
     # Let the batch make some progress first, so the kills spread over the whole run.
     progress = rng.randint(1, max_progress)
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if not proc.alive():
             return False
         if emu.stats()[counter] >= start[counter] + progress:
             # "submit": at once, while the burst of submits is going out; "wait" and
             # "archive": a little later, inside the waits or the downloads.
             time.sleep(0 if phase == "submit" else rng.uniform(0.2, 1.5))
-            return proc.poll() is None
+            return proc.alive()
         time.sleep(0.02)
-    return proc.poll() is None
+    return proc.alive()
 
 
 def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
@@ -79,20 +79,19 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
         began = time.monotonic()
         while True:
             attempts += 1
-            log = (workdir / f"attempt-{attempts}.log").open("wb")
-            proc = subprocess.Popen(
+            # SIGKILL is also how it is stopped: no chance to clean up, like a crash.
+            with ManagedProcess(
+                f"batch attempt {attempts}",
                 [sys.executable, "-m", "reliability.batch_child", str(manifest),
                  options.model_dump_json()],
-                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
+                log=workdir / f"attempt-{attempts}.log", env=env, cwd=REPO,
+                stop_signal=signal.SIGKILL, stop_timeout=5.0,
+            ) as proc:
                 if len(killed) < kills:
                     phase = PHASES[len(killed) % len(PHASES)]
                     if _wait_for(phase, emu, proc, rng, timeout=120,
                                  max_progress=max_progress):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                        proc.stop()
                         killed.append({"attempt": attempts, "phase": phase,
                                        "at_s": round(time.monotonic() - began, 1),
                                        "stats": {k: emu.stats()[k] for k in
@@ -102,11 +101,6 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
                         reset_in_flight(names)
                         continue
                 code = proc.wait(timeout=600)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                log.close()
             if code == 0 or attempts > kills + 5:
                 break
         elapsed = time.monotonic() - began

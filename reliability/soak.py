@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 from bench.stack import BUCKET, EmulatorProcess, new_limits, prefect_api
 from reliability.crash_resume import REPO, SAMPLE, interrupt_on_sigterm
 from reliability.s3_proxy import S3FaultProxy
+from wan_tasks.devstack.processes import ManagedProcess
 
 FAULTS: dict[str, Any] = {
     "seed": 11,
@@ -41,12 +41,10 @@ FAULTS: dict[str, Any] = {
 
 def _child(manifest: Path, options_json: str, report: Path, env: dict[str, str],
            log: Path) -> tuple[int, dict[str, Any]]:
-    with log.open("wb") as out:
-        code = subprocess.run(
-            [sys.executable, "-m", "reliability.batch_child", str(manifest), options_json,
-             str(report)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, check=False, timeout=3600,
-        ).returncode
+    with ManagedProcess("soak batch", [sys.executable, "-m", "reliability.batch_child",
+                                       str(manifest), options_json, str(report)],
+                        log=log, env=env, cwd=REPO) as proc:
+        code = proc.wait(timeout=3600)
     data = json.loads(report.read_text()) if report.exists() else {}
     return code, data
 

@@ -30,6 +30,7 @@ so a caller can reconnect instead of paying again. Messages never contain the AP
     ├── StorageError                   object storage
     │   ├── ArchiveError               a video could not be archived (`retryable` per case)
     │   └── SeaweedError               the embedded SeaweedFS could not start
+    ├── LocalServiceError              a dev-stack process did not start or died
     └── RunIncompleteError             a flow run did not land every video
         ├── VideoFailedError           the one video of `generate-video`
         └── BatchIncompleteError       some videos of a batch
@@ -243,6 +244,11 @@ class SeaweedError(StorageError):
     """The embedded SeaweedFS could not be started (the message carries its log's last lines)."""
 
 
+class LocalServiceError(WanTasksError):
+    """A local service of the dev stack (a process on this machine) did not start or died;
+    the message names it and quotes the end of its log."""
+
+
 class RunIncompleteError(WanTasksError):
     """A flow run did not land every video it was given; the message says which and why."""
 
@@ -267,6 +273,7 @@ __all__ = [
     "InsufficientBalanceError",
     "InvalidRequestError",
     "KeyTemplateError",
+    "LocalServiceError",
     "ManifestError",
     "MediaAccessError",
     "MissingLimitError",
