@@ -28,9 +28,9 @@ def client_for(stack: Stack) -> WaveSpeedClient:
 def test_crash_between_accept_and_record_is_reconciled(stack: Stack) -> None:
     """The process died after the service accepted the task, before the id was recorded."""
     request = derive_seed(req("crash-window"))
-    key = request_key(request)
     ledger = open_ledger(ledger_place(stack))
     with client_for(stack) as client:
+        key = request_key(request, service=client.service_id)
         payload = client.prepare(request)
         entry = ledger.record_intent(key, MODEL_ID, payload)
         lost = client.submit_payload(payload)  # accepted and billed; then the "crash"
@@ -44,9 +44,9 @@ def test_crash_between_accept_and_record_is_reconciled(stack: Stack) -> None:
 
 def test_intent_that_never_reached_the_service_is_submitted(stack: Stack) -> None:
     request = derive_seed(req("never-sent"))
-    key = request_key(request)
     ledger = open_ledger(ledger_place(stack))
     with client_for(stack) as client:
+        key = request_key(request, service=client.service_id)
         ledger.record_intent(key, MODEL_ID, client.prepare(request))
     out = run_video(req("never-sent"), options=FAST)
     assert out.status == "archived" and stack.stats()["submissions"] == 1
@@ -76,10 +76,13 @@ def test_expired_output_is_resubmitted_only_when_allowed(
     make_stack: Callable[..., Stack]
 ) -> None:
     stack = make_stack(faults={"script": {"download": ["expire", "expire"]}})
+    # The emulator's `expire` stands in for a week-old output: a lifetime of 0 makes every
+    # 404 an expired output (a younger one is retried: tests/test_hostile_runs.py).
+    aged = FAST.model_copy(update={"output_lifetime_s": 0})
     with pytest.raises(VideoFailedError, match="allow_resubmit_expired"):
-        run_video(req("expired"), options=FAST)
+        run_video(req("expired"), options=aged)
     assert stack.stats()["submissions"] == 1
-    allowed = FAST.model_copy(update={"allow_resubmit_expired": True})
+    allowed = aged.model_copy(update={"allow_resubmit_expired": True})
     out = run_video(req("expired"), options=allowed)
     assert out.status == "archived" and stack.stats()["submissions"] == 2
 
@@ -89,7 +92,8 @@ def test_reconcile_picks_the_earliest_of_duplicates(stack: Stack, tmp_path: Path
     ledger = FileLedger(tmp_path)
     with client_for(stack) as client:
         payload = client.prepare(request)
-        entry = ledger.record_intent(request_key(request), MODEL_ID, payload)
+        entry = ledger.record_intent(request_key(request, service=client.service_id), MODEL_ID,
+                                     payload)
         first = client.submit_payload(payload)
         client.submit_payload(payload)
         other = dict(payload, prompt="something else")

@@ -154,7 +154,8 @@ def test_the_core_submits_once_and_reconnects_without_prefect(emulator: Emulator
             # The crash window: the service took the task, the id never reached the ledger.
             lost = derive_seed(I2VRequest(image=image, prompt="crash window"))
             payload = client.prepare(lost)
-            ledger.record_intent(request_key(lost), client.ops.model, payload)
+            key = request_key(lost, service=client.service_id)
+            ledger.record_intent(key, client.ops.model, payload)
             accepted = client.submit_payload(payload)
             found = submit_once(client, lost, ledger=ledger, settle_s=(0.2,))
         print(json.dumps({{"same": first.prediction_id == again.prediction_id,

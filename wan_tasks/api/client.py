@@ -19,7 +19,7 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from wan_tasks.api.config import resolve_api_key, resolve_base_url
+from wan_tasks.api.config import resolve_api_key, resolve_base_url, service_fingerprint
 from wan_tasks.api.models import MODEL_ID, HistoryPage, HistoryStatus, I2VRequest, Prediction
 from wan_tasks.api.operations import Operation, Operations, Sleep, Submission, Timeouts
 from wan_tasks.api.policies import PollPolicy, RetryPolicy
@@ -42,9 +42,13 @@ class _Base:
         retry: RetryPolicy | None = None,
         poll: PollPolicy | None = None,
     ) -> None:
+        key, url = resolve_api_key(api_key), resolve_base_url(base_url)
+        # Which service and account this client pays on (no secret in it): part of every
+        # identity that can reconnect to a prediction.
+        self.service_id = service_fingerprint(url, key)
         self.ops = Operations(
-            api_key=resolve_api_key(api_key),
-            base_url=resolve_base_url(base_url),
+            api_key=key,
+            base_url=url,
             model=model,
             timeouts=timeouts,
             retry=retry,

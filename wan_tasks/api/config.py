@@ -3,6 +3,7 @@ environment, or an active `wan_tasks.settings.override`)."""
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
@@ -11,7 +12,14 @@ from wan_tasks import settings
 from wan_tasks.errors import ConfigurationError
 from wan_tasks.settings import DEFAULT_BASE_URL, ENV_API_KEY, ENV_BASE_URL
 
-__all__ = ["DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "resolve_api_key", "resolve_base_url"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "resolve_api_key",
+    "resolve_base_url",
+    "service_fingerprint",
+]
 
 
 def resolve_api_key(api_key: SecretStr | str | None) -> SecretStr:
@@ -36,3 +44,10 @@ def resolve_base_url(base_url: str | None) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{ENV_BASE_URL}/base_url must be an http(s) URL, got {url!r}")
     return url
+
+
+def service_fingerprint(base_url: str, api_key: SecretStr) -> str:
+    """Names one service and account: the base URL and a one-way, domain-separated hash of
+    the key. Safe to store and log; the key cannot be recovered from it."""
+    text = f"wan-tasks-service-v1\0{base_url}\0{api_key.get_secret_value()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

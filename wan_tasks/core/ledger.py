@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +32,9 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ValidationError
 
 from wan_tasks.api.client import WaveSpeedClient
-from wan_tasks.api.models import I2VRequest, Prediction
+from wan_tasks.api.models import I2VRequest, Prediction, PredictionStatus
 from wan_tasks.core.redact import redact_payload
+from wan_tasks.errors import SubmissionUncertainError
 from wan_tasks.storage.place import S3Place
 
 if TYPE_CHECKING:
@@ -43,6 +45,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEDGER_PREFIX = "_wan-tasks/ledger"
 # The service's clock and ours differ; and its history may show a task a little late.
 CLOCK_SLACK = timedelta(minutes=2)
+
+
+class ArchivedAt(BaseModel):
+    """Where a request's video was archived: found again by any later run, whatever the key
+    template (a content-addressed key cannot be derived without the bytes)."""
+
+    bucket: str
+    key: str
+    sha256: str
+    size: int
 
 
 class LedgerEntry(BaseModel):
@@ -58,6 +70,7 @@ class LedgerEntry(BaseModel):
     flow_run_id: str | None = None
     host: str = ""
     pid: int = 0
+    archived: ArchivedAt | None = None
 
 
 def input_fingerprint(body: dict[str, Any]) -> str | None:
@@ -103,6 +116,12 @@ class Ledger(ABC):
         )
         self.write(done)
         return done
+
+    def record_archived(self, request_key: str, archived: ArchivedAt) -> None:
+        """Note where the video of `request_key` landed (nothing when it has no entry)."""
+        entry = self.read(request_key)
+        if entry is not None and entry.archived != archived:
+            self.write(entry.model_copy(update={"archived": archived}))
 
 
 class FileLedger(Ledger):
@@ -163,34 +182,65 @@ class S3Ledger(Ledger):
         )
 
 
+# The service's history is searched page by page until a page comes back empty (a short
+# page is not proof of the end: the service may cap page_size below what was asked); a window
+# that cannot be covered in this many pages is an uncertain answer, never "no such task".
+HISTORY_PAGE_SIZE = 100
+MAX_HISTORY_PAGES = 2000
+
+
+def _preference(prediction: Prediction) -> int:
+    """Completed first (a paid video to archive), then live, then failed or gone."""
+    if prediction.status is PredictionStatus.COMPLETED:
+        return 0
+    if not prediction.status.is_terminal:
+        return 1
+    return 2
+
+
 def reconcile(
     client: WaveSpeedClient, entry: LedgerEntry, *, settle_s: float = 0.0,
-    max_pages: int = 50,
+    exclude: Collection[str] = (), max_pages: int = MAX_HISTORY_PAGES,
 ) -> Prediction | None:
     """Find the task an intent created, through the service's history.
 
-    Matches model, a window from the intent (minus clock slack) to now, and the exact input.
-    When several match (an earlier uncontrolled retry), the earliest wins. Returns None only
-    when the history answered and holds no such task. `settle_s` waits first, for a history
-    that lags behind submissions.
+    Matches the model, a window from the intent (minus clock slack) to now, and the exact
+    input. Tasks in `exclude` belong to other attempts of the same request (a deliberate
+    resubmission sends the same body again) and never match. Of several matches (an earlier
+    uncontrolled retry), a completed task wins over a live one and a live one over a failed
+    one; then the earliest. Returns None only when the whole window was searched and holds no
+    such task; raises SubmissionUncertainError when it could not be searched to its end.
+    `settle_s` waits first, for a history that lags behind submissions.
     """
     if settle_s:
         time.sleep(settle_s)
     after = (entry.intent_at - CLOCK_SLACK).isoformat()
     before = (datetime.now(UTC) + CLOCK_SLACK).isoformat()
     matches: list[Prediction] = []
+    seen: set[str] = set()
     for page in range(1, max_pages + 1):
         result = client.history(created_after=after, created_before=before, model=entry.model,
-                                page=page, page_size=100)
-        for item in result.items:
-            if item.input is not None and input_fingerprint(item.input) == entry.input_fingerprint:
-                matches.append(item)
-        if len(result.items) < 100:
+                                page=page, page_size=HISTORY_PAGE_SIZE)
+        fresh = [item for item in result.items if item.id not in seen]
+        if not fresh:  # an empty page (or one repeating the last): the window is covered
             break
+        for item in fresh:
+            seen.add(item.id)
+            if (item.id not in exclude and item.input is not None
+                    and input_fingerprint(item.input) == entry.input_fingerprint):
+                matches.append(item)
+    else:
+        raise SubmissionUncertainError(
+            f"request {entry.request_key[:12]}: the service's history from {after} holds more "
+            f"than {max_pages} pages; could not tell whether the submit created a task, so "
+            "nothing was sent again. Re-run later, or reconcile by hand."
+        )
     if not matches:
         return None
-    matches.sort(key=lambda p: p.created_at or datetime.max.replace(tzinfo=UTC))
+    latest = datetime.max.replace(tzinfo=UTC)
+    matches.sort(key=lambda p: (_preference(p), p.created_at or latest))
     if len(matches) > 1:
-        logger.warning("request %s matches %d tasks in history (%s): using the earliest",
-                       entry.request_key[:12], len(matches), ", ".join(m.id for m in matches))
+        logger.warning("request %s matches %d tasks in history (%s): using %s (%s)",
+                       entry.request_key[:12], len(matches), ", ".join(m.id for m in matches),
+                       matches[0].id, matches[0].status.value)
     return matches[0]

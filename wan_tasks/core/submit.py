@@ -23,10 +23,10 @@ from pydantic import BaseModel, Field
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.budget import Budget
-from wan_tasks.core.identity import request_key
-from wan_tasks.core.ledger import Ledger, reconcile
+from wan_tasks.core.identity import legacy_request_key, request_key
+from wan_tasks.core.ledger import ArchivedAt, Ledger, LedgerEntry, reconcile
 from wan_tasks.core.redact import redact_payload
-from wan_tasks.errors import SubmissionNotFoundError, SubmissionUncertainError
+from wan_tasks.errors import SubmissionNotFoundError, SubmissionUncertainError, WaveSpeedError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class SubmittedVideo(BaseModel):
     request_key: str
     prediction_id: str
     model: str
+    service_id: str = Field("", description="the service and account it was paid on")
     redacted_request: dict[str, Any] = Field(
         description="the request as JSON, signed URL parameters scrubbed"
     )
@@ -53,6 +54,7 @@ class SubmittedVideo(BaseModel):
     item_id: str = ""
     attempt: int = 0
     flow_run_id: str | None = Field(None, description="the run that submitted it")
+    archived: ArchivedAt | None = Field(None, description="where its video was archived")
 
 
 def submit_once(
@@ -80,29 +82,33 @@ def submit_once(
     `before_post` runs right before the POST (a rate limit). A budget reservation is kept for
     every submit that may have reached the service and released on every other path.
     """
-    key = request_key(request, model=client.ops.model, attempt=attempt)
+    model, service = client.ops.model, client.service_id
+    key = request_key(request, service=service, model=model, attempt=attempt)
     name = item_id or key[:12]
 
     def submitted(prediction_id: str, payload: dict[str, Any], at: datetime,
-                  run: str | None) -> SubmittedVideo:
+                  run: str | None, archived: ArchivedAt | None = None) -> SubmittedVideo:
         return SubmittedVideo(
-            request_key=key, prediction_id=prediction_id, model=client.ops.model,
+            request_key=key, prediction_id=prediction_id, model=model, service_id=service,
             redacted_request=redact_payload(request.model_dump(mode="json")),
             redacted_payload=redact_payload(payload), seed=request.seed,
             duration=request.duration, cost_usd=request.cost_usd, submitted_at=at,
-            item_id=item_id, attempt=attempt, flow_run_id=run,
+            item_id=item_id, attempt=attempt, flow_run_id=run, archived=archived,
         )
 
-    previous = ledger.read(key) if ledger else None
+    previous = _read(ledger, client, request, key, attempt, log) if ledger else None
+    # Other attempts of this request sent the same body: their tasks are never this one's.
+    others = _other_attempts(ledger, request, service, model, attempt) if ledger else set()
     if ledger is not None and previous is not None:
         if previous.prediction_id:
             log.info("%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
                      name, previous.prediction_id)
             return submitted(previous.prediction_id, previous.payload,
-                             previous.submitted_at or previous.intent_at, previous.flow_run_id)
+                             previous.submitted_at or previous.intent_at, previous.flow_run_id,
+                             previous.archived)
         # A fresh intent may belong to a submit the history does not show yet.
         age = (datetime.now(UTC) - previous.intent_at).total_seconds()
-        found = reconcile(client, previous,
+        found = reconcile(client, previous, exclude=others,
                           settle_s=max(0.0, min(sum(settle_s) - age, 15.0)))
         if found is not None:
             log.warning("%s: found prediction %s in the service's history for an unfinished "
@@ -120,7 +126,7 @@ def submit_once(
     if budget is not None:
         budget.reserve(key, request.cost_usd)
     try:
-        entry = ledger.record_intent(key, client.ops.model, payload, item_id=item_id,
+        entry = ledger.record_intent(key, model, payload, item_id=item_id,
                                      seed=request.seed, flow_run_id=run_id
                                      ) if ledger else None
         prediction = client.submit_payload(payload)
@@ -129,7 +135,7 @@ def submit_once(
         if ledger is None or entry is None:
             raise
         for settle in settle_s:
-            found = reconcile(client, entry, settle_s=settle)
+            found = reconcile(client, entry, settle_s=settle, exclude=others)
             if found is not None:
                 log.warning("%s: submit answer lost; found prediction %s in history",
                             name, found.id)
@@ -153,6 +159,39 @@ def submit_once(
     log.info("submitted %s: prediction %s, seed %d, $%s", name, prediction.id, request.seed,
              request.cost_usd)
     return submitted(prediction.id, payload, datetime.now(UTC), run_id)
+
+
+def _read(ledger: Ledger, client: WaveSpeedClient, request: I2VRequest, key: str,
+          attempt: int, log: logging.Logger | logging.LoggerAdapter[logging.Logger]
+          ) -> LedgerEntry | None:
+    """The ledger's entry for `key`; else one an older release wrote under the key without
+    the service, trusted only when this service knows its prediction (an entry of another
+    service or account, or one whose prediction is gone, is not ours to reconnect to)."""
+    entry = ledger.read(key)
+    if entry is not None:
+        return entry
+    old = ledger.read(legacy_request_key(request, model=client.ops.model, attempt=attempt))
+    if old is None or not old.prediction_id:
+        return None
+    try:
+        client.get_prediction(old.prediction_id)
+    except WaveSpeedError:
+        return None
+    log.info("%s: reconnecting to prediction %s recorded by an older release",
+             old.item_id or key[:12], old.prediction_id)
+    moved = old.model_copy(update={"request_key": key})
+    ledger.write(moved)
+    return moved
+
+
+def _other_attempts(ledger: Ledger, request: I2VRequest, service: str, model: str,
+                    attempt: int) -> set[str]:
+    ids = set()
+    for other in range(attempt):
+        entry = ledger.read(request_key(request, service=service, model=model, attempt=other))
+        if entry is not None and entry.prediction_id:
+            ids.add(entry.prediction_id)
+    return ids
 
 
 __all__ = ["RECONCILE_SETTLE_S", "SubmittedVideo", "submit_once"]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from wan_tasks.api.models import I2VRequest, Prediction
+from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.submit import SubmittedVideo
 from wan_tasks.storage.archive import ArchiveResult
 
@@ -54,10 +54,11 @@ class BatchReport(BaseModel):
     outcomes: list[VideoOutcome] = Field(default_factory=list)
 
 
-def archived_outcome(job: VideoJob, submitted: SubmittedVideo, prediction: Prediction,
-                     archived: ArchiveResult) -> VideoOutcome:
+def archived_outcome(job: VideoJob, submitted: SubmittedVideo, archived: ArchiveResult
+                     ) -> VideoOutcome:
     return VideoOutcome(
-        item_id=job.item_id, status="archived", row=job.row, prediction_id=prediction.id,
+        item_id=job.item_id, status="archived", row=job.row,
+        prediction_id=submitted.prediction_id,
         seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
         sidecar_uri=archived.sidecar_uri, presigned_url=archived.presigned_url,
         contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,

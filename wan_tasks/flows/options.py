@@ -56,3 +56,8 @@ class RunOptions(BaseModel):
         False,
         description="pay again for a video whose output expired (7 days) before it was archived",
     )
+    output_lifetime_s: float = Field(
+        7 * 24 * 3600.0, ge=0,
+        description="how long the service keeps outputs; a 404 on a younger one is retried, "
+        "never taken for an expired output",
+    )

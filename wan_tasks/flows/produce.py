@@ -90,7 +90,7 @@ class Producer:
 
     # -- one video -------------------------------------------------------------------------
 
-    def make(self, video: _Video) -> tuple[SubmittedVideo, Prediction]:
+    def make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
         """Submit (or reconnect) and wait; the caller holds an in-flight slot.
 
         A task the service failed itself (5000/5003/5004), or one that failed in an earlier
@@ -104,6 +104,10 @@ class Producer:
                 item_id=video.job.item_id, credentials_block=opts.credentials_block,
                 budget=self.budget, rate_limit_name=opts.limits.per_minute, ledger=self.ledger,
             )
+            if submitted.archived is not None:
+                # The ledger knows where this request's video landed: nothing to wait for
+                # (the prediction itself may be gone); the archive step finds it there.
+                return submitted, None
             fresh = submitted.flow_run_id == self.this_run
             try:
                 prediction = wait_for_prediction(
@@ -119,15 +123,18 @@ class Producer:
             video.new_submissions += fresh
             return submitted, prediction
 
-    def archive(self, video: _Video, submitted: SubmittedVideo, prediction: Prediction
+    def archive(self, video: _Video, submitted: SubmittedVideo, prediction: Prediction | None
                 ) -> VideoOutcome:
         """Archive outside the slot; an output that expired before it was archived is made
         again only when the options allow paying for it twice."""
         while True:
             try:
-                archived = archive_to_s3(submitted, prediction, self.target,
-                                         credentials_block=self.options.credentials_block)
-                return archived_outcome(video.job, submitted, prediction, archived)
+                archived = archive_to_s3(
+                    submitted, prediction, self.target,
+                    credentials_block=self.options.credentials_block, ledger=self.ledger,
+                    output_lifetime_s=self.options.output_lifetime_s,
+                )
+                return archived_outcome(video.job, submitted, archived)
             except OutputExpiredError as exc:
                 if not self.options.allow_resubmit_expired:
                     raise OutputExpiredError(
@@ -188,33 +195,46 @@ class Producer:
               ) -> None:
         """Hold one in-flight slot and make video after video until none is left, giving the
         slot back for a new turn every `release_after_s` so flows sharing the limit (a one-off
-        video beside a long batch) get slots too."""
-        release_after = self.options.limits.release_after_s
-        try:
-            while not pending.empty():
-                with in_flight_slot(self.options.limits):
-                    held_since = time.monotonic()
-                    while True:  # at least one video per turn
-                        try:
-                            index, job = pending.get_nowait()
-                        except queue.Empty:
-                            return
-                        results[index] = self._make_one(job, archivers)
-                        if (release_after is not None
-                                and time.monotonic() - held_since >= release_after):
-                            break
-        except Exception as exc:  # the slot: a timeout, or a limit deleted mid-run
-            limits = self.options.limits
-            logger.warning("a lane could not hold an in-flight slot: %s", exc)
-            lane_errors.append(NoSlotError(
-                f"limits.in_flight: no slot of {limits.in_flight!r} could be taken "
-                f"(acquire_timeout_s={limits.acquire_timeout_s}): {type(exc).__name__}: {exc}. "
-                "Nothing was submitted for this video; re-run when slots are free."
-            ))
+        video beside a long batch) get slots too.
+
+        Only taking the slot can end a lane: whatever goes wrong with one video (its image
+        vanished, its URL is malformed, the service refused it) is that video's outcome, and
+        the lane goes on with the next."""
+        limits = self.options.limits
+        release_after = limits.release_after_s
+        while not pending.empty():
+            slot = in_flight_slot(limits)
+            try:
+                slot.__enter__()
+            except Exception as exc:  # a timeout, or a limit deleted mid-run
+                logger.warning("a lane could not take an in-flight slot: %s", exc)
+                lane_errors.append(NoSlotError(
+                    f"limits.in_flight: no slot of {limits.in_flight!r} could be taken "
+                    f"(acquire_timeout_s={limits.acquire_timeout_s}): {type(exc).__name__}: "
+                    f"{exc}. Nothing was submitted for this video; re-run when slots are free."
+                ))
+                return
+            try:
+                held_since = time.monotonic()
+                while True:  # at least one video per turn
+                    try:
+                        index, job = pending.get_nowait()
+                    except queue.Empty:
+                        return
+                    results[index] = self._make_one(job, archivers)
+                    if (release_after is not None
+                            and time.monotonic() - held_since >= release_after):
+                        break
+            finally:
+                try:
+                    slot.__exit__(None, None, None)
+                except Exception as exc:  # the server re-counts the slot when its lease ends
+                    logger.warning("giving back an in-flight slot failed: %s", exc)
 
     def _make_one(self, job: VideoJob, archivers: ThreadPoolExecutor) -> Future[VideoOutcome]:
-        video = _Video(job, derive_seed(job.request, job.variant))
+        """One video's submit and wait; never raises (a failure is the video's outcome)."""
         try:
+            video = _Video(job, derive_seed(job.request, job.variant))
             submitted, prediction = self.make(video)
         except Exception as exc:
             return _done(failed_outcome(job, exc))
@@ -222,7 +242,7 @@ class Producer:
                                 video, submitted, prediction)
 
     def _archive_or_report(self, video: _Video, submitted: SubmittedVideo,
-                           prediction: Prediction) -> VideoOutcome:
+                           prediction: Prediction | None) -> VideoOutcome:
         try:
             return self.archive(video, submitted, prediction)
         except Exception as exc:

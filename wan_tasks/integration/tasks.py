@@ -37,6 +37,7 @@ from wan_tasks.api.policies import PollPolicy
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import derive_seed, request_key
 from wan_tasks.core.inference_times import InferenceTimes
+from wan_tasks.core.ledger import ArchivedAt
 from wan_tasks.core.submit import SubmittedVideo, submit_once
 from wan_tasks.errors import (
     ArchiveError,
@@ -50,11 +51,15 @@ from wan_tasks.integration.locking import CrashSafeFileLockManager
 from wan_tasks.integration.runtime import open_ledger, s3_client, wavespeed_client
 from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget, S3Archiver
 from wan_tasks.storage.keys import KeyFields
+from wan_tasks.storage.mp4check import checked_mp4
 from wan_tasks.storage.place import S3Place
 
 logger = logging.getLogger(__name__)
 
 ARCHIVED_EVENT = "wan.video.archived"
+# How long the service keeps outputs (its documentation: 7 days); a 404 on a younger output is
+# transient.
+OUTPUT_LIFETIME_S = 7 * 24 * 3600.0
 # What this process has seen the service take, to aim first polls (PollPolicy.learn_first_poll).
 INFERENCE_TIMES = InferenceTimes()
 
@@ -111,11 +116,15 @@ def _locks_dir() -> Path:
 
 def _submit_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     request = derive_seed(params["request"], params.get("variant") or "")
-    return "wan-submit-" + request_key(request, attempt=int(params.get("attempt") or 0))
+    client = wavespeed_client(params.get("credentials_block"))
+    return "wan-submit-" + request_key(request, service=client.service_id,
+                                       model=client.ops.model,
+                                       attempt=int(params.get("attempt") or 0))
 
 
 def _wait_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-    return f"wan-wait-{params['submitted'].prediction_id}"
+    submitted: SubmittedVideo = params["submitted"]
+    return f"wan-wait-{submitted.service_id}-{submitted.prediction_id}"
 
 
 def _archive_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
@@ -123,7 +132,8 @@ def _archive_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     import hashlib
 
     where = hashlib.sha256(target.model_dump_json().encode()).hexdigest()[:16]
-    return f"wan-archive-{params['submitted'].prediction_id}-{where}"
+    submitted: SubmittedVideo = params["submitted"]
+    return f"wan-archive-{submitted.service_id}-{submitted.prediction_id}-{where}"
 
 
 def serializable(policy: CacheKeyFnPolicy) -> Any:
@@ -282,10 +292,12 @@ def wait_for_prediction(
 )
 def archive_to_s3(
     submitted: SubmittedVideo,
-    prediction: Prediction,
+    prediction: Prediction | None,
     target: ArchiveTarget,
     *,
     credentials_block: str | None = None,
+    ledger: S3Place | None = None,
+    output_lifetime_s: float = OUTPUT_LIFETIME_S,
 ) -> ArchiveResult:
     """Archive a prediction's output into S3, verified, with metadata and a JSON sidecar.
 
@@ -293,48 +305,44 @@ def archive_to_s3(
     writes with `If-None-Match: *`, and finds an already archived object instead of
     downloading again. Emits `wan.video.archived`.
 
+    A video the ledger says is archived (anywhere, whatever the key template) is found there
+    first; a download that is not a whole MP4 is refused (and retried), never archived; a
+    404 on an output younger than the service's output lifetime is transient (retried), and
+    only an older one is `OutputExpiredError`.
+
     Args:
         submitted: what `submit_i2v` returned.
-        prediction: what `wait_for_prediction` returned.
+        prediction: what `wait_for_prediction` returned; None only when the ledger records
+            where the video was archived.
         target: where and how to archive.
         credentials_block: a saved `WaveSpeedCredentials` block; None: the settings.
+        ledger: the submission ledger, to find and record where the video lands.
+        output_lifetime_s: how long the service keeps outputs (7 days, its documentation).
 
     Returns:
         The object's `s3://` URI, its sidecar's, a presigned link, size and SHA-256.
     """
     log = get_run_logger()
     archiver = S3Archiver(s3_client(target.s3_block), target)
-    fields = KeyFields(
-        prediction_id=prediction.id, model=submitted.model,
-        created_at=prediction.created_at or submitted.submitted_at, seed=submitted.seed,
-        duration=submitted.duration, prefix=target.prefix, item_id=submitted.item_id,
-    )
-    result = archiver.find_archived(fields)
-    if result is not None:
-        archiver.ensure_sidecar(result, _sidecar(submitted, prediction))
-    else:
-        if not prediction.outputs:
-            raise ArchiveError(f"prediction {prediction.id} has no output", retryable=False)
-        client = wavespeed_client(credentials_block)
-        try:
-            with client.stream_output(prediction.outputs[0]) as response:
-                length = response.headers.get("content-length")
-                result = archiver.archive(
-                    response.iter_bytes(1024 * 1024), fields,
-                    metadata=_object_metadata(submitted, prediction),
-                    sidecar=_sidecar(submitted, prediction),
-                    expected_size=int(length) if length and length.isdigit() else None,
-                )
-        except OutputExpiredError as exc:
-            raise OutputExpiredError(
-                f"the output of prediction {prediction.id} is gone ({exc.message}); "
-                "outputs live 7 days on the service. Resubmit to regenerate it.",
-                prediction_id=prediction.id, status_code=exc.status_code,
-            ) from None
-        except httpx.RemoteProtocolError as exc:
-            raise ArchiveError(
-                f"download of prediction {prediction.id} was cut off: {exc}", retryable=True
-            ) from exc
+    book = open_ledger(ledger) if ledger else None
+    recorded = submitted.archived
+    if recorded is None and book is not None:
+        entry = book.read(submitted.request_key)
+        recorded = entry.archived if entry else None
+    result = None
+    if recorded is not None and recorded.bucket == target.bucket:
+        result = archiver.find_at(recorded.key, recorded.sha256)
+    if result is None and prediction is None:
+        raise ArchiveError(
+            f"prediction {submitted.prediction_id}: the ledger's archived copy is gone from "
+            f"s3://{target.bucket}; re-run to fetch the output again", retryable=False)
+    if result is None and prediction is not None:
+        result = _download_and_archive(archiver, submitted, prediction, credentials_block,
+                                       output_lifetime_s)
+    assert result is not None
+    if book is not None:
+        book.record_archived(submitted.request_key, ArchivedAt(
+            bucket=result.bucket, key=result.key, sha256=result.sha256, size=result.size))
     log.info("%s %s (%d bytes)", "found" if result.already_archived else "archived",
              result.s3_uri, result.size)
     emit_event(
@@ -342,11 +350,61 @@ def archive_to_s3(
         resource={"prefect.resource.id": result.s3_uri, "prefect.resource.name": result.key},
         payload={
             "s3_uri": result.s3_uri, "sidecar_uri": result.sidecar_uri,
-            "sha256": result.sha256, "size": result.size, "prediction_id": prediction.id,
+            "sha256": result.sha256, "size": result.size,
+            "prediction_id": submitted.prediction_id,
             "item_id": submitted.item_id, "already_archived": result.already_archived,
         },
     )
     return result
+
+
+def _download_and_archive(
+    archiver: S3Archiver, submitted: SubmittedVideo, prediction: Prediction,
+    credentials_block: str | None, output_lifetime_s: float,
+) -> ArchiveResult:
+    fields = KeyFields(
+        prediction_id=prediction.id, model=submitted.model,
+        created_at=prediction.created_at or submitted.submitted_at, seed=submitted.seed,
+        duration=submitted.duration, prefix=archiver.target.prefix, item_id=submitted.item_id,
+    )
+    result = archiver.find_archived(fields)
+    if result is not None:
+        archiver.ensure_sidecar(result, _sidecar(submitted, prediction))
+        return result
+    if not prediction.outputs:
+        raise ArchiveError(f"prediction {prediction.id} has no output", retryable=False)
+    client = wavespeed_client(credentials_block)
+    try:
+        with client.stream_output(prediction.outputs[0]) as response:
+            length = response.headers.get("content-length")
+            return archiver.archive(
+                checked_mp4(response.iter_bytes(1024 * 1024),
+                            f"the output of prediction {prediction.id}"),
+                fields,
+                metadata=_object_metadata(submitted, prediction),
+                sidecar=_sidecar(submitted, prediction),
+                expected_size=int(length) if length and length.isdigit() else None,
+            )
+    except OutputExpiredError as exc:
+        made = prediction.created_at or submitted.submitted_at
+        age = (datetime.now(UTC) - made).total_seconds()
+        if age < output_lifetime_s:
+            # A young output that answers 404 (a CDN not yet in sync, a passing fault) is not
+            # gone: paying again for it would be paying twice. Retried by the task.
+            raise ArchiveError(
+                f"the output of prediction {prediction.id} answered 404 although it is only "
+                f"{age:.0f}s old (outputs live {output_lifetime_s:.0f}s); trying again",
+                retryable=True,
+            ) from None
+        raise OutputExpiredError(
+            f"the output of prediction {prediction.id} is gone ({exc.message}); outputs "
+            f"live {output_lifetime_s / 86400:g} days on the service. Resubmit to make it again.",
+            prediction_id=prediction.id, status_code=exc.status_code,
+        ) from None
+    except httpx.RemoteProtocolError as exc:
+        raise ArchiveError(
+            f"download of prediction {prediction.id} was cut off: {exc}", retryable=True
+        ) from exc
 
 
 def _object_metadata(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, str]:

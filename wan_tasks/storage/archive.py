@@ -164,6 +164,14 @@ class S3Archiver:
             return None  # not ours (or written by something else): do not trust it
         return self._result(key, sha, int(head["ContentLength"]), already=True)
 
+    def find_at(self, key: str, sha256: str) -> ArchiveResult | None:
+        """The result for a video recorded at `key` (by the ledger), if it is still there with
+        the recorded SHA-256."""
+        head = self.head(key)
+        if head is None or head.get("Metadata", {}).get("sha256") != sha256:
+            return None
+        return self._result(key, sha256, int(head["ContentLength"]), already=True)
+
     def ensure_sidecar(self, result: ArchiveResult, sidecar: dict[str, Any]) -> None:
         """Write the sidecar of an object found already archived, if it is missing (a run
         that died between the video and its sidecar)."""

@@ -1,0 +1,144 @@
+"""Scenario classes a hostile run found: a second payment, a paid video never archived, the
+wrong video returned, one bad row sinking its neighbours. Each over the real servers, each
+asserting on what the service was asked to do (the emulator's counts) and what landed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from tests.conftest import SAMPLE, Stack, run_video
+from tests.test_flows import FAST, req
+from wan_tasks.core.budget import Budget
+from wan_tasks.flows.generate import resolve_target
+from wan_tasks.flows.models import VideoJob, VideoOutcome
+from wan_tasks.flows.options import ArchiveOptions, RunOptions
+from wan_tasks.flows.produce import Producer
+
+
+def run_jobs(jobs: list[VideoJob], options: RunOptions = FAST) -> list[VideoOutcome]:
+    @flow(name="hostile-jobs")
+    def jobs_flow() -> list[VideoOutcome]:
+        target = resolve_target(ArchiveOptions())
+        return Producer(target, options, Budget(options.budget_usd)).run(jobs)
+
+    return jobs_flow()
+
+
+# -- one bad row must not fail the others ----------------------------------------------------
+
+
+def test_a_vanished_image_fails_its_video_and_the_lane_goes_on(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """One lane (in-flight limit 1): the second video's image is deleted before its turn.
+    It fails with its own reason; the videos after it in the same lane are made."""
+    stack = make_stack(in_flight=1)
+    doomed = tmp_path / "doomed.png"
+    shutil.copy(SAMPLE, doomed)
+    jobs = [VideoJob(request=req(f"lane-{i}"), item_id=f"v{i}") for i in range(4)]
+    jobs[1] = VideoJob(request=req("lane-doomed", image=str(doomed)), item_id="doomed")
+    os.unlink(doomed)
+    outcomes = {o.item_id: o for o in run_jobs(jobs)}
+    assert outcomes["doomed"].status == "failed"
+    assert outcomes["doomed"].error_type != "NoSlotError"
+    assert "doomed.png" in (outcomes["doomed"].error or "")
+    assert [outcomes[f"v{i}"].status for i in (0, 2, 3)] == ["archived"] * 3
+    assert stack.stats()["submissions"] == 3
+
+
+# -- a second payment, or a paid video never archived ---------------------------------------
+
+
+def test_a_lost_answer_on_a_resubmission_finds_that_attempts_task(
+    make_stack: Callable[..., Stack]
+) -> None:
+    """Attempt 0 fails with 5003; the answer to attempt 1's POST is lost. Reconciliation
+    must find attempt 1's task (the same body), not attempt 0's failed one."""
+    stack = make_stack(faults={"script": {"submit": ["fail:5003", "drop"]}})
+    out = run_video(req("resubmit-lost"), options=FAST)
+    assert out.status == "archived"
+    assert stack.stats()["submissions"] == 2  # attempt 0 and attempt 1, no third task
+
+
+def test_a_503_on_a_resubmission_sends_the_resubmission(make_stack: Callable[..., Stack]) -> None:
+    """Attempt 0 fails with 5003; attempt 1's POST answers 503. Attempt 0's failed task must
+    not be taken for attempt 1: attempt 1 is sent once the history shows it was not."""
+    stack = make_stack(faults={"script": {"submit": ["fail:5003", "503"]}})
+    out = run_video(req("resubmit-503"), options=FAST)
+    assert out.status == "archived"
+    assert stack.stats()["submissions"] == 2
+
+
+def test_a_young_404_on_the_output_is_retried_not_paid_again(
+    make_stack: Callable[..., Stack]
+) -> None:
+    """A transient 404 on a seconds-old output is not an expired output, even where paying
+    again for expired outputs is allowed."""
+    stack = make_stack(faults={"script": {"download": ["expire"]}})
+    allowed = FAST.model_copy(update={"allow_resubmit_expired": True})
+    out = run_video(req("young-404"), options=allowed)
+    assert out.status == "archived"
+    assert stack.stats()["submissions"] == 1
+
+
+def test_a_refused_intent_write_releases_the_budget(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """The ledger cannot be written for the first video (nothing is sent): its reservation
+    is given back, so the second fits the budget of one video, and the reported spend is
+    what was submitted."""
+    from wan_tasks.api.client import WaveSpeedClient
+    from wan_tasks.core.identity import derive_seed, request_key
+    from wan_tasks.core.ledger import FileLedger
+    from wan_tasks.core.submit import submit_once
+
+    stack = make_stack()
+    ledger = FileLedger(tmp_path / "ledger")
+    budget = Budget(Decimal("0.10"))
+    blocked = derive_seed(req("intent-refused"))
+    with WaveSpeedClient(stack.emulator.api_key, stack.emulator.base_url) as client:
+        # A directory where the intent's temporary file must go: the write fails for real.
+        key = request_key(blocked, service=client.service_id)
+        (ledger.root / f"{key}.{os.getpid()}.tmp").mkdir()
+        with pytest.raises(OSError):
+            submit_once(client, blocked, ledger=ledger, budget=budget)
+        assert budget.spent == 0 and stack.stats()["submissions"] == 0
+        submit_once(client, derive_seed(req("intent-fine")), ledger=ledger, budget=budget)
+    assert budget.spent == Decimal("0.10") and stack.stats()["submissions"] == 1
+
+
+def test_the_emulator_and_the_real_service_never_share_an_identity(
+    make_stack: Callable[..., Stack], make_emulator: Callable[..., object]
+) -> None:
+    """A free run on one service (or account) and the same request on another must not
+    reconnect to each other's predictions: each is submitted to its own service."""
+    first = make_stack()
+    run_video(req("two-services", seed=5), options=FAST)
+    second = make_stack()  # another service: a new base URL and key, same bucket and ledger
+    out = run_video(req("two-services", seed=5), options=FAST)
+    assert out.status == "archived"
+    assert first.stats()["submissions"] == 1
+    assert second.stats()["submissions"] == 1
+
+
+def test_an_image_replaced_in_place_is_a_new_request(stack: Stack, tmp_path: Path) -> None:
+    """Same path, same size, same mtime, new bytes: a new video, not the old one."""
+    from PIL import Image
+
+    image = tmp_path / "frame.png"
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(image)
+    first = run_video(req("replaced", image=str(image), seed=9), options=FAST)
+    st = image.stat()
+    Image.new("RGB", (64, 48), (10, 10, 200)).save(image)
+    assert image.stat().st_size == st.st_size
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = run_video(req("replaced", image=str(image), seed=9), options=FAST)
+    assert stack.stats()["submissions"] == 2
+    assert second.prediction_id != first.prediction_id
