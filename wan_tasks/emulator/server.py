@@ -28,7 +28,7 @@ class MediaStore:
     def __init__(self, base_url: str) -> None:
         self._base_url = base_url
         self._items: dict[str, tuple[str, bytes]] = {}
-        self._tickets: dict[str, tuple[str, str]] = {}
+        self._tickets: dict[str, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
 
     def _key(self, filename: str) -> str:
@@ -41,18 +41,22 @@ class MediaStore:
             self._items[key] = (content_type, data)
         return key
 
-    def ticket(self, filename: str, content_type: str) -> str:
+    def ticket(self, filename: str, content_type: str | None) -> str:
+        """A presigned upload slot; `content_type` None means "read it from the bytes"."""
         key = self._key(filename)
         with self._lock:
             self._tickets[key] = (filename, content_type)
         return key
 
-    def fill(self, key: str, data: bytes) -> bool:
+    def pending(self, key: str) -> tuple[str, str | None] | None:
         with self._lock:
-            ticket = self._tickets.pop(key, None)
-            if ticket is None:
+            return self._tickets.get(key)
+
+    def fill(self, key: str, content_type: str, data: bytes) -> bool:
+        with self._lock:
+            if self._tickets.pop(key, None) is None:
                 return False
-            self._items[key] = (ticket[1], data)
+            self._items[key] = (content_type, data)
             return True
 
     def get(self, key: str) -> tuple[str, bytes] | None:
