@@ -277,8 +277,8 @@ class Engine:
         larger sizes are capped). Only tasks of the last `history_window_s` (scaled)."""
         after = _parse_time(query.get("created_after"))
         before = _parse_time(query.get("created_before"))
-        page = int(query.get("page") or 1)
-        size = int(query.get("page_size") or 100)
+        page = int(query["page"]) if query.get("page") is not None else 1
+        size = int(query["page_size"]) if query.get("page_size") is not None else 100
         if page < 1:
             raise ValueError("page: must be at least 1")
         if size < 1:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import re
 import secrets
 import socket
@@ -560,8 +561,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _seconds(value: float) -> str:
-    """Retry-After in seconds: whole seconds when it is at least one, else to the ms (scaled
-    clocks give sub-second windows), rounded up so a client waiting that long is let in."""
-    if value >= 1:
-        return str(int(-(-value // 1)))
-    return f"{-(-value * 1000 // 1) / 1000:g}"
+    """Retry-After in seconds, rounded up so a client waiting that long is let in: whole
+    seconds from 10 s on (as HTTP has it), to the ms below (scaled clocks give short windows,
+    which whole seconds would overstate several times over)."""
+    if value >= 10:
+        return str(math.ceil(value))
+    return f"{math.ceil(value * 1000) / 1000:g}"
