@@ -27,8 +27,11 @@ def make_http() -> Iterator[Callable[[Emulator], httpx.Client]]:
     made: list[httpx.Client] = []
 
     def make(emu: Emulator) -> httpx.Client:
-        c = httpx.Client(base_url=emu.base_url, timeout=httpx.Timeout(30.0),
-                         headers={"Authorization": f"Bearer {emu.api_key}"})
+        c = httpx.Client(
+            base_url=emu.base_url,
+            timeout=httpx.Timeout(30.0),
+            headers={"Authorization": f"Bearer {emu.api_key}"},
+        )
         made.append(c)
         return c
 
@@ -38,8 +41,7 @@ def make_http() -> Iterator[Callable[[Emulator], httpx.Client]]:
 
 
 def upload_sample(http: httpx.Client) -> str:
-    r = http.post("/api/v3/media/upload/binary",
-                  files={"file": ("in.png", PNG, "image/png")})
+    r = http.post("/api/v3/media/upload/binary", files={"file": ("in.png", PNG, "image/png")})
     assert r.status_code == 200, r.text
     return str(r.json()["data"]["download_url"])
 
@@ -48,8 +50,9 @@ def submit(http: httpx.Client, image: str, **extra: Any) -> httpx.Response:
     return http.post(f"/api/v3/{MODEL_ID}", json={"image": image, "prompt": "a lake", **extra})
 
 
-def wait_status(http: httpx.Client, task_id: str, wanted: set[str],
-                limit_s: float = 60) -> dict[str, Any]:
+def wait_status(
+    http: httpx.Client, task_id: str, wanted: set[str], limit_s: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + limit_s
     while True:
         data: dict[str, Any] = http.get(f"/api/v3/predictions/{task_id}/result").json()["data"]
@@ -60,12 +63,18 @@ def wait_status(http: httpx.Client, task_id: str, wanted: set[str],
 
 # -- tiers ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("tier", "concurrency", "per_minute"), [
-    ("test", 3, None), ("bronze", 2, 2), ("silver", 300, 500), ("gold", 3000, 3000),
-    ("ultra", 10000, 5000),
-])
-def test_tier_sets_the_documented_caps(tier: str, concurrency: int,
-                                       per_minute: int | None) -> None:
+
+@pytest.mark.parametrize(
+    ("tier", "concurrency", "per_minute"),
+    [
+        ("test", 3, None),
+        ("bronze", 2, 2),
+        ("silver", 300, 500),
+        ("gold", 3000, 3000),
+        ("ultra", 10000, 5000),
+    ],
+)
+def test_tier_sets_the_documented_caps(tier: str, concurrency: int, per_minute: int | None) -> None:
     config = EmulatorConfig(api_key="k", tier=tier)  # type: ignore[arg-type]
     assert (config.concurrency, config.submits_per_minute) == (concurrency, per_minute)
     # An explicit setting wins over the tier.
@@ -73,7 +82,8 @@ def test_tier_sets_the_documented_caps(tier: str, concurrency: int,
 
 
 def test_bronze_tier_processes_two_at_once_and_queues_the_rest(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(tier="bronze", submits_per_minute=None, latency_s=60)
     http = make_http(emu)
@@ -87,12 +97,14 @@ def test_bronze_tier_processes_two_at_once_and_queues_the_rest(
     stats = emu.stats()
     assert stats["max_processing"] == 2 and stats["submissions"] == 4
     assert http.post("/api/v3/predictions/delete", json={"ids": ids}).json()["data"] == {
-        "deleted_count": 4}
+        "deleted_count": 4
+    }
     assert emu.stats()["in_flight"] == 0
 
 
 def test_bronze_tier_refuses_the_third_video_a_minute_with_retry_after(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(tier="bronze")
     http = make_http(emu)
@@ -107,7 +119,8 @@ def test_bronze_tier_refuses_the_third_video_a_minute_with_retry_after(
 
 
 def test_scaled_minute_gives_a_scaled_retry_after_and_resets(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(tier="bronze", time_scale=0.02)  # "a minute" is 1.2 s
     http = make_http(emu)
@@ -130,17 +143,30 @@ def test_cli_emulator_serves_the_chosen_tier(tmp_path: Any) -> None:
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wan_tasks.cli.main", "emulator", "--api-key", "cli-key",
-         "--tier", "bronze", "--latency-s", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "wan_tasks.cli.main",
+            "emulator",
+            "--api-key",
+            "cli-key",
+            "--tier",
+            "bronze",
+            "--latency-s",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "tier bronze: 2 tasks at once, 2 video submissions a minute" in line
         base = line.split(" on ", 1)[1].split(",", 1)[0]
-        with httpx.Client(base_url=base, timeout=30,
-                          headers={"Authorization": "Bearer cli-key"}) as http:
+        with httpx.Client(
+            base_url=base, timeout=30, headers={"Authorization": "Bearer cli-key"}
+        ) as http:
             image = upload_sample(http)
             codes = [submit(http, image).status_code for _ in range(3)]
         assert codes == [200, 200, 429]
@@ -151,8 +177,10 @@ def test_cli_emulator_serves_the_chosen_tier(tmp_path: Any) -> None:
 
 # -- common request fields ----------------------------------------------------------------------
 
+
 def test_sync_mode_answers_with_the_finished_task(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(latency_s=0.2)
     http = make_http(emu)
@@ -167,7 +195,8 @@ def test_sync_mode_answers_with_the_finished_task(
 
 
 def test_sync_mode_past_its_timeout_answers_5004_and_the_task_goes_on(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(latency_s=60, sync_timeout_s=0.3)
     http = make_http(emu)
@@ -187,7 +216,8 @@ def test_sync_timeout_defaults_to_the_documented_90_seconds() -> None:
 
 
 def test_base64_output_sends_the_video_as_a_data_uri(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(latency_s=0.1)
     http = make_http(emu)
@@ -200,7 +230,8 @@ def test_base64_output_sends_the_video_as_a_data_uri(
 
 
 def test_common_flags_must_be_booleans(
-    emulator: Emulator, make_http: Callable[[Emulator], httpx.Client],
+    emulator: Emulator,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     http = make_http(emulator)
     r = submit(http, upload_sample(http), enable_sync_mode="yes")
@@ -210,18 +241,27 @@ def test_common_flags_must_be_booleans(
 
 # -- uploads --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("filename", "declared", "data", "kind", "stored"), [
-    ("in.png", "image/png", PNG, "image", "image/png"),
-    ("blob", None, PNG, "image", "image/png"),  # no name, no type: the bytes say PNG
-    ("clip.mp4", "video/mp4", MP4_HEAD, "video", "video/mp4"),
-    ("blob", "application/octet-stream", MP4_HEAD, "video", "video/mp4"),
-    ("song.mp3", "audio/mpeg", MP3_HEAD, "audio", "audio/mpeg"),
-    ("blob", None, MP3_HEAD, "audio", "audio/mpeg"),
-    ("clip.webm", None, b"\x00" * 32, "video", "video/webm"),  # the name is all there is
-])
+
+@pytest.mark.parametrize(
+    ("filename", "declared", "data", "kind", "stored"),
+    [
+        ("in.png", "image/png", PNG, "image", "image/png"),
+        ("blob", None, PNG, "image", "image/png"),  # no name, no type: the bytes say PNG
+        ("clip.mp4", "video/mp4", MP4_HEAD, "video", "video/mp4"),
+        ("blob", "application/octet-stream", MP4_HEAD, "video", "video/mp4"),
+        ("song.mp3", "audio/mpeg", MP3_HEAD, "audio", "audio/mpeg"),
+        ("blob", None, MP3_HEAD, "audio", "audio/mpeg"),
+        ("clip.webm", None, b"\x00" * 32, "video", "video/webm"),  # the name is all there is
+    ],
+)
 def test_multipart_upload_takes_images_video_and_audio(
-    emulator: Emulator, make_http: Callable[[Emulator], httpx.Client],
-    filename: str, declared: str | None, data: bytes, kind: str, stored: str,
+    emulator: Emulator,
+    make_http: Callable[[Emulator], httpx.Client],
+    filename: str,
+    declared: str | None,
+    data: bytes,
+    kind: str,
+    stored: str,
 ) -> None:
     http = make_http(emulator)
     part: tuple[Any, ...] = (filename, data) if declared is None else (filename, data, declared)
@@ -234,11 +274,13 @@ def test_multipart_upload_takes_images_video_and_audio(
 
 
 def test_presigned_upload_without_a_content_type_is_typed_from_its_bytes(
-    emulator: Emulator, make_http: Callable[[Emulator], httpx.Client],
+    emulator: Emulator,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     http = make_http(emulator)
-    ticket = http.post("/api/v3/media/uploads",
-                       json={"filename": "upload", "size": len(MP4_HEAD)}).json()["data"]
+    ticket = http.post(
+        "/api/v3/media/uploads", json={"filename": "upload", "size": len(MP4_HEAD)}
+    ).json()["data"]
     assert ticket["upload"]["headers"] == {} and ticket["type"] is None
     assert httpx.put(ticket["upload"]["url"], content=MP4_HEAD, timeout=10).status_code == 200
     got = httpx.get(ticket["download_url"], timeout=10)
@@ -246,11 +288,13 @@ def test_presigned_upload_without_a_content_type_is_typed_from_its_bytes(
 
 
 def test_unsupported_uploads_are_refused_naming_the_type(
-    emulator: Emulator, make_http: Callable[[Emulator], httpx.Client],
+    emulator: Emulator,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     http = make_http(emulator)
-    r = http.post("/api/v3/media/upload/binary",
-                  files={"file": ("notes.txt", b"hello", "text/plain")})
+    r = http.post(
+        "/api/v3/media/upload/binary", files={"file": ("notes.txt", b"hello", "text/plain")}
+    )
     assert r.status_code == 400 and "text/plain" in r.json()["message"]
     ticket = http.post("/api/v3/media/uploads", json={"filename": "upload"}).json()["data"]
     put = httpx.put(ticket["upload"]["url"], content=b"just text", timeout=10)
@@ -259,7 +303,8 @@ def test_unsupported_uploads_are_refused_naming_the_type(
 
 
 def test_uploads_past_their_kind_limit_answer_413(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(upload_limits={"image": 1000, "video": 3000, "audio": 2000})
     http = make_http(emu)
@@ -267,11 +312,12 @@ def test_uploads_past_their_kind_limit_answer_413(
     r = http.post("/api/v3/media/upload/binary", files={"file": ("a.png", big_png, "image/png")})
     assert r.status_code == 413 and "image limit is 1000" in r.json()["message"]
     # The same bytes are fine as long as they fit: audio gets its own limit.
-    ok = http.post("/api/v3/media/upload/binary",
-                   files={"file": ("a.mp3", MP3_HEAD, "audio/mpeg")})
+    ok = http.post("/api/v3/media/upload/binary", files={"file": ("a.mp3", MP3_HEAD, "audio/mpeg")})
     assert ok.status_code == 200
-    r = http.post("/api/v3/media/uploads",
-                  json={"filename": "v.mp4", "content_type": "video/mp4", "size": 3001})
+    r = http.post(
+        "/api/v3/media/uploads",
+        json={"filename": "v.mp4", "content_type": "video/mp4", "size": 3001},
+    )
     assert r.status_code == 413 and "video limit is 3000" in r.json()["message"]
     # A ticket that said nothing of its size is still held to the limit at the PUT.
     ticket = http.post("/api/v3/media/uploads", json={"filename": "upload"}).json()["data"]
@@ -282,8 +328,10 @@ def test_uploads_past_their_kind_limit_answer_413(
 
 # -- delete, outputs --------------------------------------------------------------------------
 
+
 def test_batch_delete_counts_known_ids_and_outputs_stay_downloadable(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(latency_s=0.1)
     http = make_http(emu)
@@ -291,12 +339,15 @@ def test_batch_delete_counts_known_ids_and_outputs_stay_downloadable(
     done_id = submit(http, image, seed=1).json()["data"]["id"]
     output_url = wait_status(http, done_id, {"completed"})["outputs"][0]
     other_id = submit(http, image, seed=2).json()["data"]["id"]
-    r = http.post("/api/v3/predictions/delete",
-                  json={"ids": [done_id, other_id, other_id, "f" * 32, "nonsense"]})
+    r = http.post(
+        "/api/v3/predictions/delete",
+        json={"ids": [done_id, other_id, other_id, "f" * 32, "nonsense"]},
+    )
     assert r.status_code == 200 and r.json()["data"] == {"deleted_count": 2}
     for task_id in (done_id, other_id):
         assert http.get(f"/api/v3/predictions/{task_id}/result").json()["data"]["status"] == (
-            "deleted")
+            "deleted"
+        )
     assert httpx.get(output_url, timeout=10).status_code == 200
     again = http.post("/api/v3/predictions/delete", json={"ids": [done_id]}).json()
     assert again["data"] == {"deleted_count": 0}
@@ -305,7 +356,8 @@ def test_batch_delete_counts_known_ids_and_outputs_stay_downloadable(
 
 
 def test_unknown_output_is_not_found_and_an_old_one_is_expired(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(latency_s=0.1, output_ttl_s=0.5)
     http = make_http(emu)
@@ -320,8 +372,10 @@ def test_unknown_output_is_not_found_and_an_old_one_is_expired(
 
 # -- catalogue and pricing ------------------------------------------------------------------
 
+
 def test_models_lists_this_model_with_its_request_schema(
-    emulator: Emulator, make_http: Callable[[Emulator], httpx.Client],
+    emulator: Emulator,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     r = make_http(emulator).get("/api/v3/models")
     assert r.status_code == 200
@@ -335,7 +389,10 @@ def test_models_lists_this_model_with_its_request_schema(
     assert schema["properties"]["duration"]["enum"] == [5, 8]
     seed = schema["properties"]["seed"]
     assert (seed["minimum"], seed["maximum"], seed["default"]) == (
-        ours["properties"]["seed"]["minimum"], ours["properties"]["seed"]["maximum"], -1)
+        ours["properties"]["seed"]["minimum"],
+        ours["properties"]["seed"]["maximum"],
+        -1,
+    )
     lora = schema["properties"]["loras"]
     assert lora["maxItems"] == 3
     assert lora["items"]["properties"]["scale"]["maximum"] == 4.0
@@ -343,7 +400,9 @@ def test_models_lists_this_model_with_its_request_schema(
 
 @pytest.mark.parametrize("route", ["/api/v3/model/pricing", "/api/v3/model/price"])
 def test_pricing_answers_the_documented_prices(
-    emulator: Emulator, make_http: Callable[[Emulator], httpx.Client], route: str,
+    emulator: Emulator,
+    make_http: Callable[[Emulator], httpx.Client],
+    route: str,
 ) -> None:
     http = make_http(emulator)
     five = http.post(route, json={"model_id": MODEL_ID, "inputs": {"prompt": "x"}}).json()
@@ -358,8 +417,10 @@ def test_pricing_answers_the_documented_prices(
 
 # -- history ----------------------------------------------------------------------------------
 
+
 def test_history_answers_page_and_items_with_execution_time(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
     make_client: Callable[..., Any],
 ) -> None:
     emu = make_emulator(latency_s=0.1)
@@ -371,8 +432,9 @@ def test_history_answers_page_and_items_with_execution_time(
     data = http.post("/api/v3/predictions", json={}).json()["data"]
     assert data["page"] == 1 and data["page_size"] == 100
     assert {i["id"] for i in data["items"]} == set(ids)
-    assert all(isinstance(i["executionTime"], int) and i["executionTime"] > 0
-               for i in data["items"])
+    assert all(
+        isinstance(i["executionTime"], int) and i["executionTime"] > 0 for i in data["items"]
+    )
     capped = http.post("/api/v3/predictions", json={"page_size": 500}).json()["data"]
     assert capped["page_size"] == 100
     bad = http.post("/api/v3/predictions", json={"page_size": 0})
@@ -382,7 +444,8 @@ def test_history_answers_page_and_items_with_execution_time(
 
 
 def test_history_lists_only_the_recent_window(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
 ) -> None:
     emu = make_emulator(latency_s=0.1, history_window_s=0.5)
     http = make_http(emu)
@@ -400,10 +463,13 @@ def test_history_window_defaults_to_seven_days() -> None:
 
 # -- render once ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("render_once", "renders"), [(True, 1), (False, 2)])
 def test_render_once_renders_each_distinct_input_once(
-    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client],
-    render_once: bool, renders: int,
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
+    render_once: bool,
+    renders: int,
 ) -> None:
     emu = make_emulator(latency_s=0.1, render_once=render_once)
     http = make_http(emu)

@@ -23,8 +23,13 @@ _LORA_LIST: dict[str, Any] = {
         "required": ["path", "scale"],
         "properties": {
             "path": {"type": "string", "description": "Path to the LoRA model"},
-            "scale": {"type": "number", "minimum": 0.0, "maximum": 4.0, "default": 1.0,
-                      "description": "Scale of the LoRA model"},
+            "scale": {
+                "type": "number",
+                "minimum": 0.0,
+                "maximum": 4.0,
+                "default": 1.0,
+                "description": "Scale of the LoRA model",
+            },
         },
     },
 }
@@ -33,27 +38,58 @@ REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["image", "prompt"],
     "properties": {
-        "image": {"type": "string", "format": "uri", "x-ui-component": "uploader",
-                  "description": "The image for generating the output."},
+        "image": {
+            "type": "string",
+            "format": "uri",
+            "x-ui-component": "uploader",
+            "description": "The image for generating the output.",
+        },
         "prompt": {"type": "string", "description": "The positive prompt for the generation."},
-        "negative_prompt": {"type": "string", "default": "",
-                            "description": "The negative prompt for the generation."},
-        "last_image": {"type": "string", "format": "uri", "x-ui-component": "uploader",
-                       "description": "The last image for generating the output."},
-        "duration": {"type": "integer", "enum": [5, 8], "default": 5,
-                     "description": "The duration of the generated media in seconds."},
+        "negative_prompt": {
+            "type": "string",
+            "default": "",
+            "description": "The negative prompt for the generation.",
+        },
+        "last_image": {
+            "type": "string",
+            "format": "uri",
+            "x-ui-component": "uploader",
+            "description": "The last image for generating the output.",
+        },
+        "duration": {
+            "type": "integer",
+            "enum": [5, 8],
+            "default": 5,
+            "description": "The duration of the generated media in seconds.",
+        },
         "loras": {**_LORA_LIST, "description": "List of LoRAs to apply (max 3)."},
-        "high_noise_loras": {**_LORA_LIST,
-                             "description": "List of high noise LoRAs to apply (max 3)."},
-        "low_noise_loras": {**_LORA_LIST,
-                            "description": "List of low noise LoRAs to apply (max 3)."},
-        "seed": {"type": "integer", "minimum": -1, "maximum": MAX_SEED, "default": -1,
-                 "description": "The random seed to use for the generation. -1 means a "
-                                "random seed will be used."},
+        "high_noise_loras": {
+            **_LORA_LIST,
+            "description": "List of high noise LoRAs to apply (max 3).",
+        },
+        "low_noise_loras": {
+            **_LORA_LIST,
+            "description": "List of low noise LoRAs to apply (max 3).",
+        },
+        "seed": {
+            "type": "integer",
+            "minimum": -1,
+            "maximum": MAX_SEED,
+            "default": -1,
+            "description": "The random seed to use for the generation. -1 means a "
+            "random seed will be used.",
+        },
     },
     "x-order-properties": [
-        "image", "prompt", "negative_prompt", "last_image", "duration", "loras",
-        "high_noise_loras", "low_noise_loras", "seed",
+        "image",
+        "prompt",
+        "negative_prompt",
+        "last_image",
+        "duration",
+        "loras",
+        "high_noise_loras",
+        "low_noise_loras",
+        "seed",
     ],
 }
 
@@ -64,22 +100,28 @@ FORMULA = '{"total_price": base_price * duration / 5}'
 
 def catalogue(base_url: str) -> list[dict[str, Any]]:
     """`GET /api/v3/models` -> `data`: a list with this model's entry."""
-    return [{
-        "model_id": MODEL_ID,
-        "name": "Wan 2.2 I2V 480p LoRA Ultra Fast",
-        "description": "Wan 2.2 A14B image to video at 480p, ultra fast, with up to 3 LoRAs "
-                       "per expert (emulated).",
-        "type": "image-to-video",
-        "base_price": float(BASE_PRICE),
-        "sort_order": 1,
-        "formula": FORMULA,
-        "api_schema": {"api_schemas": [{
-            "type": "model_run",
-            "method": "POST",
-            "api_path": f"/api/v3/{MODEL_ID}",
-            "request_schema": REQUEST_SCHEMA,
-        }]},
-    }]
+    return [
+        {
+            "model_id": MODEL_ID,
+            "name": "Wan 2.2 I2V 480p LoRA Ultra Fast",
+            "description": "Wan 2.2 A14B image to video at 480p, ultra fast, with up to 3 LoRAs "
+            "per expert (emulated).",
+            "type": "image-to-video",
+            "base_price": float(BASE_PRICE),
+            "sort_order": 1,
+            "formula": FORMULA,
+            "api_schema": {
+                "api_schemas": [
+                    {
+                        "type": "model_run",
+                        "method": "POST",
+                        "api_path": f"/api/v3/{MODEL_ID}",
+                        "request_schema": REQUEST_SCHEMA,
+                    }
+                ]
+            },
+        }
+    ]
 
 
 def price(model_id: Any, inputs: Any) -> tuple[Decimal, None] | tuple[None, str]:

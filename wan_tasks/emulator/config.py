@@ -41,8 +41,17 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Endpoint = Literal[
-    "submit", "result", "upload", "download", "cancel", "delete", "history", "balance",
-    "models", "pricing", "any",
+    "submit",
+    "result",
+    "upload",
+    "download",
+    "cancel",
+    "delete",
+    "history",
+    "balance",
+    "models",
+    "pricing",
+    "any",
 ]
 Shape = Literal["extra_fields", "nanos", "code0", "execution_time"]
 SHAPES: tuple[str, ...] = get_args(Shape)

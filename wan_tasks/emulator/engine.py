@@ -194,8 +194,13 @@ class Engine:
             return None
 
     def submit(
-        self, model: str, payload: dict[str, Any], cost: Decimal, webhook: str | None,
-        *, base64_output: bool = False,
+        self,
+        model: str,
+        payload: dict[str, Any],
+        cost: Decimal,
+        webhook: str | None,
+        *,
+        base64_output: bool = False,
     ) -> Task | None:
         """Create a task and charge for it; None if the balance does not cover it."""
         with self.lock:
@@ -384,7 +389,9 @@ class Engine:
             key: RenderKey = (
                 hashlib.sha256(first).hexdigest(),
                 hashlib.sha256(last).hexdigest() if last is not None else None,
-                duration, requested_seed, prompt,
+                duration,
+                requested_seed,
+                prompt,
             )
             return None, self._render_cached(key, render)
         except ValueError:

@@ -105,7 +105,10 @@ class Handler(BaseHTTPRequestHandler):
             self.rfile.readline(1024)
 
     def _send(
-        self, status: int, body: bytes, content_type: str = "application/json",
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
         headers: dict[str, str] | None = None,
     ) -> None:
         self.send_response(status)
@@ -117,13 +120,20 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, data: Any, message: str = "success",
-              headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def _json(
+        self,
+        status: int,
+        data: Any,
+        message: str = "success",
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         envelope = {"code": status, "message": message, "data": data, **extra}
         self._send(status, json.dumps(envelope).encode(), headers=headers)
 
-    def _prediction(self, task: Task, *, with_input: bool = False,
-                    history: bool = False) -> dict[str, Any]:
+    def _prediction(
+        self, task: Task, *, with_input: bool = False, history: bool = False
+    ) -> dict[str, Any]:
         """A task as sent, with the persistent shapes and this request's one-shot shape."""
         data = task.view(self.server.base_url, with_input=with_input)
         if history:
@@ -185,16 +195,23 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if fault.startswith("error_code:"):
             status = int(fault.split(":", 1)[1])
-            message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ \
-                else "error"
+            message = (
+                HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+            )
             self._json(status, None, f"{message} (injected)", error_code=f"E{status}")
             raise Dropped
         if fault.startswith("envelope_error:"):
             code = int(fault.split(":", 1)[1])
-            self._send(200, json.dumps({
-                "code": code, "message": f"request failed with code {code} (injected)",
-                "data": None,
-            }).encode())
+            self._send(
+                200,
+                json.dumps(
+                    {
+                        "code": code,
+                        "message": f"request failed with code {code} (injected)",
+                        "data": None,
+                    }
+                ).encode(),
+            )
             raise Dropped
         if fault == "429":
             retry_after = max(0.0, self.server.engine.scaled(plan.retry_after_s))
@@ -324,12 +341,16 @@ class Handler(BaseHTTPRequestHandler):
         if wait is not None:
             cap, tier = self.server.config.submits_per_minute, self.server.config.tier
             return self._error(
-                429, f"Too many requests: at most {cap} video submissions per minute "
-                     f"on the {tier} tier", {"Retry-After": _seconds(wait)},
+                429,
+                f"Too many requests: at most {cap} video submissions per minute on the {tier} tier",
+                {"Retry-After": _seconds(wait)},
             )
         task = engine.submit(
-            MODEL_ID, request.model_dump(exclude_none=True), PRICE_USD[request.duration],
-            webhook, base64_output=bool(flags.get("enable_base64_output")),
+            MODEL_ID,
+            request.model_dump(exclude_none=True),
+            PRICE_USD[request.duration],
+            webhook,
+            base64_output=bool(flags.get("enable_base64_output")),
         )
         if task is None:
             return self._error(402, "Insufficient balance: top up your account")
@@ -355,9 +376,10 @@ class Handler(BaseHTTPRequestHandler):
             engine.stats.sync_timeouts += 1
             data = copy.deepcopy(self._prediction(task))
         data.update(
-            status="processing", code=5004,
+            status="processing",
+            code=5004,
             error=f"Sync mode timed out after {config.sync_timeout_s:g} seconds, please "
-                  f"query the result later with the prediction id {task.id}",
+            f"query the result later with the prediction id {task.id}",
         )
         return self._prediction_answer(data)
 
@@ -402,10 +424,17 @@ class Handler(BaseHTTPRequestHandler):
         value = float(amount)
         # Both routes answer the union: `unit_price` (/model/pricing, CLI 0.2.2) and
         # `price`/`discounted_price` (/model/price, the MCP server and newer CLI).
-        return self._json(200, {
-            "model_id": MODEL_ID, "unit_price": value, "price": value,
-            "discounted_price": value, "discount_rate": 0, "currency": "USD",
-        })
+        return self._json(
+            200,
+            {
+                "model_id": MODEL_ID,
+                "unit_price": value,
+                "price": value,
+                "discounted_price": value,
+                "discount_rate": 0,
+                "currency": "USD",
+            },
+        )
 
     def _history(self) -> None:
         self.server.engine.stats.history_queries += 1
@@ -421,8 +450,7 @@ class Handler(BaseHTTPRequestHandler):
             items = [self._prediction(t, with_input=True, history=True) for t in rows]
         # `page_size` and `total` beyond the documented {page, items}: this project's client
         # (HistoryPage) reads them.
-        return self._json(200, {"page": page, "items": items, "page_size": size,
-                                "total": total})
+        return self._json(200, {"page": page, "items": items, "page_size": size, "total": total})
 
     def _upload_binary(self) -> None:
         self._fault("upload")
@@ -450,33 +478,42 @@ class Handler(BaseHTTPRequestHandler):
         limits = self.server.config.upload_limits
         kind = media.kind_of(content_type) if content_type else None
         if content_type and kind is None:
-            self._error(400, f"unsupported file type {content_type}: images, videos and "
-                             "audio are accepted")
+            self._error(
+                400, f"unsupported file type {content_type}: images, videos and audio are accepted"
+            )
             return True
         if size is not None:
-            limit = getattr(limits, kind) if kind else max(
-                limits.image, limits.video, limits.audio
-            )
+            limit = getattr(limits, kind) if kind else max(limits.image, limits.video, limits.audio)
             if size > limit:
-                self._error(413, f"file too large: {size} bytes, the {kind or 'upload'} "
-                                 f"limit is {limit} bytes")
+                self._error(
+                    413,
+                    f"file too large: {size} bytes, the {kind or 'upload'} limit is {limit} bytes",
+                )
                 return True
         return False
 
     def _store_upload(self, filename: str, declared: str | None, data: bytes) -> None:
         content_type = media.resolve(declared, filename, data)
         if content_type is None:
-            return self._error(400, "unsupported file type: neither the content type, the "
-                                    "bytes nor the filename show an image, video or audio")
+            return self._error(
+                400,
+                "unsupported file type: neither the content type, the "
+                "bytes nor the filename show an image, video or audio",
+            )
         if self._check_upload(content_type, len(data)):
             return None
         upload = self.server.media.add(filename, content_type, data)
         self.server.engine.stats.uploads += 1
-        return self._json(200, {
-            "type": media.kind_of(content_type), "content_type": content_type,
-            "filename": filename, "size": len(data),
-            "download_url": self.server.media.url(upload),
-        })
+        return self._json(
+            200,
+            {
+                "type": media.kind_of(content_type),
+                "content_type": content_type,
+                "filename": filename,
+                "size": len(data),
+                "download_url": self.server.media.url(upload),
+            },
+        )
 
     def _upload_ticket(self) -> None:
         """The presigned flow of SDK 2.x: a ticket, then a PUT without Authorization. Without
@@ -487,23 +524,26 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, "invalid parameter filename: required")
         filename = str(body["filename"])
         size = body.get("size")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
-                                 or size < 0):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             return self._error(400, "invalid parameter size: must be a whole number of bytes")
         content_type = media.resolve(body.get("content_type"), filename, None)
         if self._check_upload(content_type, size):
             return None
         ticket = self.server.media.ticket(filename, content_type)
-        return self._json(200, {
-            "download_url": self.server.media.url(ticket),
-            "type": media.kind_of(content_type) if content_type else None,
-            "filename": filename, "size": size,
-            "upload": {
-                "method": "PUT",
-                "url": f"{self.server.base_url}/upload/{ticket}",
-                "headers": {"Content-Type": content_type} if content_type else {},
+        return self._json(
+            200,
+            {
+                "download_url": self.server.media.url(ticket),
+                "type": media.kind_of(content_type) if content_type else None,
+                "filename": filename,
+                "size": size,
+                "upload": {
+                    "method": "PUT",
+                    "url": f"{self.server.base_url}/upload/{ticket}",
+                    "headers": {"Content-Type": content_type} if content_type else {},
+                },
             },
-        })
+        )
 
     # -- public routes -------------------------------------------------------------------------
 
@@ -515,8 +555,11 @@ class Handler(BaseHTTPRequestHandler):
         filename, declared = pending
         content_type = media.resolve(declared, filename, data)
         if content_type is None:
-            return self._error(400, "unsupported file type: neither the content type, the "
-                                    "bytes nor the filename show an image, video or audio")
+            return self._error(
+                400,
+                "unsupported file type: neither the content type, the "
+                "bytes nor the filename show an image, video or audio",
+            )
         if self._check_upload(content_type, len(data)):
             return None
         if not self.server.media.fill(ticket, content_type, data):

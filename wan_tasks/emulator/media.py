@@ -13,17 +13,42 @@ from typing import Literal
 
 Kind = Literal["image", "video", "audio"]
 
-IMAGE_TYPES = frozenset({
-    "image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff",
-})
-VIDEO_TYPES = frozenset({
-    "video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo",
-    "video/mpeg",
-})
-AUDIO_TYPES = frozenset({
-    "audio/mpeg", "audio/mp3", "audio/wav", "audio/x-wav", "audio/wave", "audio/ogg",
-    "audio/flac", "audio/x-flac", "audio/mp4", "audio/x-m4a", "audio/aac", "audio/webm",
-})
+IMAGE_TYPES = frozenset(
+    {
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+        "image/gif",
+        "image/bmp",
+        "image/tiff",
+    }
+)
+VIDEO_TYPES = frozenset(
+    {
+        "video/mp4",
+        "video/webm",
+        "video/quicktime",
+        "video/x-matroska",
+        "video/x-msvideo",
+        "video/mpeg",
+    }
+)
+AUDIO_TYPES = frozenset(
+    {
+        "audio/mpeg",
+        "audio/mp3",
+        "audio/wav",
+        "audio/x-wav",
+        "audio/wave",
+        "audio/ogg",
+        "audio/flac",
+        "audio/x-flac",
+        "audio/mp4",
+        "audio/x-m4a",
+        "audio/aac",
+        "audio/webm",
+    }
+)
 UNTYPED = ("", "application/octet-stream", "binary/octet-stream")
 
 

@@ -93,8 +93,7 @@ class EmulatorServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up (timeouts, kill -9) is routine here, not a traceback on stderr.
-        logger.debug("emulator: connection from %s ended abruptly", client_address,
-                     exc_info=True)
+        logger.debug("emulator: connection from %s ended abruptly", client_address, exc_info=True)
 
     def fetch_media(self, url: str) -> bytes | None:
         """What the service does when it downloads an input image. Never leaves this machine:
@@ -123,8 +122,10 @@ class Emulator:
         self.config = config
         self._server = EmulatorServer(host, port, config)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name="emulator-http", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="emulator-http",
+            daemon=True,
         )
         self._stopped = False
 
