@@ -66,7 +66,9 @@ def test_py_sdk_run_polls_to_completion(make_emulator: MakeEmu, sdk: Callable[..
     assert stats["sync_submits"] == 0
 
 
-def test_py_sdk_sync_mode_makes_one_request(make_emulator: MakeEmu, sdk: Callable[..., Any]) -> None:
+def test_py_sdk_sync_mode_makes_one_request(
+    make_emulator: MakeEmu, sdk: Callable[..., Any]
+) -> None:
     emu = make_emulator(latency_s=0.2)
     client = sdk(emu)
     result = client.run(MODEL_ID, _input(client.upload(str(SAMPLE))), enable_sync_mode=True)
@@ -117,8 +119,11 @@ def test_py_sdk_uploads_a_path_a_file_object_and_an_mp4(
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(httpx.get(video, timeout=30).content)
     from_mp4 = client.upload(str(clip))
-    for url, kind in ((from_path, "image/png"), (from_object, "image/png"),
-                      (from_mp4, "video/mp4")):
+    for url, kind in (
+        (from_path, "image/png"),
+        (from_object, "image/png"),
+        (from_mp4, "video/mp4"),
+    ):
         got = httpx.get(url, timeout=30)
         assert got.status_code == 200 and got.headers["content-type"] == kind
     assert httpx.get(from_mp4, timeout=30).content == clip.read_bytes()
@@ -162,14 +167,21 @@ def _need(package: str) -> None:
     if shutil.which("node") is None:
         pytest.skip("node is not installed: the official JS clients cannot run")
     if not (MODULES / package / "package.json").exists():
-        pytest.skip(f"{package} is not installed in tests/js: run `cd tests/js && npm ci` "
-                    "(`make test` does when npm is present)")
+        pytest.skip(
+            f"{package} is not installed in tests/js: run `cd tests/js && npm ci` "
+            "(`make test` does when npm is present)"
+        )
 
 
 def _node(args: list[str], env: dict[str, str], timeout: float = 180) -> Any:
     done = subprocess.run(
-        ["node", *args], cwd=JS, env={**os.environ, **env}, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        ["node", *args],
+        cwd=JS,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stdout.strip()
@@ -177,12 +189,14 @@ def _node(args: list[str], env: dict[str, str], timeout: float = 180) -> Any:
     try:
         return json.loads(text)  # --json answers (pretty-printed) and the scenario scripts
     except ValueError:  # the SDKs log retries on stdout: the answer is the last line
-        return json.loads(text.splitlines()[-1])
+        last = text.splitlines()[-1]
+        return json.loads(last) if last.startswith(("{", "[")) else text
 
 
 def _js(emu: Emulator, *args: str) -> Any:
-    return _node(["sdk_scenario.cjs", *args],
-                 {"WS_BASE": emu.base_url, "WAVESPEED_API_KEY": emu.api_key})
+    return _node(
+        ["sdk_scenario.cjs", *args], {"WS_BASE": emu.base_url, "WAVESPEED_API_KEY": emu.api_key}
+    )
 
 
 def test_js_sdk_uploads_and_runs_with_and_without_sync_mode(make_emulator: MakeEmu) -> None:
@@ -238,12 +252,22 @@ def test_mcp_server_tools(make_emulator: MakeEmu, tmp_path: Path) -> None:
         ["get_model_schema", {"model": MODEL_ID}],
         ["get_price", {"model": MODEL_ID, "input": {"duration": 8}}],
         ["upload_file", {"path": image}],
-        ["run_model", {"model": MODEL_ID, "input": {"image": f"@{image}", "prompt": "x"},
-                       "wait_seconds": 120}],
+        [
+            "run_model",
+            {
+                "model": MODEL_ID,
+                "input": {"image": f"@{image}", "prompt": "x"},
+                "wait_seconds": 120,
+            },
+        ],
     ]
-    env = {"WAVESPEED_BASE_URL": emu.base_url, "WAVESPEED_API_KEY": emu.api_key,
-           "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {
+        "WAVESPEED_BASE_URL": emu.base_url,
+        "WAVESPEED_API_KEY": emu.api_key,
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
     answers = {a["tool"]: a for a in _node(["mcp_scenario.mjs", json.dumps(program)], env)}
     assert not [a for a in answers.values() if a["isError"]], answers
     texts = {tool: json.loads(a["text"]) for tool, a in answers.items()}
@@ -262,8 +286,11 @@ def test_mcp_server_tools(make_emulator: MakeEmu, tmp_path: Path) -> None:
 @pytest.fixture
 def cli(tmp_path: Path) -> Callable[..., Any]:
     _need("@wavespeed/cli")
-    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
 
     def run(emu: Emulator, *args: str) -> Any:
         env["WAVESPEED_API_KEY"] = emu.api_key
@@ -283,8 +310,7 @@ def test_cli_commands(make_emulator: MakeEmu, cli: Callable[..., Any]) -> None:
     image = cli(emu, "upload", str(SAMPLE), "--json")["url"]
     assert httpx.get(image, timeout=30).headers["content-type"] == "image/png"
     polled = cli(emu, "run", MODEL_ID, "-i", f"image={image}", "-i", "prompt=x", "--json")
-    synced = cli(emu, "run", MODEL_ID, "-i", f"image={image}", "-i", "prompt=x", "--sync",
-                 "--json")
+    synced = cli(emu, "run", MODEL_ID, "-i", f"image={image}", "-i", "prompt=x", "--sync", "--json")
     for answer in (polled, synced):
         assert len(answer["outputs"]) == 1
     history = cli(emu, "history", "--json")
