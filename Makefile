@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24,<27"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	if command -v npm >/dev/null; then (cd tests/js && npm ci --silent --no-audit --no-fund) || echo "tests/js: npm ci failed, the official JS client tests will be skipped"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

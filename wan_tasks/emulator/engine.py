@@ -1,11 +1,15 @@
 """The emulator's task store and lifecycle: created -> processing -> completed/failed.
 
-Tasks beyond the concurrency cap wait in `created`, as the real service queues them. One
-scheduler thread moves tasks along; rendering and webhook delivery run in a small pool.
+Tasks beyond the concurrency cap wait in `created`, as the real service queues them; video
+submissions past the tier's per-minute cap are refused until the window resets. One scheduler
+thread moves tasks along; rendering and webhook delivery run in a small pool. Sync-mode
+submits wait here for their task to end.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import heapq
 import json
 import logging
@@ -32,12 +36,22 @@ logger = logging.getLogger(__name__)
 
 MESSAGES = {
     1200: "content moderation: the input was flagged",
+    1400: "missing required parameter",
+    1401: "invalid parameter",
     1402: "media access failed: could not download the input image",
     1403: "task execution failed",
+    1405: "task failed",
     5000: "internal error",
     5003: "service unavailable",
     5004: "timeout",
 }
+TERMINAL = ("completed", "failed", "cancelled", "timeout", "deleted")
+# What an `end:STATUS` fault ends a task with: (task code, error text).
+FORCED_ENDS: dict[str, tuple[int | None, str]] = {
+    "cancelled": (None, "task cancelled"),
+    "timeout": (5004, "task timed out"),
+}
+RenderKey = tuple[str, str | None, int, int, str]
 
 
 def iso_ms(ts: float) -> str:
@@ -57,26 +71,34 @@ class Task:
     code: int | None = None
     error: str = ""
     forced_code: int | None = None
+    forced_status: str | None = None
+    base64_output: bool = False
     output: bytes | None = None
     rendering: Future[tuple[int | None, bytes | None]] | None = None
 
+    @property
+    def execution_ms(self) -> int:
+        if self.finished and self.started:
+            return int((self.finished - self.started) * 1000)
+        return 0
+
     def view(self, base_url: str, *, with_input: bool = False) -> dict[str, Any]:
+        outputs: list[str] = []
+        if self.status == "completed":
+            if self.base64_output and self.output is not None:
+                outputs = ["data:video/mp4;base64," + base64.b64encode(self.output).decode()]
+            else:
+                outputs = [f"{base_url}/media/outputs/{self.id}.mp4"]
         data: dict[str, Any] = {
             "id": self.id,
             "model": self.model,
-            "outputs": [f"{base_url}/media/outputs/{self.id}.mp4"]
-            if self.status == "completed"
-            else [],
+            "outputs": outputs,
             "urls": {"get": f"{base_url}/api/v3/predictions/{self.id}/result"},
             "has_nsfw_contents": [False] if self.status == "completed" else [],
             "status": self.status,
             "created_at": iso_ms(self.created),
             "error": self.error,
-            "timings": {
-                "inference": int((self.finished - self.started) * 1000)
-                if self.finished and self.started
-                else 0
-            },
+            "timings": {"inference": self.execution_ms},
         }
         if self.code is not None:
             data["code"] = self.code
@@ -93,6 +115,12 @@ class Stats:
     downloads: int = 0
     cancels: int = 0
     history_queries: int = 0
+    deletes: int = 0
+    rate_limited: int = 0
+    sync_submits: int = 0
+    sync_timeouts: int = 0
+    renders: int = 0
+    render_cache_hits: int = 0
     webhooks_sent: int = 0
     faults_injected: int = 0
     in_flight: int = 0
@@ -128,6 +156,12 @@ class Engine:
         self._queue: deque[str] = deque()
         self._timers: list[tuple[float, str]] = []
         self._wake = threading.Condition(self.lock)
+        # Separate from _wake (which the scheduler waits on): sync submits wait for task ends.
+        self._ended = threading.Condition(self.lock)
+        self._window_start: float | None = None
+        self._window_count = 0
+        self._render_lock = threading.Lock()
+        self._render_cache: dict[RenderKey, Future[bytes]] = {}
         # Rendering is CPU-bound (2 workers for 2 cores); webhooks wait on the network.
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-render")
         self._hook_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="emulator-hook")
@@ -142,8 +176,31 @@ class Engine:
 
     # -- public operations (called from HTTP handler threads) ---------------------------------
 
+    def rate_check(self) -> float | None:
+        """Count one video submission against the per-minute cap: None if it may go on,
+        else the seconds (real, so already scaled) until the window resets."""
+        cap = self.config.submits_per_minute
+        if cap is None:
+            return None
+        window = self.scaled(self.config.rate_window_s)
+        with self.lock:
+            now = time.monotonic()
+            if self._window_start is None or now - self._window_start >= window:
+                self._window_start, self._window_count = now, 0
+            if self._window_count >= cap:
+                self.stats.rate_limited += 1
+                return max(0.001, self._window_start + window - now)
+            self._window_count += 1
+            return None
+
     def submit(
-        self, model: str, payload: dict[str, Any], cost: Decimal, webhook: str | None
+        self,
+        model: str,
+        payload: dict[str, Any],
+        cost: Decimal,
+        webhook: str | None,
+        *,
+        base64_output: bool = False,
     ) -> Task | None:
         """Create a task and charge for it; None if the balance does not cover it."""
         with self.lock:
@@ -157,6 +214,7 @@ class Engine:
                 created=time.time(),
                 webhook=webhook,
                 forced_code=self.faults.task_failure(),
+                base64_output=base64_output,
             )
             self.tasks[task.id] = task
             self.stats.submissions += 1
@@ -170,6 +228,22 @@ class Engine:
         with self.lock:
             self.tasks[task_id].forced_code = code
 
+    def force_end(self, task_id: str, status: str) -> None:
+        with self.lock:
+            self.tasks[task_id].forced_status = status
+
+    def wait_ended(self, task_id: str, timeout: float) -> bool:
+        """Block until the task is terminal (True) or `timeout` real seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            task = self.tasks[task_id]
+            while task.status not in TERMINAL:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    return False
+                self._ended.wait(timeout=left)
+            return True
+
     def get(self, task_id: str) -> Task | None:
         with self.lock:
             return self.tasks.get(task_id)
@@ -180,39 +254,64 @@ class Engine:
             if task is None:
                 return None
             self.stats.cancels += 1
-            if task.status in ("created", "processing"):
-                if task.status == "created" and task_id in self._queue:
-                    self._queue.remove(task_id)
-                self._finish(task, "deleted", None, "deleted by user")
-            else:
-                task.status = "deleted"
+            self._delete(task)
             return task
 
-    def history(self, query: dict[str, Any]) -> tuple[list[Task], int]:
+    def delete_many(self, ids: list[str]) -> int:
+        """`POST /predictions/delete`: unknown and already deleted ids are ignored."""
+        count = 0
+        with self.lock:
+            self.stats.deletes += 1
+            for task_id in dict.fromkeys(ids):
+                task = self.tasks.get(task_id)
+                if task is not None and task.status != "deleted":
+                    self._delete(task)
+                    count += 1
+        return count
+
+    def _delete(self, task: Task) -> None:
+        if task.status in ("created", "processing"):
+            if task.status == "created" and task.id in self._queue:
+                self._queue.remove(task.id)
+            self._finish(task, "deleted", None, "deleted by user")
+        else:
+            task.status = "deleted"
+
+    def history(self, query: dict[str, Any]) -> tuple[list[Task], int, int, int]:
+        """Rows of one page, the total, the page and the page size (1 to 100, default 100;
+        larger sizes are capped). Only tasks of the last `history_window_s` (scaled)."""
         after = _parse_time(query.get("created_after"))
         before = _parse_time(query.get("created_before"))
+        page = int(query["page"]) if query.get("page") is not None else 1
+        size = int(query["page_size"]) if query.get("page_size") is not None else 100
+        if page < 1:
+            raise ValueError("page: must be at least 1")
+        if size < 1:
+            raise ValueError("page_size: must be 1 to 100")
+        size = min(100, size)
+        oldest = time.time() - self.scaled(self.config.history_window_s)
         with self.lock:
             rows = [
                 t
                 for t in self.tasks.values()
-                if (after is None or t.created >= after)
+                if t.created >= oldest
+                and (after is None or t.created >= after)
                 and (before is None or t.created <= before)
                 and (not query.get("model") or t.model == query["model"])
                 and (not query.get("status") or t.status == query["status"])
             ]
         rows.sort(key=lambda t: t.created, reverse=True)
-        page = max(1, int(query.get("page") or 1))
-        size = min(100, max(1, int(query.get("page_size") or 20)))
-        return rows[(page - 1) * size : page * size], len(rows)
+        return rows[(page - 1) * size : page * size], len(rows), page, size
 
-    def output(self, task_id: str) -> bytes | None:
+    def output(self, task_id: str) -> bytes | str:
+        """The MP4, or why not: "not found" (no such task or no output) or "expired".
+        A completed task's output stays downloadable after DELETE until it expires."""
         with self.lock:
             task = self.tasks.get(task_id)
-            if task is None or task.status != "completed" or task.output is None:
-                return None
-            assert task.finished is not None
+            if task is None or task.output is None or task.finished is None:
+                return "not found"
             if time.time() - task.finished > self.scaled(self.config.output_ttl_s):
-                return None
+                return "expired"
             return task.output
 
     def stop(self) -> None:
@@ -245,7 +344,7 @@ class Engine:
         task.started = time.time()
         self.stats.processing += 1
         self.stats.max_processing = max(self.stats.max_processing, self.stats.processing)
-        if task.forced_code is None:
+        if task.forced_code is None and task.forced_status is None:
             task.rendering = self._render_pool.submit(self._render, task)
         else:
             done: Future[tuple[int | None, bytes | None]] = Future()
@@ -258,7 +357,10 @@ class Engine:
         with self.lock:
             if task.status != "processing":  # cancelled meanwhile
                 return
-            if code is None:
+            if task.forced_status is not None:
+                forced_code, error = FORCED_ENDS[task.forced_status]
+                self._finish(task, task.forced_status, forced_code, error)
+            elif code is None:
                 task.output = output
                 self._finish(task, "completed", None, "")
             else:
@@ -270,20 +372,49 @@ class Engine:
         last = self._fetch_media(last_url) if last_url else None
         if first is None or (last_url and last is None):
             return 1402, None
-        seed = task.input.get("seed", -1)
-        if seed == -1:
-            seed = secrets.randbelow(2**31)
+        requested_seed = int(task.input.get("seed", -1))
+        duration = int(task.input.get("duration", 5))
+        prompt = str(task.input.get("prompt", ""))
+
+        def render() -> bytes:
+            seed = secrets.randbelow(2**31) if requested_seed == -1 else requested_seed
+            with self.lock:
+                self.stats.renders += 1
+            return render_i2v(first, last, duration=duration, seed=seed, prompt=prompt)
+
         try:
-            video = render_i2v(
-                first,
-                last,
-                duration=int(task.input.get("duration", 5)),
-                seed=seed,
-                prompt=str(task.input.get("prompt", "")),
+            if not self.config.render_once:
+                return None, render()
+            # Keyed by the request as sent (seed -1 included), so equal requests share one MP4.
+            key: RenderKey = (
+                hashlib.sha256(first).hexdigest(),
+                hashlib.sha256(last).hexdigest() if last is not None else None,
+                duration,
+                requested_seed,
+                prompt,
             )
+            return None, self._render_cached(key, render)
         except ValueError:
             return 1402, None  # the URL answered, but not with an image we can decode
-        return None, video
+
+    def _render_cached(self, key: RenderKey, render: Callable[[], bytes]) -> bytes:
+        with self._render_lock:
+            future = self._render_cache.get(key)
+            owner = future is None
+            if future is None:
+                future = self._render_cache[key] = Future()
+        if not owner:
+            with self.lock:
+                self.stats.render_cache_hits += 1
+            return future.result()
+        try:
+            future.set_result(render())
+        except BaseException as exc:
+            with self._render_lock:  # a failed render is not cached: the next task retries
+                del self._render_cache[key]
+            future.set_exception(exc)
+            raise
+        return future.result()
 
     def _finish(self, task: Task, status: str, code: int | None, error: str) -> None:
         was_processing = task.status == "processing"
@@ -297,11 +428,12 @@ class Engine:
         elif status == "failed":
             self.stats.failed += 1
         self._wake.notify()
+        self._ended.notify_all()
         if task.webhook and status in ("completed", "failed"):
             body = {
                 **task.view(self._base_url()),
                 "input": task.input,
-                "executionTime": task.view("")["timings"]["inference"],
+                "executionTime": task.execution_ms,
             }
             self._hook_pool.submit(self._deliver_webhook, task.webhook, body)
 

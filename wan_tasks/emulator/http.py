@@ -1,4 +1,4 @@
-"""The emulator's HTTP surface: routes, auth, validation, fault injection.
+"""The emulator's HTTP surface: routes, auth, validation, fault injection, odd shapes.
 
 Built on the standard library's threading HTTP server rather than an ASGI stack because faults
 need the raw socket: "create the task, then drop the connection" and "truncate the download"
@@ -8,8 +8,10 @@ are things a framework will not let an app do.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
+import math
 import re
 import secrets
 import socket
@@ -24,22 +26,31 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import ValidationError
 
 from wan_tasks.api.models import MODEL_ID, PRICE_USD, I2VRequest
+from wan_tasks.emulator import media
+from wan_tasks.emulator.catalogue import catalogue, price
 from wan_tasks.emulator.config import Endpoint
+from wan_tasks.emulator.engine import Task
 
 if TYPE_CHECKING:
     from wan_tasks.emulator.server import EmulatorServer
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024 * 1024
-UPLOAD_TYPES = {
-    "image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff",
-}
+# Request fields the service accepts on every model, on top of the model's own.
+COMMON_FLAGS = ("enable_sync_mode", "enable_base64_output")
 _PREDICTION = re.compile(r"^/api/v3/predictions/([0-9a-f]{32})(/result)?$")
 
 
 class Dropped(Exception):
     """Close the connection without answering."""
+
+
+class BadBody(Exception):
+    """The request's framing is unusable: answer `status` and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 def _first_error(exc: ValidationError) -> tuple[str, str]:
@@ -50,6 +61,8 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
 
 class Handler(BaseHTTPRequestHandler):
     server: EmulatorServer
+    # A one-shot `status=` or `shape:` fault picked for the request being answered.
+    _one_shot: str | None = None
     protocol_version = "HTTP/1.1"
     server_version = "wavespeed-emulator/1"
     sys_version = ""
@@ -61,13 +74,41 @@ class Handler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.address_string(), format % args)
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise ValueError("body too large")
+        """The request body. Bad framing answers at once (400/413) instead of waiting for
+        bytes that never come (`Content-Length: -1`) or failing with a 500."""
+        cap = self.server.config.max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._chunked(cap)
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not raw.isdigit():
+            raise BadBody(400, f"invalid Content-Length {raw[:40]!r}: must be a whole number")
+        length = int(raw)
+        if length > cap:
+            raise BadBody(413, f"request body too large: {length} bytes, the limit is {cap}")
         return self.rfile.read(length) if length else b""
 
+    def _chunked(self, cap: int) -> bytes:
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(1024).split(b";")[0].strip()
+            try:
+                size = int(line, 16)
+            except ValueError:
+                raise BadBody(400, "invalid chunked encoding") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return bytes(body)
+            if len(body) + size > cap:
+                raise BadBody(413, f"request body too large: over the limit of {cap} bytes")
+            body += self.rfile.read(size)
+            self.rfile.readline(1024)
+
     def _send(
-        self, status: int, body: bytes, content_type: str = "application/json",
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
         headers: dict[str, str] | None = None,
     ) -> None:
         self.send_response(status)
@@ -79,10 +120,51 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, data: Any, message: str = "success",
-              headers: dict[str, str] | None = None) -> None:
-        envelope = {"code": status, "message": message, "data": data}
+    def _json(
+        self,
+        status: int,
+        data: Any,
+        message: str = "success",
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        envelope = {"code": status, "message": message, "data": data, **extra}
         self._send(status, json.dumps(envelope).encode(), headers=headers)
+
+    def _prediction(
+        self, task: Task, *, with_input: bool = False, history: bool = False
+    ) -> dict[str, Any]:
+        """A task as sent, with the persistent shapes and this request's one-shot shape."""
+        data = task.view(self.server.base_url, with_input=with_input)
+        if history:
+            data["executionTime"] = task.execution_ms
+        plan = self.server.faults.plan
+        shapes: list[str] = list(plan.shapes)
+        one_shot = self._one_shot
+        if one_shot and one_shot.startswith("shape:"):
+            shapes.append(one_shot.removeprefix("shape:"))
+        if data["status"] in plan.status_alias:
+            data["status"] = plan.status_alias[data["status"]]
+        if one_shot and one_shot.startswith("status="):
+            data["status"] = one_shot.removeprefix("status=")
+        if "nanos" in shapes:
+            data["created_at"] = data["created_at"][:-1] + "456789Z"  # .123 -> .123456789
+        if "code0" in shapes:
+            data.setdefault("code", 0)
+        if "execution_time" in shapes:
+            data["executionTime"] = task.execution_ms
+        if "extra_fields" in shapes:
+            data["future_field"] = {"nested": [1, "two"], "flag": True}
+            data["queue_position"] = None
+        return data
+
+    def _prediction_answer(self, data: dict[str, Any]) -> None:
+        plan = self.server.faults.plan
+        one_shot = self._one_shot
+        extra: dict[str, Any] = {}
+        if "extra_fields" in plan.shapes or one_shot == "shape:extra_fields":
+            extra = {"trace_id": "emu-trace-0001", "meta": {"region": "emulated"}}
+        self._json(200, data, **extra)
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self._json(status, None, message, headers)
@@ -108,6 +190,29 @@ class Handler(BaseHTTPRequestHandler):
             return None
         self.server.engine.stats.faults_injected += 1
         plan = self.server.faults.plan
+        if fault.startswith(("status=", "shape:")):
+            self._one_shot = fault
+            return None
+        if fault.startswith("error_code:"):
+            status = int(fault.split(":", 1)[1])
+            message = (
+                HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+            )
+            self._json(status, None, f"{message} (injected)", error_code=f"E{status}")
+            raise Dropped
+        if fault.startswith("envelope_error:"):
+            code = int(fault.split(":", 1)[1])
+            self._send(
+                200,
+                json.dumps(
+                    {
+                        "code": code,
+                        "message": f"request failed with code {code} (injected)",
+                        "data": None,
+                    }
+                ).encode(),
+            )
+            raise Dropped
         if fault == "429":
             retry_after = max(0.0, self.server.engine.scaled(plan.retry_after_s))
             self._error(429, "Too many requests", {"Retry-After": f"{retry_after:g}"})
@@ -127,6 +232,10 @@ class Handler(BaseHTTPRequestHandler):
             self._route()
         except Dropped:
             pass
+        except BadBody as exc:
+            self.close_connection = True  # the unread body makes the connection unusable
+            with contextlib.suppress(OSError):
+                self._error(exc.status, exc.message)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:
@@ -140,6 +249,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- routing -------------------------------------------------------------------------------
 
     def _route(self) -> None:
+        self._one_shot = None
         url = urlsplit(self.path)
         path, method = url.path.rstrip("/") or "/", self.command
         query = parse_qs(url.query)
@@ -174,6 +284,13 @@ class Handler(BaseHTTPRequestHandler):
             return self._cancel(match.group(1))
         if path == "/api/v3/predictions" and method == "POST":
             return self._history()
+        if path == "/api/v3/predictions/delete" and method == "POST":
+            return self._delete_many()
+        if path == "/api/v3/models" and method == "GET":
+            self._fault("models")
+            return self._json(200, catalogue(srv.base_url))
+        if path in ("/api/v3/model/pricing", "/api/v3/model/price") and method == "POST":
+            return self._price()
         if path == "/api/v3/media/upload/binary" and method == "POST":
             return self._upload_binary()
         if path == "/api/v3/media/uploads" and method == "POST":
@@ -201,6 +318,12 @@ class Handler(BaseHTTPRequestHandler):
         body = self._json_body()
         if not isinstance(body, dict):
             return self._error(400, "request body must be a JSON object")
+        flags: dict[str, Any] = {}
+        for name in COMMON_FLAGS:
+            if name in body:
+                flags[name] = body.pop(name)
+                if not isinstance(flags[name], bool):
+                    return self._error(400, f"invalid parameter {name}: must be a boolean")
         # The service only takes URLs; check before the model, which also accepts local paths.
         for name in ("image", "last_image"):
             value = body.get(name)
@@ -213,16 +336,52 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, f"invalid parameter {field}: {rule}")
         if webhook and not webhook.startswith(("http://", "https://")):
             return self._error(400, "invalid parameter webhook: must be an http(s) URL")
-        task = self.server.engine.submit(
-            MODEL_ID, request.model_dump(exclude_none=True), PRICE_USD[request.duration], webhook
+        engine = self.server.engine
+        wait = engine.rate_check()
+        if wait is not None:
+            cap, tier = self.server.config.submits_per_minute, self.server.config.tier
+            return self._error(
+                429,
+                f"Too many requests: at most {cap} video submissions per minute on the {tier} tier",
+                {"Retry-After": _seconds(wait)},
+            )
+        task = engine.submit(
+            MODEL_ID,
+            request.model_dump(exclude_none=True),
+            PRICE_USD[request.duration],
+            webhook,
+            base64_output=bool(flags.get("enable_base64_output")),
         )
         if task is None:
             return self._error(402, "Insufficient balance: top up your account")
         if fault and fault.startswith("fail:"):
-            self.server.engine.force_failure(task.id, int(fault.split(":", 1)[1]))
+            engine.force_failure(task.id, int(fault.split(":", 1)[1]))
+        if fault and fault.startswith("end:"):
+            engine.force_end(task.id, fault.removeprefix("end:"))
         if fault == "drop":
             self._drop()  # the task exists and is billed; the caller never hears of it
-        return self._json(200, task.view(self.server.base_url))
+        if not flags.get("enable_sync_mode"):
+            return self._prediction_answer(self._prediction(task))
+        return self._sync_answer(task)
+
+    def _sync_answer(self, task: Task) -> None:
+        """enable_sync_mode: hold the answer until the task ends; past the sync timeout,
+        answer HTTP 200 with status `processing` and code 5004 (the task goes on)."""
+        engine, config = self.server.engine, self.server.config
+        with engine.lock:
+            engine.stats.sync_submits += 1
+        if engine.wait_ended(task.id, engine.scaled(config.sync_timeout_s)):
+            return self._prediction_answer(self._prediction(task))
+        with engine.lock:
+            engine.stats.sync_timeouts += 1
+            data = copy.deepcopy(self._prediction(task))
+        data.update(
+            status="processing",
+            code=5004,
+            error=f"Sync mode timed out after {config.sync_timeout_s:g} seconds, please "
+            f"query the result later with the prediction id {task.id}",
+        )
+        return self._prediction_answer(data)
 
     def _result(self, task_id: str) -> None:
         engine = self.server.engine
@@ -234,14 +393,48 @@ class Handler(BaseHTTPRequestHandler):
         task = engine.get(task_id)
         if task is None:
             return self._error(404, "prediction not found")
-        return self._json(200, task.view(self.server.base_url))
+        with engine.lock:
+            data = self._prediction(task)
+        return self._prediction_answer(data)
 
     def _cancel(self, task_id: str) -> None:
         self._fault("cancel")
         task = self.server.engine.cancel(task_id)
         if task is None:
             return self._error(404, "prediction not found")
-        return self._json(200, task.view(self.server.base_url))
+        return self._prediction_answer(self._prediction(task))
+
+    def _delete_many(self) -> None:
+        self._fault("delete")
+        body = self._json_body()
+        ids = body.get("ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return self._error(400, "invalid parameter ids: must be a list of prediction ids")
+        return self._json(200, {"deleted_count": self.server.engine.delete_many(ids)})
+
+    def _price(self) -> None:
+        self._fault("pricing")
+        body = self._json_body()
+        if not isinstance(body, dict):
+            return self._error(400, "request body must be a JSON object")
+        amount, problem = price(body.get("model_id"), body.get("inputs"))
+        if amount is None:
+            status = 404 if problem and problem.startswith("model not found") else 400
+            return self._error(status, problem or "invalid request")
+        value = float(amount)
+        # Both routes answer the union: `unit_price` (/model/pricing, CLI 0.2.2) and
+        # `price`/`discounted_price` (/model/price, the MCP server and newer CLI).
+        return self._json(
+            200,
+            {
+                "model_id": MODEL_ID,
+                "unit_price": value,
+                "price": value,
+                "discounted_price": value,
+                "discount_rate": 0,
+                "currency": "USD",
+            },
+        )
 
     def _history(self) -> None:
         self.server.engine.stats.history_queries += 1
@@ -250,16 +443,14 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(query, dict):
             return self._error(400, "request body must be a JSON object")
         try:
-            rows, total = self.server.engine.history(query)
+            rows, total, page, size = self.server.engine.history(query)
         except (TypeError, ValueError) as exc:
             return self._error(400, f"invalid history query: {exc}")
-        base = self.server.base_url
-        return self._json(200, {
-            "items": [t.view(base, with_input=True) for t in rows],
-            "page": int(query.get("page") or 1),
-            "page_size": int(query.get("page_size") or 20),
-            "total": total,
-        })
+        with self.server.engine.lock:
+            items = [self._prediction(t, with_input=True, history=True) for t in rows]
+        # `page_size` and `total` beyond the documented {page, items}: this project's client
+        # (HistoryPage) reads them.
+        return self._json(200, {"page": page, "items": items, "page_size": size, "total": total})
 
     def _upload_binary(self) -> None:
         self._fault("upload")
@@ -273,46 +464,105 @@ class Handler(BaseHTTPRequestHandler):
             if part.get_param("name", header="content-disposition") == "file":
                 data = part.get_payload(decode=True)
                 filename = part.get_filename() or "upload"
-                content_type = part.get_content_type()
+                # A part without a Content-Type header is text/plain to the parser; treat it
+                # as untyped, as the service does with a Blob that has no type.
+                declared = part.get("Content-Type") and part.get_content_type()
                 if not isinstance(data, bytes):
                     break
-                return self._store_upload(filename, content_type, data)
+                return self._store_upload(filename, declared or None, data)
         return self._error(400, "missing form field 'file'")
 
-    def _store_upload(self, filename: str, content_type: str, data: bytes) -> None:
-        if content_type not in UPLOAD_TYPES:
-            return self._error(400, f"unsupported file type {content_type}")
+    def _check_upload(self, content_type: str | None, size: int | None) -> bool:
+        """Refuse (400 unsupported type, 413 too large) and say True, or say False if fine.
+        An unknown type (a ticket whose bytes come later) is held to the largest limit."""
+        limits = self.server.config.upload_limits
+        kind = media.kind_of(content_type) if content_type else None
+        if content_type and kind is None:
+            self._error(
+                400, f"unsupported file type {content_type}: images, videos and audio are accepted"
+            )
+            return True
+        if size is not None:
+            limit = getattr(limits, kind) if kind else max(limits.image, limits.video, limits.audio)
+            if size > limit:
+                self._error(
+                    413,
+                    f"file too large: {size} bytes, the {kind or 'upload'} limit is {limit} bytes",
+                )
+                return True
+        return False
+
+    def _store_upload(self, filename: str, declared: str | None, data: bytes) -> None:
+        content_type = media.resolve(declared, filename, data)
+        if content_type is None:
+            return self._error(
+                400,
+                "unsupported file type: neither the content type, the "
+                "bytes nor the filename show an image, video or audio",
+            )
+        if self._check_upload(content_type, len(data)):
+            return None
         upload = self.server.media.add(filename, content_type, data)
         self.server.engine.stats.uploads += 1
-        return self._json(200, {
-            "type": content_type, "filename": filename, "size": len(data),
-            "download_url": self.server.media.url(upload),
-        })
+        return self._json(
+            200,
+            {
+                "type": media.kind_of(content_type),
+                "content_type": content_type,
+                "filename": filename,
+                "size": len(data),
+                "download_url": self.server.media.url(upload),
+            },
+        )
 
     def _upload_ticket(self) -> None:
-        """The presigned flow of SDK 2.x: a ticket, then a PUT without Authorization."""
+        """The presigned flow of SDK 2.x: a ticket, then a PUT without Authorization. Without
+        a content type (or name that shows one), the type is read from the PUT's bytes."""
         self._fault("upload")
         body = self._json_body()
         if not isinstance(body, dict) or not body.get("filename"):
             return self._error(400, "invalid parameter filename: required")
-        content_type = str(body.get("content_type") or "application/octet-stream")
-        if content_type not in UPLOAD_TYPES:
-            return self._error(400, f"unsupported file type {content_type}")
-        ticket = self.server.media.ticket(str(body["filename"]), content_type)
-        return self._json(200, {
-            "download_url": self.server.media.url(ticket),
-            "upload": {
-                "method": "PUT",
-                "url": f"{self.server.base_url}/upload/{ticket}",
-                "headers": {"Content-Type": content_type},
+        filename = str(body["filename"])
+        size = body.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            return self._error(400, "invalid parameter size: must be a whole number of bytes")
+        content_type = media.resolve(body.get("content_type"), filename, None)
+        if self._check_upload(content_type, size):
+            return None
+        ticket = self.server.media.ticket(filename, content_type)
+        return self._json(
+            200,
+            {
+                "download_url": self.server.media.url(ticket),
+                "type": media.kind_of(content_type) if content_type else None,
+                "filename": filename,
+                "size": size,
+                "upload": {
+                    "method": "PUT",
+                    "url": f"{self.server.base_url}/upload/{ticket}",
+                    "headers": {"Content-Type": content_type} if content_type else {},
+                },
             },
-        })
+        )
 
     # -- public routes -------------------------------------------------------------------------
 
     def _presigned_put(self, ticket: str) -> None:
         data = self._body()
-        if not self.server.media.fill(ticket, data):
+        pending = self.server.media.pending(ticket)
+        if pending is None:
+            return self._error(404, "unknown or used upload ticket")
+        filename, declared = pending
+        content_type = media.resolve(declared, filename, data)
+        if content_type is None:
+            return self._error(
+                400,
+                "unsupported file type: neither the content type, the "
+                "bytes nor the filename show an image, video or audio",
+            )
+        if self._check_upload(content_type, len(data)):
+            return None
+        if not self.server.media.fill(ticket, content_type, data):
             return self._error(404, "unknown or used upload ticket")
         self.server.engine.stats.uploads += 1
         return self._send(200, b"")
@@ -327,8 +577,10 @@ class Handler(BaseHTTPRequestHandler):
         self.server.engine.stats.downloads += 1
         fault = self._fault("download")
         data = self.server.engine.output(task_id)
-        if data is None or fault == "expire":
-            return self._error(404, "output expired or not found")
+        if fault == "expire" or data == "expired":
+            return self._error(404, "output expired")
+        if isinstance(data, str):
+            return self._error(404, "not found")
         if fault == "truncate":
             self.send_response(200)
             self.send_header("Content-Type", "video/mp4")
@@ -349,3 +601,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, f"invalid fault plan {field}: {rule}")
         self.server.faults.replace(plan)
         return self._json(200, plan.model_dump())
+
+
+def _seconds(value: float) -> str:
+    """Retry-After in seconds, rounded up so a client waiting that long is let in: whole
+    seconds from 10 s on (as HTTP has it), to the ms below (scaled clocks give short windows,
+    which whole seconds would overstate several times over)."""
+    if value >= 10:
+        return str(math.ceil(value))
+    return f"{math.ceil(value * 1000) / 1000:g}"

@@ -28,7 +28,7 @@ class MediaStore:
     def __init__(self, base_url: str) -> None:
         self._base_url = base_url
         self._items: dict[str, tuple[str, bytes]] = {}
-        self._tickets: dict[str, tuple[str, str]] = {}
+        self._tickets: dict[str, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
 
     def _key(self, filename: str) -> str:
@@ -41,18 +41,22 @@ class MediaStore:
             self._items[key] = (content_type, data)
         return key
 
-    def ticket(self, filename: str, content_type: str) -> str:
+    def ticket(self, filename: str, content_type: str | None) -> str:
+        """A presigned upload slot; `content_type` None means "read it from the bytes"."""
         key = self._key(filename)
         with self._lock:
             self._tickets[key] = (filename, content_type)
         return key
 
-    def fill(self, key: str, data: bytes) -> bool:
+    def pending(self, key: str) -> tuple[str, str | None] | None:
         with self._lock:
-            ticket = self._tickets.pop(key, None)
-            if ticket is None:
+            return self._tickets.get(key)
+
+    def fill(self, key: str, content_type: str, data: bytes) -> bool:
+        with self._lock:
+            if self._tickets.pop(key, None) is None:
                 return False
-            self._items[key] = (ticket[1], data)
+            self._items[key] = (content_type, data)
             return True
 
     def get(self, key: str) -> tuple[str, bytes] | None:
@@ -89,8 +93,7 @@ class EmulatorServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up (timeouts, kill -9) is routine here, not a traceback on stderr.
-        logger.debug("emulator: connection from %s ended abruptly", client_address,
-                     exc_info=True)
+        logger.debug("emulator: connection from %s ended abruptly", client_address, exc_info=True)
 
     def fetch_media(self, url: str) -> bytes | None:
         """What the service does when it downloads an input image. Never leaves this machine:
@@ -119,8 +122,10 @@ class Emulator:
         self.config = config
         self._server = EmulatorServer(host, port, config)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name="emulator-http", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="emulator-http",
+            daemon=True,
         )
         self._stopped = False
 
