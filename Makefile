@@ -10,7 +10,7 @@ DEMO_ENV := WAN_TASKS_HOME=$(CURDIR)/var/wan-tasks PREFECT_HOME=$(CURDIR)/var/pr
 
 .PHONY: demo test lint typecheck bench soak stack clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/js/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24,<27"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

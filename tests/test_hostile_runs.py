@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect import flow
@@ -29,6 +30,14 @@ def run_jobs(jobs: list[VideoJob], options: RunOptions = FAST) -> list[VideoOutc
         return Producer(target, options, Budget(options.budget_usd)).run(jobs)
 
     return jobs_flow()
+
+
+def uploaded(stack: Stack) -> str:
+    """The sample image as a URL the emulator serves."""
+    from wan_tasks.api.client import WaveSpeedClient
+
+    with WaveSpeedClient(stack.emulator.api_key, stack.emulator.base_url) as client:
+        return client.upload(SAMPLE)
 
 
 # -- one bad row must not fail the others ----------------------------------------------------
@@ -62,7 +71,9 @@ def test_a_lost_answer_on_a_resubmission_finds_that_attempts_task(
     """Attempt 0 fails with 5003; the answer to attempt 1's POST is lost. Reconciliation
     must find attempt 1's task (the same body), not attempt 0's failed one."""
     stack = make_stack(faults={"script": {"submit": ["fail:5003", "drop"]}})
-    out = run_video(req("resubmit-lost"), options=FAST)
+    # An image URL (not a local file uploaded anew per attempt): both attempts send the
+    # very same body.
+    out = run_video(req("resubmit-lost", image=uploaded(stack)), options=FAST)
     assert out.status == "archived"
     assert stack.stats()["submissions"] == 2  # attempt 0 and attempt 1, no third task
 
@@ -71,7 +82,7 @@ def test_a_503_on_a_resubmission_sends_the_resubmission(make_stack: Callable[...
     """Attempt 0 fails with 5003; attempt 1's POST answers 503. Attempt 0's failed task must
     not be taken for attempt 1: attempt 1 is sent once the history shows it was not."""
     stack = make_stack(faults={"script": {"submit": ["fail:5003", "503"]}})
-    out = run_video(req("resubmit-503"), options=FAST)
+    out = run_video(req("resubmit-503", image=uploaded(stack)), options=FAST)
     assert out.status == "archived"
     assert stack.stats()["submissions"] == 2
 
@@ -142,3 +153,32 @@ def test_an_image_replaced_in_place_is_a_new_request(stack: Stack, tmp_path: Pat
     second = run_video(req("replaced", image=str(image), seed=9), options=FAST)
     assert stack.stats()["submissions"] == 2
     assert second.prediction_id != first.prediction_id
+
+
+def test_a_long_history_is_searched_to_its_end(
+    make_emulator: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The task a crashed submit created sits pages deep in a history whose pages hold fewer
+    rows than were asked for: it is found, not paid for again; a window that cannot be
+    searched to its end is uncertain (nothing is sent), never "no such task"."""
+    from wan_tasks.api.client import WaveSpeedClient
+    from wan_tasks.core.identity import derive_seed, request_key
+    from wan_tasks.core.ledger import FileLedger, reconcile
+    from wan_tasks.core.submit import submit_once
+    from wan_tasks.errors import SubmissionUncertainError
+
+    emu = make_emulator(latency_s=0.2, concurrency=20, history_page_cap=5)
+    ledger = FileLedger(tmp_path / "ledger")
+    with WaveSpeedClient(emu.api_key, emu.base_url) as client:
+        lost = derive_seed(req("deep-in-history"))
+        payload = client.prepare(lost)
+        entry = ledger.record_intent(request_key(lost, service=client.service_id),
+                                     client.ops.model, payload)
+        accepted = client.submit_payload(payload)  # the answer "never reached" the ledger
+        for i in range(12):  # newer tasks push it to the third page
+            client.submit_payload(client.prepare(derive_seed(req(f"newer-{i}"))))
+        with pytest.raises(SubmissionUncertainError):
+            reconcile(client, entry, max_pages=2)
+        found = submit_once(client, lost, ledger=ledger, settle_s=(0.1,))
+    assert found.prediction_id == accepted.id
+    assert emu.stats()["submissions"] == 13

@@ -165,6 +165,9 @@ class EmulatorConfig(BaseModel):
     history_window_s: float = Field(
         7 * 24 * 3600, gt=0, description="history lists tasks this recent (scaled)"
     )
+    history_page_cap: int = Field(
+        100, ge=1, description="most rows a history page returns whatever page_size asks"
+    )
     upload_limits: UploadLimits = Field(default_factory=UploadLimits)
     max_body_bytes: int = Field(110 * MB, ge=1, description="larger request bodies: 413")
     render_once: bool = Field(

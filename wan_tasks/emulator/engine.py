@@ -288,7 +288,7 @@ class Engine:
             raise ValueError("page: must be at least 1")
         if size < 1:
             raise ValueError("page_size: must be 1 to 100")
-        size = min(100, size)
+        size = min(100, self.config.history_page_cap, size)
         oldest = time.time() - self.scaled(self.config.history_window_s)
         with self.lock:
             rows = [
