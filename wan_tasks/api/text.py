@@ -45,9 +45,7 @@ def clean_text(text: str) -> str:
     kept). Format characters stay: zero-width joiners carry meaning in emoji and in scripts
     such as Persian, and harm nothing."""
     text = _ANSI.sub("", text)
-    return "".join(
-        ch for ch in text if ch in _KEPT_CONTROLS or unicodedata.category(ch) != "Cc"
-    )
+    return "".join(ch for ch in text if ch in _KEPT_CONTROLS or unicodedata.category(ch) != "Cc")
 
 
 def has_visible_text(text: str) -> bool:

@@ -353,9 +353,7 @@ def _check_header(record: list[str], name: str) -> list[str]:
             for i, col in enumerate(header, start=1)
             if col not in _COLUMNS
         )
-        raise ManifestError(
-            f"{name}: unknown header column(s) {shown}; valid columns: {valid}"
-        )
+        raise ManifestError(f"{name}: unknown header column(s) {shown}; valid columns: {valid}")
     repeated = sorted({col for col in header if header.count(col) > 1})
     if repeated:
         raise ManifestError(f"{name}: header repeats column(s) {', '.join(map(repr, repeated))}")
@@ -466,9 +464,7 @@ def _build_items(raw_rows: list[_RawRow], base_dir: Path | None) -> list[Manifes
                 request = None
         earlier = first_row_of.setdefault(item_id, raw.row)
         if earlier != raw.row:
-            problems.append(
-                f"duplicate id {quote_value(item_id)} (already used on row {earlier})"
-            )
+            problems.append(f"duplicate id {quote_value(item_id)} (already used on row {earlier})")
         if problems:
             items.append(
                 ManifestItem(
@@ -553,8 +549,10 @@ def _safe_loc(parts: Iterable[Any]) -> str:
     shown = []
     for part in parts:
         text = str(part)
-        plain = isinstance(part, int) or text in _KNOWN_KEYS or (
-            _PLAIN_KEY.fullmatch(text) is not None and not looks_like_secret(text)
+        plain = (
+            isinstance(part, int)
+            or text in _KNOWN_KEYS
+            or (_PLAIN_KEY.fullmatch(text) is not None and not looks_like_secret(text))
         )
         shown.append(text if plain else quote_value(text))
     return ".".join(shown)
