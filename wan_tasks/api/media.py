@@ -38,7 +38,7 @@ MIN_SIDE = 16
 MAX_SIDE = 8192
 # Checked on the header's size before decoding, so decoding costs at most this many pixels
 # (a 50 MP phone photo fits; a header claiming 30000x30000 is refused unread).
-MAX_PIXELS = 64 * 1024 * 1024
+MAX_PIXELS = 50 * 1024 * 1024
 MAX_URL_LENGTH = 2048
 URL_SCHEMES = ("http", "https")
 

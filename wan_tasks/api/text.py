@@ -107,7 +107,9 @@ _SIGNED_URL = re.compile(
     r"|://[^/@\s]*:[^/@\s]*@",
     re.IGNORECASE,
 )
-_TOKEN_RUN = re.compile(r"[A-Za-z0-9_+=-]{24,}")
+# Runs that could be a key: base64/hex alphabets without the separators of ordinary names
+# (snake_case and kebab-case file names split into short words).
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9+=]{20,}")
 
 
 def _entropy_bits(text: str) -> float:
@@ -121,11 +123,11 @@ def looks_like_secret(text: str) -> bool:
     if _SECRET_PREFIX.search(text) or _SIGNED_URL.search(text):
         return True
     for run in _TOKEN_RUN.findall(text):
-        has_digit = any(c.isdigit() for c in run)
+        digits = sum(c.isdigit() for c in run)
         has_alpha = any(c.isalpha() for c in run)
-        # Hex keys sit near 4 bits per character, base64 ones near 5; prose and file names
-        # ("take_0001_final_version_two") have fewer distinct characters or no digits.
-        if has_digit and has_alpha and _entropy_bits(run) >= 3.5:
+        # Hex keys sit near 4 bits per character, base64 ones near 5; words and numbers
+        # ("takeoneFinal2023") have fewer distinct characters or lack digits or letters.
+        if digits >= 2 and has_alpha and _entropy_bits(run) >= 3.5:
             return True
     return False
 

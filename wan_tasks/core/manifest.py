@@ -349,7 +349,7 @@ def _check_header(record: list[str], name: str) -> list[str]:
     if unknown:
         # A header-less CSV makes its first data row the header: its cells may be secrets.
         shown = ", ".join(
-            f"{i} {quote_value(col)}"
+            f"{quote_value(col)} (column {i})"
             for i, col in enumerate(header, start=1)
             if col not in _COLUMNS
         )
@@ -485,7 +485,11 @@ def _check_row(
     given_id = fields.pop("id", None)
     if given_id is not None:
         if isinstance(given_id, str) and _ID_RE.fullmatch(given_id):
-            item_id = given_id
+            if looks_like_secret(given_id):
+                # An id travels into object keys, reports and logs by design.
+                problems.insert(0, f"id: {quote_value(given_id)}; choose an id that is not")
+            else:
+                item_id = given_id
         else:
             problems.insert(
                 0,
