@@ -110,6 +110,8 @@ _SIGNED_URL = re.compile(
 # Runs that could be a key: base64/hex alphabets without the separators of ordinary names
 # (snake_case and kebab-case file names split into short words).
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9+=]{20,}")
+# Base64 keys (AWS secret keys, say) also hold "/": a long run mixing all three classes.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{32,}")
 
 
 def _entropy_bits(text: str) -> float:
@@ -128,6 +130,10 @@ def looks_like_secret(text: str) -> bool:
         # Hex keys sit near 4 bits per character, base64 ones near 5; words and numbers
         # ("takeoneFinal2023") have fewer distinct characters or lack digits or letters.
         if digits >= 2 and has_alpha and _entropy_bits(run) >= 3.5:
+            return True
+    for run in _BASE64_RUN.findall(text):
+        classes = (str.isupper, str.islower, str.isdigit)
+        if all(any(test(c) for c in run) for test in classes) and _entropy_bits(run) >= 4.0:
             return True
     return False
 
