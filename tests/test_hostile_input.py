@@ -150,6 +150,7 @@ def test_a_pasted_key_never_reaches_errors_or_logs(
         f"image,prompt,loras\n{URL},p,{SECRET}=heavy\n",
         f"image,prompt\n{SECRET},p\n",
     ],
+    ids=["header-less CSV", "seed cell", "lora cell", "image cell"],
 )
 def test_csv_errors_never_echo_a_pasted_key(data: str, tmp_path: Path) -> None:
     try:
