@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability.bad_input import CASES, Case, check
+from reliability.bad_input import CASES, VALID, Case, Valid, accept, check
 from tests.conftest import SAMPLE, Stack
 from tests.test_flows import FAST
 from wan_tasks.flows.generate import generate_batch
@@ -20,6 +20,31 @@ def test_case_is_rejected_with_field_and_rule(case: Case, tmp_path: Path) -> Non
     assert outcome.ok, f"{case.name}: {outcome.message!r} lacks {case.field!r}/{case.rule!r}"
 
 
+@pytest.mark.parametrize("valid", VALID, ids=[v.name for v in VALID])
+def test_unusual_but_valid_input_is_accepted(valid: Valid, tmp_path: Path) -> None:
+    accepted, why = accept(valid, tmp_path)
+    assert accepted, f"{valid.name} was refused: {why}"
+
+
+def test_the_table_covers_every_class_of_issue_14() -> None:
+    names = " ".join(c.name for c in CASES).lower()
+    for word in (
+        "zero-width",
+        "ansi",
+        "nul",
+        "url with a space",
+        "30000x30000",
+        "corrupt",
+        "truncated",
+        "5000 digits",
+        "nan",
+        "api key",
+        "signed url",
+    ):
+        assert word in names, f"no bad-input case for {word!r}"
+    assert len([v for v in VALID if v.kind == "file"]) >= 12
+
+
 def test_bad_rows_cost_no_calls_and_the_rest_runs(stack: Stack, tmp_path: Path) -> None:
     rows = []
     for i, case in enumerate(c for c in CASES if c.kind in ("request", "file")):
@@ -28,8 +53,11 @@ def test_bad_rows_cost_no_calls_and_the_rest_runs(stack: Stack, tmp_path: Path) 
         fields = case.build(folder)
         rows.append(json.dumps({"id": f"bad-{i}", **fields}, default=str))
     for i in range(2):
-        rows.append(json.dumps({"id": f"good-{i}", "image": str(SAMPLE),
-                                "prompt": f"test bad-input neighbour {i}"}))
+        rows.append(
+            json.dumps(
+                {"id": f"good-{i}", "image": str(SAMPLE), "prompt": f"test bad-input neighbour {i}"}
+            )
+        )
     manifest = tmp_path / "mixed.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
     report = generate_batch(str(manifest), options=FAST, fail_on_item_error=False)
@@ -38,5 +66,6 @@ def test_bad_rows_cost_no_calls_and_the_rest_runs(stack: Stack, tmp_path: Path) 
     stats = stack.stats()
     # Only the two good rows touched the service: one upload and one submit each.
     assert (stats["submissions"], stats["uploads"]) == (2, 2)
-    assert all(o.error and o.error.startswith("row ") for o in report.outcomes
-               if o.status == "invalid")
+    assert all(
+        o.error and o.error.startswith("row ") for o in report.outcomes if o.status == "invalid"
+    )

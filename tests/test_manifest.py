@@ -398,3 +398,52 @@ def test_explicit_format_overrides_suffix() -> None:
 def test_manifest_item_holds_exactly_one_outcome() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         ManifestItem(row=1, item_id="x", request=None, error=None)
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        (
+            '{{"image": "{}", "prompt": "p", "seed": {}}}'.format(URL, "1" * 5000),
+            ["seed:", "5000 digits"],
+        ),
+        (
+            f'{{"image": "{URL}", "prompt": "p", "duration": 1e999}}',
+            ["duration:", "too large"],
+        ),
+        (f'{{"image": "{URL}", "prompt": "p", "seed": Infinity}}', ["seed:", "Infinity"]),
+        (
+            f'{{"image": "{URL}", "prompt": "p", '
+            '"high_noise_loras": [{"path": "a", "scale": NaN}]}',
+            ["high_noise_loras.0.scale:", "NaN"],
+        ),
+        ("[" * 50_000, ["not valid JSON"]),
+        (f'{{"image": "{URL}", "prompt": "\\u0000\\u200b"}}', ["prompt:", "blank"]),
+    ],
+    ids=["huge int", "huge float", "Infinity", "nested NaN", "deep nesting", "invisible prompt"],
+)
+def test_one_hostile_value_costs_only_its_row(row: str, words: list[str]) -> None:
+    good = json.dumps({"image": URL, "prompt": "fine"})
+    items = parse_manifest(
+        f"{good}\n{row}\n{good.replace('fine', 'also fine')}".encode(), name="m.jsonl"
+    )
+    assert [i.ok for i in items] == [True, False, True]
+    error = items[1].error or ""
+    assert error.startswith("row 2: ")
+    for word in words:
+        assert word in error
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+@pytest.mark.parametrize("name", ["m.jsonl", "m.csv"])
+def test_wide_unicode_files_are_refused_as_a_whole(encoding: str, name: str) -> None:
+    text = f"image,prompt\n{URL},p\n" if name.endswith(".csv") else jsonl(GOOD).decode()
+    with pytest.raises(ManifestError, match="save it as UTF-8"):
+        parse_manifest(text.encode(encoding), name=name)
+
+
+def test_csv_cell_over_the_csv_module_limit_is_a_row_error() -> None:
+    data = csv_bytes("image,prompt", f"{URL},{'x' * 200_000}", f"{URL},fine")
+    items = parse_manifest(data, name="m.csv")
+    assert [i.ok for i in items] == [False, True]
+    assert "row 2: prompt:" in (items[0].error or "")

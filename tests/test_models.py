@@ -133,3 +133,38 @@ def test_status_terminality() -> None:
     })
     assert p.is_terminal and p.code == 5003 and p.inference_ms == 12
     assert p.model_extra == {"new_field_from_service": 1}
+
+
+# Request-side hostile input: invisible prompts, malformed URLs, odd LoRA paths.
+HOSTILE: list[tuple[str, dict[str, Any], str, str]] = [
+    ("prompt of NULs", base(prompt="\x00\x00"), "prompt", "blank"),
+    ("prompt of zero-width spaces", base(prompt="\u200b\ufeff"), "prompt", "blank"),
+    ("prompt of an ANSI escape", base(prompt="\x1b[2J"), "prompt", "blank"),
+    ("image URL with a space", base(image="https://h.example/a b.png"), "image", "space"),
+    ("image URL with CR", base(image="https://h.example/a\r.png"), "image", "line break"),
+    ("upper-case ftp URL", base(image="FTP://h.example/a.png"), "image", "http(s) URL"),
+    ("lora path with a tab", base(loras=[{"path": "a\tb"}]), "loras.0.path", "tab"),
+    ("lora s3 URL", base(loras=[{"path": "s3://b/l"}]), "loras.0.path", "http(s) URL"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "field", "words"), HOSTILE,
+                         ids=[h[0] for h in HOSTILE])
+def test_hostile_request_fields(case: str, fields: dict[str, Any], field: str,
+                                words: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        I2VRequest.model_validate(fields)
+    errors = caught.value.errors()
+    assert [".".join(map(str, e["loc"])) for e in errors] == [field], case
+    assert words in errors[0]["msg"], case
+
+
+def test_relative_file_name_with_a_colon_is_a_file(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "shots").mkdir()
+    (tmp_path / "shots" / "take:1.png").write_bytes(SAMPLE.read_bytes())
+    (tmp_path / "take:2.png").write_bytes(SAMPLE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for name in ("shots/take:1.png", "take:2.png"):
+        request = I2VRequest(image=name, prompt="p")
+        assert request.local_images() == {"image": tmp_path / name}

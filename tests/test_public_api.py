@@ -17,9 +17,9 @@ import wan_tasks
 from wan_tasks import errors
 from wan_tasks.emulator import Emulator
 
-# Exceptions that never leave their module (the emulator's own connection-drop signal, the
+# Exceptions that never leave their module (the emulator's connection-drop and bad-body signals, the
 # manifest parser's internal duplicate-key marker, SeaweedFS's port race), caught where raised.
-PRIVATE_EXCEPTIONS = {"Dropped", "_DuplicateKeyError", "_PortTaken"}
+PRIVATE_EXCEPTIONS = {"BadBody", "Dropped", "_DuplicateKeyError", "_PortTaken"}
 
 
 def all_modules() -> list[str]:

@@ -143,3 +143,63 @@ def test_emulator_delivers_signed_webhooks(make_emulator: Callable[..., Any], ma
     assert bad.event.wait(15)
     assert bad.rejected >= 1 and not bad.received
     json.dumps(body)  # the payload is plain JSON
+
+
+def _hostile() -> list[tuple[str, Any, Any]]:
+    good = headers()
+    return [
+        ("non-ASCII signature", {**good, "webhook-signature": "v3,é" + "0" * 63}, BODY),
+        ("non-ASCII id", {**good, "webhook-id": "msg_\u200b1"}, BODY),
+        ("400-digit timestamp", {**good, "webhook-timestamp": "9" * 400}, BODY),
+        ("negative timestamp", {**good, "webhook-timestamp": str(-NOW)}, BODY),
+        ("float timestamp", {**good, "webhook-timestamp": f"{NOW}.5"}, BODY),
+        ("exponent timestamp", {**good, "webhook-timestamp": "1.78e9"}, BODY),
+        ("non-ASCII digits", {**good, "webhook-timestamp": "١٧٨٠٠٠٠٠٠٠"}, BODY),
+        ("timestamp with newline", {**good, "webhook-timestamp": f"{NOW}\n"}, BODY),
+        ("empty headers", {}, BODY),
+        ("headers not a mapping", 42, BODY),
+        ("header value not text", {**good, "webhook-id": 7}, BODY),
+        (
+            "bytes header not ASCII",
+            {b"webhook-id": b"\xff", b"webhook-timestamp": b"1", b"webhook-signature": b"v3,0"},
+            BODY,
+        ),
+        ("huge id", {**good, "webhook-id": "m" * 100_000}, BODY),
+        ("huge signature header", {**good, "webhook-signature": "v3,0 " * 100_000}, BODY),
+        ("conflicting duplicate headers", {**good, "Webhook-Id": "msg_2"}, BODY),
+        ("body not bytes", good, 12345),
+        ("body a dict", good, {"id": "abc"}),
+        ("body with lone surrogate", good, "\ud800"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "hdrs", "body"), _hostile(), ids=[h[0] for h in _hostile()])
+def test_every_malformed_input_is_a_verification_error(case: str, hdrs: Any, body: Any) -> None:
+    with pytest.raises(WebhookVerificationError):
+        verify(SECRET, hdrs, body, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"a": ' + b"9" * 5000 + b"}", b"\xff\xfe", b"[1, 2]"],
+    ids=["nested 100000 deep", "5000-digit integer", "not UTF-8", "not an object"],
+)
+def test_signed_but_malformed_body_is_a_verification_error(body: bytes) -> None:
+    with pytest.raises(WebhookVerificationError, match="body"):
+        verify(SECRET, headers(body), body, now=NOW)
+
+
+def test_bytes_headers_str_body_and_pair_lists_are_accepted() -> None:
+    raw = {k.encode(): v.encode() for k, v in headers().items()}
+    assert verify(SECRET, raw, BODY, now=NOW)["id"] == "abc"
+    assert verify(SECRET, list(raw.items()), BODY.decode(), now=NOW)["id"] == "abc"
+    assert verify(SECRET, headers(), bytearray(BODY), now=NOW)["id"] == "abc"
+
+
+def test_replay_error_does_not_echo_a_hostile_id() -> None:
+    guard = ReplayGuard()
+    wid = "msg_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+    verify(SECRET, headers(wid=wid), BODY, now=NOW, replay_guard=guard)
+    with pytest.raises(WebhookVerificationError, match="replay") as caught:
+        verify(SECRET, headers(wid=wid), BODY, now=NOW, replay_guard=guard)
+    assert wid not in str(caught.value)

@@ -7,6 +7,7 @@ dropped: a typo such as `negative_promt` must not silently produce a different v
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -23,29 +24,50 @@ from pydantic import (
     field_validator,
 )
 
-from wan_tasks.api.media import check_image_reference
+from wan_tasks.api.media import check_image_reference, check_url, is_url
+from wan_tasks.api.text import clean_text, find_char, has_visible_text, quote_value
 
 MODEL_ID = "wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast"
 MAX_SEED = 2_147_483_647
 MAX_LORAS = 3
 PRICE_USD: dict[int, Decimal] = {5: Decimal("0.10"), 8: Decimal("0.16")}
 FPS = 16
+# A LoRA path is a URL or a hub id: no whitespace, controls or invisible characters inside.
+_LORA_PATH_FORBIDDEN = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+_SCHEME_SLASHES = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _prompt_text(value: str) -> str:
+    """A prompt as it is sent: without control characters and terminal escapes."""
+    bad = find_char(value, frozenset({"Cs"}))
+    if bad:
+        raise ValueError(f"has {bad[1]} at position {bad[0]}")
+    return clean_text(value)
 
 
 class LoraWeight(BaseModel):
     """One LoRA: a path (URL or hub id the service resolves) and a blending scale."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors never echo the input: a credential pasted into a field must not reach logs.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     path: Annotated[StrictStr, Field(min_length=1, max_length=2048)]
     scale: Annotated[StrictFloat, Field(ge=0.0, le=4.0, allow_inf_nan=False)] = 1.0
 
     @field_validator("path")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+    def _path(cls, v: str) -> str:
+        v = v.strip()
+        if not has_visible_text(v):
             raise ValueError("must not be blank")
-        return v.strip()
+        bad = find_char(v, _LORA_PATH_FORBIDDEN)
+        if bad:
+            raise ValueError(f"has {bad[1]} at position {bad[0]}")
+        if is_url(v):
+            return check_url(v)
+        if _SCHEME_SLASHES.match(v):
+            raise ValueError("must be an http(s) URL or a model id, not another kind of URL")
+        return v
 
 
 LoraList = Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)]
@@ -58,7 +80,7 @@ class I2VRequest(BaseModel):
     (exists, supported image type, sane size) and uploaded by the client before submit.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     image: Annotated[StrictStr, Field(min_length=1, description="First frame: URL or local path")]
     prompt: Annotated[StrictStr, Field(min_length=1, max_length=10_000)]
@@ -72,10 +94,19 @@ class I2VRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
+    def _prompt(cls, v: str) -> str:
+        # Blank means nothing visible: NULs, zero-width spaces or a bare ANSI escape are
+        # blank too, and the service would bill for a video from an empty prompt.
+        v = _prompt_text(v)
+        if not has_visible_text(v):
+            raise ValueError("must not be blank (it has no visible characters)")
         return v
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt(cls, v: str) -> str:
+        v = _prompt_text(v)
+        return v if has_visible_text(v) else ""
 
     @field_validator("image", "last_image")
     @classmethod
@@ -96,7 +127,7 @@ class I2VRequest(BaseModel):
         found: dict[str, Path] = {}
         for name in ("image", "last_image"):
             value: str | None = getattr(self, name)
-            if value is not None and not value.startswith(("http://", "https://")):
+            if value is not None and not is_url(value):
                 found[name] = Path(value)
         return found
 
@@ -106,8 +137,10 @@ class I2VRequest(BaseModel):
         body.update(urls)
         leftover = [k for k in ("image", "last_image") if k in body and k not in urls]
         for name in leftover:
-            if not str(body[name]).startswith(("http://", "https://")):
-                raise ValueError(f"{name}: local file {body[name]!r} must be uploaded first")
+            if not is_url(str(body[name])):
+                raise ValueError(
+                    f"{name}: local file {quote_value(body[name])} must be uploaded first"
+                )
         for lora_field in ("loras", "high_noise_loras", "low_noise_loras"):
             if not body[lora_field]:
                 del body[lora_field]

@@ -6,6 +6,11 @@ row, the field and the rule broken. Only problems that make the whole file unusa
 format, no rows, a header typo that would affect every row, too many rows, too big, a CSV that
 is not UTF-8) raise `ManifestError`.
 
+Any exception while reading or checking one row becomes that row's error: an integer of 5,000
+digits, NaN, a number too large for a float, JSON nested 100,000 deep, an image that is a
+decompression bomb. Errors quote a user's value only through `quote_value`, so a credential
+pasted into a cell is never echoed into logs, summaries or artifacts.
+
 Row numbers are the line a person sees in an editor: the line of a JSONL object, or the line
 on which a CSV record starts (the header is line 1).
 """
@@ -17,16 +22,18 @@ import csv
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from wan_tasks.api.media import is_url
 from wan_tasks.api.models import I2VRequest
+from wan_tasks.api.text import looks_like_secret, quote_value
 from wan_tasks.errors import ManifestError
 
 __all__ = [
@@ -55,11 +62,24 @@ _COLUMNS: tuple[str, ...] = (*_REQUEST_FIELDS, "id", "variant")
 _INT_FIELDS = frozenset({"duration", "seed"})
 _LORA_FIELDS = frozenset({"loras", "high_noise_loras", "low_noise_loras"})
 _IMAGE_FIELDS = ("image", "last_image")
+_KNOWN_KEYS = frozenset({*_COLUMNS, "path", "scale"})
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
+_OTHER_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://|data:", re.IGNORECASE)
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # ASCII only: int() would also take "1_000" or non-ASCII digits, which no one means in a cell.
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# No field takes an integer beyond 2**31; a longer one is refused before int() is asked to
+# convert it (Python refuses 4,300+ digits with a ValueError of its own).
+_MAX_INT_DIGITS = 20
+# UTF-16/32 files (Excel's "Unicode text") are whole-file problems: every line would fail.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,54 @@ class _RawRow:
 
 class _DuplicateKeyError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class _BadNumber:
+    """Stands in for a JSON number no field can take, so the error can name its field."""
+
+    what: str
+
+
+def _json_int(text: str) -> int | _BadNumber:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        return _BadNumber(f"an integer of {digits} digits is out of range")
+    return int(text)
+
+
+def _json_float(text: str) -> float | _BadNumber:
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    return _BadNumber(f"a number of {len(text)} characters is too large for a float")
+
+
+def _json_constant(text: str) -> _BadNumber:
+    return _BadNumber(f"{text} is not a number JSON allows")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(
+        text,
+        object_pairs_hook=_unique_keys,
+        parse_int=_json_int,
+        parse_float=_json_float,
+        parse_constant=_json_constant,
+    )
+
+
+def _bad_numbers(value: Any, loc: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, _BadNumber):
+        return [(loc, value.what)]
+    found: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _bad_numbers(item, f"{loc}.{key}" if loc else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _bad_numbers(item, f"{loc}.{index}" if loc else str(index))
+    return found
 
 
 def parse_manifest(
@@ -165,8 +233,14 @@ def _detect_format(name: str, fmt: str | None) -> ManifestFormat:
     )
 
 
+def _check_encoding(data: bytes, name: str) -> None:
+    for bom, encoding in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise ManifestError(f"{name}: the file is {encoding} text; save it as UTF-8")
+
+
 def _read_jsonl(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
-    data = data.removeprefix(codecs.BOM_UTF8)
+    _check_encoding(data, name)
     # JSON strings cannot hold a raw newline, so splitting bytes on b"\n" never cuts an
     # object; splitting before decoding keeps one non-UTF-8 line from sinking the file.
     lines = data.split(b"\n")
@@ -174,7 +248,9 @@ def _read_jsonl(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
     if count > max_rows:
         raise ManifestError(f"{name}: manifest has {count} rows; the limit is {max_rows}")
     rows: list[_RawRow] = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw_line in enumerate(lines, start=1):
+        # A BOM may start any line of files that were concatenated, not only the first.
+        line = raw_line.removeprefix(codecs.BOM_UTF8)
         if not line.strip():
             continue
         try:
@@ -189,7 +265,7 @@ def _read_jsonl(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
             )
             continue
         try:
-            value = json.loads(text, object_pairs_hook=_unique_keys)
+            value = _loads(text)
         except json.JSONDecodeError as exc:
             rows.append(_RawRow(number, None, [f"not valid JSON: {exc.msg} (column {exc.colno})"]))
             continue
@@ -198,6 +274,9 @@ def _read_jsonl(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
             continue
         except RecursionError:
             rows.append(_RawRow(number, None, ["not valid JSON: nested too deeply"]))
+            continue
+        except Exception as exc:  # one line's oddity must not sink the other rows
+            rows.append(_RawRow(number, None, [f"not valid JSON ({type(exc).__name__})"]))
             continue
         if not isinstance(value, dict):
             rows.append(
@@ -213,6 +292,7 @@ def _read_jsonl(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
 
 
 def _read_csv(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
+    _check_encoding(data, name)
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         text = data[bom:].decode("utf-8")
@@ -225,6 +305,11 @@ def _read_csv(data: bytes, name: str, max_rows: int) -> list[_RawRow]:
             f"{name}: not valid UTF-8: byte 0x{data[offset]:02x} at offset {offset} "
             f"(line {line}); save the CSV as UTF-8"
         ) from exc
+    # The csv module refuses cells over 128 KiB with an error that would sink the whole file;
+    # a long cell is a row problem (the model's length rules name it). The limit is
+    # process-wide, so it is only ever raised, never lowered again.
+    if csv.field_size_limit() < len(text):
+        csv.field_size_limit(len(text) + 1)
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     rows: list[_RawRow] = []
@@ -259,10 +344,13 @@ def _check_header(record: list[str], name: str) -> list[str]:
         )
     unknown = [col for col in header if col not in _COLUMNS]
     if unknown:
-        raise ManifestError(
-            f"{name}: unknown header column(s) {', '.join(map(repr, unknown))}; "
-            f"valid columns: {valid}"
+        # A header-less CSV makes its first data row the header: its cells may be secrets.
+        shown = ", ".join(
+            f"{quote_value(col)} (column {i})"
+            for i, col in enumerate(header, start=1)
+            if col not in _COLUMNS
         )
+        raise ManifestError(f"{name}: unknown header column(s) {shown}; valid columns: {valid}")
     repeated = sorted({col for col in header if header.count(col) > 1})
     if repeated:
         raise ManifestError(f"{name}: header repeats column(s) {', '.join(map(repr, repeated))}")
@@ -295,7 +383,10 @@ def _convert_cell(column: str, cell: str) -> Any:
     if column in _INT_FIELDS:
         text = cell.strip()
         if not _INT_TEXT.fullmatch(text):
-            raise ValueError(f"must be integer text such as 5, not {_show(cell)}")
+            raise ValueError(f"must be integer text such as 5, not {quote_value(cell)}")
+        digits = len(text.lstrip("+-"))
+        if digits > _MAX_INT_DIGITS:
+            raise ValueError(f"an integer of {digits} digits is out of range")
         return int(text)
     if column in _LORA_FIELDS:
         return _parse_loras(cell)
@@ -311,11 +402,19 @@ def _parse_loras(cell: str) -> Any:
     text = cell.strip()
     if text.startswith(("[", "{")):
         try:
-            return json.loads(text, object_pairs_hook=_unique_keys)
+            value = _loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from exc
+        except _DuplicateKeyError:
+            raise
         except RecursionError as exc:
             raise ValueError("not valid JSON: nested too deeply") from exc
+        except Exception as exc:
+            raise ValueError(f"not valid JSON ({type(exc).__name__})") from exc
+        bad = _bad_numbers(value)
+        if bad:
+            raise ValueError("; ".join(f"{loc}: {what}" if loc else what for loc, what in bad))
+        return value
     hint = "write path=scale;path=scale (e.g. my-lora=0.8) or a JSON list"
     loras: list[dict[str, Any]] = []
     for raw_entry in text.split(";"):
@@ -329,13 +428,14 @@ def _parse_loras(cell: str) -> Any:
         path, scale_text = path.strip(), scale_text.strip()
         if not _DECIMAL_TEXT.fullmatch(scale_text):
             raise ValueError(
-                f"entry {_show(entry)}: scale {_show(scale_text)} is not a number; {hint}"
+                f"entry {quote_value(entry)}: scale {quote_value(scale_text)} is not a "
+                f"number; {hint}"
             )
         # "https://h/l?dl=1" would otherwise silently become path "https://h/l?dl", scale 1:
         # a URL whose last query parameter lost its "=" means the scale was not written.
         if "?" in path and "=" not in re.split(r"[?&]", path)[-1]:
             raise ValueError(
-                f"entry {_show(entry)} is ambiguous: a path containing '=' needs an explicit "
+                f"entry {quote_value(entry)} is ambiguous: a path containing '=' needs an explicit "
                 "scale (path=1.0) or the JSON form"
             )
         loras.append({"path": path, "scale": float(scale_text)})
@@ -351,36 +451,17 @@ def _build_items(raw_rows: list[_RawRow], base_dir: Path | None) -> list[Manifes
         variant = ""
         request: I2VRequest | None = None
         if raw.fields is not None:
-            fields = dict(raw.fields)
-            given_id = fields.pop("id", None)
-            if given_id is not None:
-                if isinstance(given_id, str) and _ID_RE.fullmatch(given_id):
-                    item_id = given_id
-                else:
-                    problems.insert(
-                        0,
-                        (
-                            "id: must be 1-64 characters of letters, digits, '.', '_' or '-', "
-                            f"not {_show(given_id)}"
-                        ),
-                    )
-            given_variant = fields.pop("variant", None)
-            if given_variant is not None:
-                if isinstance(given_variant, str):
-                    variant = given_variant
-                else:
-                    problems.append(f"variant: must be a string, not {_json_type(given_variant)}")
-            _resolve_images(fields, base_dir)
             try:
-                request = I2VRequest.model_validate(fields)
-            except ValidationError as exc:
-                problems.extend(_describe(exc))
-            except OSError as exc:
-                # An unreadable image (permissions, I/O error) is this row's problem only.
-                problems.append(f"cannot read a local image: {exc}")
+                item_id, variant, request = _check_row(raw.fields, base_dir, problems, item_id)
+            except Exception as exc:
+                # Whatever went wrong is this row's problem only; its type, not its text,
+                # which could quote the row's values.
+                log.debug("row %d: unexpected %s while checking it", raw.row, type(exc).__name__)
+                problems.append(f"could not be checked ({type(exc).__name__})")
+                request = None
         earlier = first_row_of.setdefault(item_id, raw.row)
         if earlier != raw.row:
-            problems.append(f"duplicate id {item_id!r} (already used on row {earlier})")
+            problems.append(f"duplicate id {quote_value(item_id)} (already used on row {earlier})")
         if problems:
             items.append(
                 ManifestItem(
@@ -392,6 +473,51 @@ def _build_items(raw_rows: list[_RawRow], base_dir: Path | None) -> list[Manifes
     return items
 
 
+def _check_row(
+    raw_fields: dict[str, Any], base_dir: Path | None, problems: list[str], item_id: str
+) -> tuple[str, str, I2VRequest | None]:
+    """Validate one row's fields; append its problems; return (id, variant, request)."""
+    fields = dict(raw_fields)
+    variant = ""
+    given_id = fields.pop("id", None)
+    if given_id is not None:
+        if isinstance(given_id, str) and _ID_RE.fullmatch(given_id):
+            if looks_like_secret(given_id):
+                # An id travels into object keys, reports and logs by design.
+                problems.insert(0, f"id: {quote_value(given_id)}; choose an id that is not")
+            else:
+                item_id = given_id
+        else:
+            problems.insert(
+                0,
+                (
+                    "id: must be 1-64 characters of letters, digits, '.', '_' or '-', "
+                    f"not {quote_value(given_id)}"
+                ),
+            )
+    given_variant = fields.pop("variant", None)
+    if given_variant is not None:
+        if isinstance(given_variant, str):
+            variant = given_variant
+        else:
+            problems.append(f"variant: must be a string, not {_json_type(given_variant)}")
+    bad_numbers = _bad_numbers(fields)
+    for loc, what in bad_numbers:
+        problems.append(f"{_safe_loc(loc.split('.'))}: {what}")
+    _resolve_images(fields, base_dir)
+    try:
+        request = I2VRequest.model_validate(fields)
+    except ValidationError as exc:
+        bad_locs = {loc for loc, _ in bad_numbers}
+        problems.extend(_describe(exc, skip=bad_locs))
+        return item_id, variant, None
+    except OSError as exc:
+        # An unreadable image (permissions, I/O error) is this row's problem only.
+        problems.append(f"cannot read a local image ({type(exc).__name__}: {exc.strerror})")
+        return item_id, variant, None
+    return item_id, variant, request
+
+
 def _resolve_images(fields: dict[str, Any], base_dir: Path | None) -> None:
     """Make relative local image paths relative to the manifest, not the working directory."""
     if base_dir is None:
@@ -401,19 +527,36 @@ def _resolve_images(fields: dict[str, Any], base_dir: Path | None) -> None:
         if not isinstance(value, str) or not value.strip():
             continue  # wrong types and blanks are left for the model to report
         text = value.strip()
-        if len(urlsplit(text).scheme) > 1:  # a URL; one letter would be a Windows drive
+        if is_url(text) or _OTHER_URL.match(text):  # `take:1.png` is a file, not a URL
             continue
         path = Path(text).expanduser()
         if not path.is_absolute():
             fields[name] = str(base_dir / path)
 
 
-def _describe(exc: ValidationError) -> list[str]:
+def _describe(exc: ValidationError, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
     problems = []
-    for error in exc.errors(include_url=False):
-        loc = ".".join(str(part) for part in error["loc"])
+    for error in exc.errors(include_url=False, include_input=False):
+        if ".".join(str(part) for part in error["loc"]) in skip:
+            continue  # already reported with a better reason
+        loc = _safe_loc(error["loc"])
         problems.append(f"{loc}: {error['msg']}" if loc else error["msg"])
     return problems
+
+
+def _safe_loc(parts: Iterable[Any]) -> str:
+    """A field path for a message; a key that is no known field (a typo, or a pasted
+    secret used as a key) is quoted only when safe."""
+    shown = []
+    for part in parts:
+        text = str(part)
+        plain = (
+            isinstance(part, int)
+            or text in _KNOWN_KEYS
+            or (_PLAIN_KEY.fullmatch(text) is not None and not looks_like_secret(text))
+        )
+        shown.append(text if plain else quote_value(text))
+    return ".".join(shown)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -421,7 +564,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _DuplicateKeyError(f"{key}: given twice in the same object")
+            shown = _safe_loc([key])
+            raise _DuplicateKeyError(f"{shown}: given twice in the same object")
         result[key] = value
     return result
 
@@ -437,11 +581,6 @@ def _json_type(value: Any) -> str:
         type(None): "null",
     }
     return names.get(type(value), type(value).__name__)
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_lora_cell(cell: str, field: str) -> Any:
