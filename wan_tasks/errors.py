@@ -134,6 +134,24 @@ class TaskFailedError(WaveSpeedError):
         self.retryable = self.task_code in self.RETRYABLE_CODES
 
 
+class TaskCancelledError(TaskFailedError):
+    """The task was cancelled or deleted (status `cancelled` or `deleted`) before it produced
+    output. Not retryable: somebody stopped it on purpose."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = False
+
+
+class TaskTimedOutError(TaskFailedError):
+    """The service gave up on the task (status `timeout`, or task code 5004). Retryable, like
+    any service-side timeout: a new attempt is a new task."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = True
+
+
 class WaitTimeoutError(WaveSpeedError):
     """The wait's wall-clock deadline passed; the task may still finish on the service."""
 
@@ -154,7 +172,9 @@ __all__ = [
     "OutputExpiredError",
     "RateLimitedError",
     "SubmissionUncertainError",
+    "TaskCancelledError",
     "TaskFailedError",
+    "TaskTimedOutError",
     "TransientServerError",
     "WaitTimeoutError",
     "WaveSpeedError",
