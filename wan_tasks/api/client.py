@@ -73,9 +73,7 @@ class _Base:
 
     def _download_request(self, url: str) -> httpx.Request:
         # No Authorization header: output URLs live on a CDN, not the API.
-        return httpx.Request(
-            "GET", url, extensions={"timeout": self.ops.timeouts.for_call()}
-        )
+        return httpx.Request("GET", url, extensions={"timeout": self.ops.timeouts.for_call()})
 
 
 class WaveSpeedClient(_Base):
@@ -92,11 +90,11 @@ class WaveSpeedClient(_Base):
         poll: PollPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(
-            api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll
-        )
+        super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
         self._http = httpx.Client(
-            transport=transport, limits=_LIMITS, headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+            limits=_LIMITS,
+            headers={"User-Agent": _USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
         )
 
@@ -134,8 +132,7 @@ class WaveSpeedClient(_Base):
     def prepare(self, request: I2VRequest) -> dict[str, Any]:
         return self._run(self.ops.prepare(request))
 
-    def submit_payload(self, payload: dict[str, Any], *, webhook: str | None = None
-                       ) -> Prediction:
+    def submit_payload(self, payload: dict[str, Any], *, webhook: str | None = None) -> Prediction:
         return self._run(self.ops.submit_payload(payload, webhook=webhook))
 
     def get_prediction(self, prediction_id: str) -> Prediction:
@@ -186,10 +183,16 @@ class WaveSpeedClient(_Base):
         page_size: int = 50,
     ) -> HistoryPage:
         """One page of the account's task history (ISO 8601 bounds)."""
-        return self._run(self.ops.history(
-            created_after=created_after, created_before=created_before, model=model,
-            status=status, page=page, page_size=page_size,
-        ))
+        return self._run(
+            self.ops.history(
+                created_after=created_after,
+                created_before=created_before,
+                model=model,
+                status=status,
+                page=page,
+                page_size=page_size,
+            )
+        )
 
     @contextmanager
     def stream_output(self, url: str) -> Iterator[httpx.Response]:
@@ -229,11 +232,11 @@ class AsyncWaveSpeedClient(_Base):
         poll: PollPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(
-            api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll
-        )
+        super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
         self._http = httpx.AsyncClient(
-            transport=transport, limits=_LIMITS, headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+            limits=_LIMITS,
+            headers={"User-Agent": _USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
         )
 
@@ -325,10 +328,16 @@ class AsyncWaveSpeedClient(_Base):
         page_size: int = 50,
     ) -> HistoryPage:
         """One page of the account's task history (ISO 8601 bounds)."""
-        return await self._run(self.ops.history(
-            created_after=created_after, created_before=created_before, model=model,
-            status=status, page=page, page_size=page_size,
-        ))
+        return await self._run(
+            self.ops.history(
+                created_after=created_after,
+                created_before=created_before,
+                model=model,
+                status=status,
+                page=page,
+                page_size=page_size,
+            )
+        )
 
     @asynccontextmanager
     async def stream_output(self, url: str) -> AsyncIterator[httpx.Response]:

@@ -172,10 +172,15 @@ class PredictionStatus(StrEnum):
 
 _UNKNOWN: dict[str, PredictionStatus] = {}
 _UNKNOWN_LOCK = threading.Lock()
-_TERMINAL = frozenset({
-    PredictionStatus.COMPLETED, PredictionStatus.FAILED, PredictionStatus.CANCELLED,
-    PredictionStatus.TIMEOUT, PredictionStatus.DELETED,
-})
+_TERMINAL = frozenset(
+    {
+        PredictionStatus.COMPLETED,
+        PredictionStatus.FAILED,
+        PredictionStatus.CANCELLED,
+        PredictionStatus.TIMEOUT,
+        PredictionStatus.DELETED,
+    }
+)
 
 
 def _none_as_default(default: Any) -> Any:
@@ -224,13 +229,12 @@ class Prediction(BaseModel):
     )
     input: dict[str, Any] | None = Field(default=None, description="Echoed by history/webhooks")
     execution_time: float | None = Field(
-        default=None, alias="executionTime",
+        default=None,
+        alias="executionTime",
         description="Milliseconds; history items and webhooks carry it instead of timings",
     )
 
-    _lists = field_validator("outputs", "has_nsfw_contents", mode="before")(
-        _none_as_default(list)
-    )
+    _lists = field_validator("outputs", "has_nsfw_contents", mode="before")(_none_as_default(list))
     _urls = field_validator("urls", mode="before")(_none_as_default(dict))
 
     @field_validator("created_at", mode="before")

@@ -205,12 +205,22 @@ class Operations:
                 raise error
             logger.warning(
                 "%s failed (%s); attempt %d/%d, retrying in %.1fs",
-                operation, error, attempt, self.retry.max_attempts, delay,
+                operation,
+                error,
+                attempt,
+                self.retry.max_attempts,
+                delay,
             )
             yield Sleep(delay)
 
-    def _prediction_call(self, method: str, path: str, operation: str, prediction_id: str,
-                         deadline: float | None = None) -> Operation[Prediction]:
+    def _prediction_call(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        prediction_id: str,
+        deadline: float | None = None,
+    ) -> Operation[Prediction]:
         return self._idempotent(
             lambda: self._request(method, path),
             lambda r: parse_prediction(
@@ -221,8 +231,9 @@ class Operations:
             deadline=deadline,
         )
 
-    def _data_call(self, make: Callable[[], httpx.Request], read: Callable[[Any], T],
-                   operation: str) -> Operation[T]:
+    def _data_call(
+        self, make: Callable[[], httpx.Request], read: Callable[[Any], T], operation: str
+    ) -> Operation[T]:
         return self._idempotent(
             make,
             lambda r: read(envelope_data(r, operation=operation, now=self._now())),
@@ -233,14 +244,18 @@ class Operations:
 
     def get_prediction(self, prediction_id: str) -> Operation[Prediction]:
         return self._prediction_call(
-            "GET", f"/predictions/{prediction_id}/result",
-            f"get prediction {prediction_id}", prediction_id,
+            "GET",
+            f"/predictions/{prediction_id}/result",
+            f"get prediction {prediction_id}",
+            prediction_id,
         )
 
     def cancel(self, prediction_id: str) -> Operation[Prediction]:
         return self._prediction_call(
-            "DELETE", f"/predictions/{prediction_id}",
-            f"cancel prediction {prediction_id}", prediction_id,
+            "DELETE",
+            f"/predictions/{prediction_id}",
+            f"cancel prediction {prediction_id}",
+            prediction_id,
         )
 
     def balance(self) -> Operation[Decimal]:
@@ -280,9 +295,7 @@ class Operations:
             lambda: self._request("POST", "/predictions", json=body), read, "history"
         )
 
-    def upload(
-        self, data: bytes, filename: str, content_type: str
-    ) -> Operation[UploadResult]:
+    def upload(self, data: bytes, filename: str, content_type: str) -> Operation[UploadResult]:
         """Multipart upload. Free and side-effect free apart from a new URL, so retried."""
         return self._data_call(
             lambda: self._request(
@@ -320,7 +333,10 @@ class Operations:
         while True:
             attempt += 1
             request = self._request(
-                "POST", f"/{self.model}", json=payload, params=params,
+                "POST",
+                f"/{self.model}",
+                json=payload,
+                params=params,
                 read_timeout=self.timeouts.submit_read,
             )
             try:
@@ -351,9 +367,7 @@ class Operations:
             logger.warning("%s refused (%s); retrying in %.1fs", op, error, delay)
             yield Sleep(delay)
 
-    def submit(
-        self, request: I2VRequest, *, webhook: str | None = None
-    ) -> Operation[Submission]:
+    def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Operation[Submission]:
         payload = yield from self.prepare(request)
         prediction = yield from self.submit_payload(payload, webhook=webhook)
         return Submission(prediction=prediction, payload=payload, request=request)
@@ -402,8 +416,11 @@ class Operations:
                 polls += 1
                 try:
                     prediction = yield from self._prediction_call(
-                        "GET", f"/predictions/{prediction_id}/result",
-                        f"poll {prediction_id}", prediction_id, deadline=deadline,
+                        "GET",
+                        f"/predictions/{prediction_id}/result",
+                        f"poll {prediction_id}",
+                        prediction_id,
+                        deadline=deadline,
                     )
                 except WaveSpeedError as exc:
                     if not exc.retryable or self._clock() >= deadline:
@@ -413,7 +430,9 @@ class Operations:
                 if prediction.status is PredictionStatus.COMPLETED and prediction.outputs:
                     logger.info(
                         "prediction %s completed after %d polls (inference %s ms)",
-                        prediction_id, polls, prediction.inference_ms,
+                        prediction_id,
+                        polls,
+                        prediction.inference_ms,
                     )
                     return prediction
                 if prediction.is_terminal:
@@ -423,6 +442,7 @@ class Operations:
             # task goes on running, and billed, on the service.
             logger.info(
                 "stopped waiting on prediction %s after %d polls; the task itself goes on",
-                prediction_id, polls,
+                prediction_id,
+                polls,
             )
             raise

@@ -96,8 +96,11 @@ def error_for_code(
     in_envelope: bool = False,
 ) -> WaveSpeedError:
     """Map an error code (an HTTP status, or the `code` of an envelope) to its exception."""
-    where = (f"{operation}: code {code} in an HTTP 200 answer" if in_envelope
-             else f"{operation}: HTTP {code}") + (f": {detail}" if detail else "")
+    where = (
+        f"{operation}: code {code} in an HTTP 200 answer"
+        if in_envelope
+        else f"{operation}: HTTP {code}"
+    ) + (f": {detail}" if detail else "")
     kw: dict[str, Any] = {"prediction_id": prediction_id, "status_code": code}
     if code >= 1000:  # a task code in the envelope
         kw = {"prediction_id": prediction_id, "task_code": code}
@@ -139,14 +142,21 @@ def error_for_response(
     if response.status_code == 429:
         retry_after = parse_retry_after(response.headers.get("retry-after"), now)
     return error_for_code(
-        response.status_code, _detail(response),
-        operation=operation, prediction_id=prediction_id, retry_after=retry_after,
+        response.status_code,
+        _detail(response),
+        operation=operation,
+        prediction_id=prediction_id,
+        retry_after=retry_after,
     )
 
 
 def _envelope_error(
-    body: dict[str, Any], response: httpx.Response, *, operation: str,
-    prediction_id: str | None, now: datetime | None,
+    body: dict[str, Any],
+    response: httpx.Response,
+    *,
+    operation: str,
+    prediction_id: str | None,
+    now: datetime | None,
 ) -> WaveSpeedError | None:
     """The error an HTTP 200 envelope carries in its `code`, or None for a success."""
     inner = _as_int(body.get("code", 200))
@@ -156,8 +166,12 @@ def _envelope_error(
     if inner == 429:
         retry_after = parse_retry_after(response.headers.get("retry-after"), now)
     return error_for_code(
-        inner, _message(body), operation=operation, prediction_id=prediction_id,
-        retry_after=retry_after, in_envelope=True,
+        inner,
+        _message(body),
+        operation=operation,
+        prediction_id=prediction_id,
+        retry_after=retry_after,
+        in_envelope=True,
     )
 
 
@@ -205,7 +219,9 @@ def _note_status(prediction: Prediction, operation: str) -> None:
         _UNKNOWN_SEEN.add(status.value)
     logger.warning(
         "%s: unknown prediction status %r (first seen on %s); treated as not finished",
-        operation, status.value, prediction.id,
+        operation,
+        status.value,
+        prediction.id,
     )
 
 
