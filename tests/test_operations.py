@@ -460,6 +460,13 @@ def test_refused_submit_raises_the_mapped_error_once(
     assert posts(run) == 1
 
 
+def test_any_2xx_submit_answer_is_read_like_200() -> None:
+    prediction, run = submit([env(pred("created"), status=202)])
+    assert prediction.id == PID and posts(run) == 1
+    with pytest.raises(SubmissionUncertainError, match="HTTP 201"):
+        submit([httpx.Response(201, text="")])
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_submit_5xx_is_uncertain(status: int) -> None:
     with pytest.raises(SubmissionUncertainError):

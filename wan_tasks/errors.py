@@ -121,7 +121,7 @@ class SubmissionUncertainError(WaveSpeedError):
 
 
 class TaskFailedError(WaveSpeedError):
-    """The task ended in `failed` (or cancelled/timeout/deleted).
+    """The task ended in `failed` (cancelled/deleted and timeout have the subclasses below).
 
     Retryable only for the service-side codes 5000/5003/5004 (internal, unavailable, timeout);
     1403/1405 are ambiguous and are not retried by default.

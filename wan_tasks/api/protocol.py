@@ -183,8 +183,8 @@ def envelope_data(
     now: datetime | None = None,
 ) -> Any:
     """Check status and envelope; return `data`. For idempotent calls: an unreadable 200 is
-    transient (asking again is safe)."""
-    if response.status_code != 200:
+    transient (asking again is safe). Any 2xx is read like 200."""
+    if not response.is_success:
         raise error_for_response(
             response, operation=operation, prediction_id=prediction_id, now=now
         )
@@ -273,21 +273,21 @@ def parse_submission(
             f"{operation}: HTTP 404 (is the model id right?): {_detail(response)}",
             status_code=404,
         )
-    if status != 200:
+    if not response.is_success:
         raise error_for_response(response, operation=operation, now=now)
     body = _body(response)
     if not isinstance(body, dict):
-        raise _uncertain(operation, "HTTP 200 with a body that cannot be read", 200)
+        raise _uncertain(operation, f"HTTP {status} with a body that cannot be read", status)
     error = _envelope_error(body, response, operation=operation, prediction_id=None, now=now)
     if error is not None:
         code = _as_int(body.get("code"))
         if code is not None and _server_side(code):
-            raise _uncertain(operation, f"HTTP 200 carrying error code {code}", 200)
+            raise _uncertain(operation, f"HTTP {status} carrying error code {code}", status)
         raise error
     try:
         prediction = Prediction.model_validate(body.get("data"))
     except ValueError as exc:
-        raise _uncertain(operation, "HTTP 200 without a readable prediction", 200) from exc
+        raise _uncertain(operation, f"HTTP {status} without a readable prediction", status) from exc
     _note_status(prediction, operation)
     return prediction
 
