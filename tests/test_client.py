@@ -35,6 +35,7 @@ from wan_tasks import (
     TransientServerError,
     WaitTimeoutError,
     WaveSpeedClient,
+    WaveSpeedError,
 )
 from wan_tasks.api.operations import LocalImage, Operation, ReadImage
 from wan_tasks.emulator import Emulator
@@ -740,7 +741,7 @@ def test_terminal_failures_over_http(
         envelope(prediction("processing")),
         envelope(prediction(status, code=code, error="stopped")),
     )
-    with pytest.raises(TaskFailedError if error is not InvalidRequestError else error) as info:
+    with pytest.raises(WaveSpeedError) as info:
         scripted_client.wait(PID)
     assert type(info.value) is error
     assert info.value.retryable is retryable and info.value.prediction_id == PID
