@@ -304,9 +304,10 @@ def test_concurrency_cap_queues_tasks(make_emulator: Make, make_client: Make) ->
         client.submit(request(image="http://127.0.0.1:1/never.png")).prediction.id for _ in range(5)
     ]
     time.sleep(0.2)
+    # One GET after another is no atomic snapshot (a slot can change hands between two), so
+    # the cap itself is asserted on the emulator's counters below.
     statuses = [client.get_prediction(i).status for i in ids]
-    assert statuses.count(PredictionStatus.PROCESSING) == 2
-    assert statuses.count(PredictionStatus.CREATED) == 3
+    assert PredictionStatus.CREATED in statuses  # some wait for a slot
     for i in ids:
         with pytest.raises(MediaAccessError):
             client.wait(i)

@@ -1,8 +1,8 @@
 """Every WaveSpeed call as a sans-I/O operation, shared by the sync and the async client.
 
 An operation is a generator that yields steps and receives their results; it never touches the
-network, the disk or the clock itself, so it can be driven in memory (tests do, with a fake
-clock and rng). The steps:
+network or the disk itself and reads time only from injected clocks, so it can be driven in
+memory (tests do, with a fake clock and rng). The steps:
 
 - `httpx.Request`: the driver sends it and sends back the `httpx.Response`, or throws the
   transport error into the generator;
