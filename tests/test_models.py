@@ -168,3 +168,47 @@ def test_relative_file_name_with_a_colon_is_a_file(tmp_path: Path,
     for name in ("shots/take:1.png", "take:2.png"):
         request = I2VRequest(image=name, prompt="p")
         assert request.local_images() == {"image": tmp_path / name}
+
+
+# -- response models: what the service may send ------------------------------------------
+
+
+def test_unknown_status_parses_and_is_not_terminal() -> None:
+    import pickle
+
+    p = Prediction.model_validate({"id": "x", "status": "pending"})
+    assert p.status == "pending" and not p.status.is_known
+    assert not p.is_terminal and not p.status.is_success
+    assert PredictionStatus("queued") is PredictionStatus("queued")  # one pseudo-member each
+    assert "pending" not in {s.value for s in PredictionStatus}  # the enum itself is unchanged
+    assert PredictionStatus("COMPLETED") is PredictionStatus.COMPLETED
+    back = pickle.loads(pickle.dumps(p))  # Prefect pickles results
+    assert back.status is p.status and back == p
+    assert Prediction.model_validate_json(p.model_dump_json()).status == "pending"
+
+
+def test_response_shapes_the_service_may_send() -> None:
+    p = Prediction.model_validate(
+        {
+            "id": "x",
+            "status": "completed",
+            "outputs": None,
+            "has_nsfw_contents": None,
+            "urls": None,
+            "created_at": "2026-11-25T10:00:00.123456789Z",
+            "code": 0,
+            "executionTime": 2345,
+            "queue": {"position": 3},
+        }
+    )
+    assert p.outputs == [] and p.has_nsfw_contents == [] and p.urls.get is None
+    assert p.created_at is not None and p.created_at.microsecond == 123456
+    assert p.code is None  # task code 0 is success, not an error code
+    assert p.inference_ms == 2345  # executionTime stands in for timings.inference
+    assert p.model_extra == {"queue": {"position": 3}}
+    both = Prediction.model_validate(
+        {"id": "x", "status": "completed", "timings": {"inference": 10.6}, "executionTime": 99}
+    )
+    assert both.inference_ms == 11  # timings win when present
+    blank = Prediction.model_validate({"id": "x", "status": "created", "created_at": ""})
+    assert blank.created_at is None

@@ -22,6 +22,8 @@ so a caller can reconnect instead of paying again. Messages never contain the AP
     │   ├── SubmissionUncertainError   a submit whose answer was lost: reconcile, never resend
     │   │   └── SubmissionNotFoundError  ...and the history shows no task  retryable
     │   ├── TaskFailedError            the task failed (`task_code`)  retryable for 5000/5003/5004
+    │   │   ├── TaskCancelledError     cancelled or deleted
+    │   │   └── TaskTimedOutError      the service gave up (status timeout, 5004)  retryable
     │   ├── WaitTimeoutError           the wait's deadline passed                retryable
     │   ├── OutputExpiredError         the output is gone (7-day lifetime)
     │   └── WebhookVerificationError   a forged, stale, replayed or malformed webhook
@@ -182,7 +184,7 @@ class SubmissionNotFoundError(SubmissionUncertainError):
 
 
 class TaskFailedError(WaveSpeedError):
-    """The task ended in `failed` (or cancelled/timeout/deleted).
+    """The task ended in `failed` (cancelled/deleted and timeout have the subclasses below).
 
     Retryable only for the service-side codes 5000/5003/5004 (internal, unavailable, timeout);
     1403/1405 are ambiguous and are not retried by default.
@@ -202,6 +204,24 @@ class TaskFailedError(WaveSpeedError):
             message, prediction_id=prediction_id, status_code=status_code, task_code=task_code,
             retryable=task_code in self.RETRYABLE_CODES,
         )
+
+
+class TaskCancelledError(TaskFailedError):
+    """The task was cancelled or deleted (status `cancelled` or `deleted`) before it produced
+    output. Not retryable: somebody stopped it on purpose."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = False
+
+
+class TaskTimedOutError(TaskFailedError):
+    """The service gave up on the task (status `timeout`, or task code 5004). Retryable, like
+    any service-side timeout: a new attempt is a new task."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = True
 
 
 class WaitTimeoutError(WaveSpeedError):
@@ -285,7 +305,9 @@ __all__ = [
     "StorageError",
     "SubmissionNotFoundError",
     "SubmissionUncertainError",
+    "TaskCancelledError",
     "TaskFailedError",
+    "TaskTimedOutError",
     "TransientServerError",
     "WaitTimeoutError",
     "WanTasksError",

@@ -1,6 +1,10 @@
 """Typed sync and async clients for the WaveSpeed API.
 
-Both drive the same sans-I/O operations (`operations.py`) over one httpx connection pool each.
+Both drive the same sans-I/O operations (`operations.py`) over one httpx connection pool each,
+with the same methods and the same explicit keyword arguments (a test compares signatures).
+A driver executes the steps an operation yields and always closes the generator in `finally`,
+so an exception or a cancellation in the driver runs the operation's cleanup. The async driver
+runs file reads (`ReadImage`) in a worker thread: preparing a large image never blocks its loop.
 The API key is a SecretStr end to end and is only ever put in the Authorization header of
 requests to the API's own base URL; output downloads (a CDN) never carry it.
 """
@@ -21,7 +25,16 @@ from pydantic import SecretStr
 
 from wan_tasks.api.config import resolve_api_key, resolve_base_url, service_fingerprint
 from wan_tasks.api.models import MODEL_ID, HistoryPage, HistoryStatus, I2VRequest, Prediction
-from wan_tasks.api.operations import Operation, Operations, Sleep, Submission, Timeouts
+from wan_tasks.api.operations import (
+    DEFAULT_WAIT_TIMEOUT,
+    Operation,
+    Operations,
+    ReadImage,
+    Sleep,
+    Step,
+    Submission,
+    Timeouts,
+)
 from wan_tasks.api.policies import PollPolicy, RetryPolicy
 from wan_tasks.api.protocol import error_for_response
 
@@ -64,9 +77,7 @@ class _Base:
 
     def _download_request(self, url: str) -> httpx.Request:
         # No Authorization header: output URLs live on a CDN, not the API.
-        return httpx.Request(
-            "GET", url, extensions={"timeout": self.ops.timeouts.for_call()}
-        )
+        return httpx.Request("GET", url, extensions={"timeout": self.ops.timeouts.for_call()})
 
 
 class WaveSpeedClient(_Base):
@@ -77,22 +88,35 @@ class WaveSpeedClient(_Base):
         api_key: SecretStr | str | None = None,
         base_url: str | None = None,
         *,
+        model: str = MODEL_ID,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(api_key, base_url, **kwargs)
+        super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
         self._http = httpx.Client(
-            transport=transport, limits=_LIMITS, headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+            limits=_LIMITS,
+            headers={"User-Agent": _USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
         )
 
     def _run(self, op: Operation[T]) -> T:
         try:
-            step = next(op)
+            step: Step = next(op)
             while True:
                 if isinstance(step, Sleep):
                     time.sleep(step.seconds)
                     step = op.send(None)
+                    continue
+                if isinstance(step, ReadImage):
+                    try:
+                        local = step.run()
+                    except (OSError, ValueError) as exc:
+                        step = op.throw(exc)
+                        continue
+                    step = op.send(local)
                     continue
                 try:
                     response = self._http.send(step)
@@ -102,6 +126,8 @@ class WaveSpeedClient(_Base):
                 step = op.send(response)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        finally:
+            op.close()
 
     def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Submission:
         """Upload local images and submit. Never sends the POST twice."""
@@ -110,19 +136,36 @@ class WaveSpeedClient(_Base):
     def prepare(self, request: I2VRequest) -> dict[str, Any]:
         return self._run(self.ops.prepare(request))
 
-    def submit_payload(self, payload: dict[str, Any], *, webhook: str | None = None
-                       ) -> Prediction:
+    def submit_payload(self, payload: dict[str, Any], *, webhook: str | None = None) -> Prediction:
         return self._run(self.ops.submit_payload(payload, webhook=webhook))
 
     def get_prediction(self, prediction_id: str) -> Prediction:
         return self._run(self.ops.get_prediction(prediction_id))
 
-    def wait(self, prediction_id: str, **kwargs: Any) -> Prediction:
-        return self._run(self.ops.wait(prediction_id, **kwargs))
+    def wait(
+        self,
+        prediction_id: str,
+        *,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        poll: PollPolicy | None = None,
+        poll_first: bool = True,
+    ) -> Prediction:
+        """Poll until done (see Operations.wait); `poll_first=False` right after a submit."""
+        return self._run(
+            self.ops.wait(prediction_id, timeout=timeout, poll=poll, poll_first=poll_first)
+        )
 
-    def run(self, request: I2VRequest, **wait_kwargs: Any) -> Prediction:
-        submission = self.submit(request)
-        return self.wait(submission.prediction.id, poll_first=False, **wait_kwargs)
+    def run(
+        self,
+        request: I2VRequest,
+        *,
+        webhook: str | None = None,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        poll: PollPolicy | None = None,
+    ) -> Prediction:
+        """Submit and wait. Errors after the submit carry the prediction id."""
+        submission = self.submit(request, webhook=webhook)
+        return self.wait(submission.prediction.id, timeout=timeout, poll=poll, poll_first=False)
 
     def upload(self, path: Path) -> str:
         return self._run(self.ops.upload_file(path)).download_url
@@ -133,8 +176,27 @@ class WaveSpeedClient(_Base):
     def balance(self) -> Decimal:
         return self._run(self.ops.balance())
 
-    def history(self, **kwargs: Any) -> HistoryPage:
-        return self._run(self.ops.history(**kwargs))
+    def history(
+        self,
+        *,
+        created_after: str | None = None,
+        created_before: str | None = None,
+        model: str | None = None,
+        status: HistoryStatus | None = None,
+        page: int = 1,
+        page_size: int = 50,
+    ) -> HistoryPage:
+        """One page of the account's task history (ISO 8601 bounds)."""
+        return self._run(
+            self.ops.history(
+                created_after=created_after,
+                created_before=created_before,
+                model=model,
+                status=status,
+                page=page,
+                page_size=page_size,
+            )
+        )
 
     @contextmanager
     def stream_output(self, url: str) -> Iterator[httpx.Response]:
@@ -168,22 +230,35 @@ class AsyncWaveSpeedClient(_Base):
         api_key: SecretStr | str | None = None,
         base_url: str | None = None,
         *,
+        model: str = MODEL_ID,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(api_key, base_url, **kwargs)
+        super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
         self._http = httpx.AsyncClient(
-            transport=transport, limits=_LIMITS, headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+            limits=_LIMITS,
+            headers={"User-Agent": _USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
         )
 
     async def _run(self, op: Operation[T]) -> T:
         try:
-            step = next(op)
+            step: Step = next(op)
             while True:
                 if isinstance(step, Sleep):
                     await asyncio.sleep(step.seconds)
                     step = op.send(None)
+                    continue
+                if isinstance(step, ReadImage):
+                    try:
+                        local = await asyncio.to_thread(step.run)
+                    except (OSError, ValueError) as exc:
+                        step = op.throw(exc)
+                        continue
+                    step = op.send(local)
                     continue
                 try:
                     response = await self._http.send(step)
@@ -193,6 +268,8 @@ class AsyncWaveSpeedClient(_Base):
                 step = op.send(response)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        finally:
+            op.close()
 
     async def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Submission:
         return await self._run(self.ops.submit(request, webhook=webhook))
@@ -208,12 +285,32 @@ class AsyncWaveSpeedClient(_Base):
     async def get_prediction(self, prediction_id: str) -> Prediction:
         return await self._run(self.ops.get_prediction(prediction_id))
 
-    async def wait(self, prediction_id: str, **kwargs: Any) -> Prediction:
-        return await self._run(self.ops.wait(prediction_id, **kwargs))
+    async def wait(
+        self,
+        prediction_id: str,
+        *,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        poll: PollPolicy | None = None,
+        poll_first: bool = True,
+    ) -> Prediction:
+        """Poll until done (see Operations.wait); `poll_first=False` right after a submit."""
+        return await self._run(
+            self.ops.wait(prediction_id, timeout=timeout, poll=poll, poll_first=poll_first)
+        )
 
-    async def run(self, request: I2VRequest, **wait_kwargs: Any) -> Prediction:
-        submission = await self.submit(request)
-        return await self.wait(submission.prediction.id, poll_first=False, **wait_kwargs)
+    async def run(
+        self,
+        request: I2VRequest,
+        *,
+        webhook: str | None = None,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        poll: PollPolicy | None = None,
+    ) -> Prediction:
+        """Submit and wait. Errors after the submit carry the prediction id."""
+        submission = await self.submit(request, webhook=webhook)
+        return await self.wait(
+            submission.prediction.id, timeout=timeout, poll=poll, poll_first=False
+        )
 
     async def upload(self, path: Path) -> str:
         return (await self._run(self.ops.upload_file(path))).download_url
@@ -225,9 +322,26 @@ class AsyncWaveSpeedClient(_Base):
         return await self._run(self.ops.balance())
 
     async def history(
-        self, *, status: HistoryStatus | None = None, **kwargs: Any
+        self,
+        *,
+        created_after: str | None = None,
+        created_before: str | None = None,
+        model: str | None = None,
+        status: HistoryStatus | None = None,
+        page: int = 1,
+        page_size: int = 50,
     ) -> HistoryPage:
-        return await self._run(self.ops.history(status=status, **kwargs))
+        """One page of the account's task history (ISO 8601 bounds)."""
+        return await self._run(
+            self.ops.history(
+                created_after=created_after,
+                created_before=created_before,
+                model=model,
+                status=status,
+                page=page,
+                page_size=page_size,
+            )
+        )
 
     @asynccontextmanager
     async def stream_output(self, url: str) -> AsyncIterator[httpx.Response]:

@@ -8,6 +8,7 @@ dropped: a typo such as `negative_promt` must not silently produce a different v
 from __future__ import annotations
 
 import re
+import threading
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -150,6 +151,10 @@ class I2VRequest(BaseModel):
 
 
 class PredictionStatus(StrEnum):
+    """A prediction's status. A value this enum does not know (the service has sent, or may
+    send, `pending` or `queued`) still parses, as a pseudo-member that is not terminal: a wait
+    must keep going rather than fail after the task is paid for. `is_known` tells them apart."""
+
     CREATED = "created"
     PROCESSING = "processing"
     COMPLETED = "completed"
@@ -159,13 +164,56 @@ class PredictionStatus(StrEnum):
     TIMEOUT = "timeout"
     DELETED = "deleted"
 
+    @classmethod
+    def _missing_(cls, value: object) -> PredictionStatus | None:
+        if not isinstance(value, str) or not value:
+            return None
+        known = cls._value2member_map_.get(value.lower())
+        if known is not None:  # "COMPLETED" is still completed
+            return known  # type: ignore[return-value]
+        with _UNKNOWN_LOCK:
+            member = _UNKNOWN.get(value)
+            if member is None:
+                # One pseudo-member per value, so `is` works for unknown values too.
+                member = str.__new__(cls, value)
+                member._name_ = value.upper()
+                member._value_ = value
+                _UNKNOWN[value] = member
+            return member
+
+    @property
+    def is_known(self) -> bool:
+        return self._value_ in type(self)._value2member_map_
+
     @property
     def is_terminal(self) -> bool:
-        return self not in (PredictionStatus.CREATED, PredictionStatus.PROCESSING)
+        return self in _TERMINAL
 
     @property
     def is_success(self) -> bool:
         return self is PredictionStatus.COMPLETED
+
+
+_UNKNOWN: dict[str, PredictionStatus] = {}
+_UNKNOWN_LOCK = threading.Lock()
+_TERMINAL = frozenset(
+    {
+        PredictionStatus.COMPLETED,
+        PredictionStatus.FAILED,
+        PredictionStatus.CANCELLED,
+        PredictionStatus.TIMEOUT,
+        PredictionStatus.DELETED,
+    }
+)
+
+
+def _none_as_default(default: Any) -> Any:
+    """A before-validator: the service sends `null` where it means "none yet"."""
+
+    def check(value: Any) -> Any:
+        return default() if value is None else value
+
+    return check
 
 
 class PredictionUrls(BaseModel):
@@ -179,11 +227,17 @@ class Timings(BaseModel):
 
     inference: int | None = Field(default=None, description="Inference time in milliseconds")
 
+    @field_validator("inference", mode="before")
+    @classmethod
+    def _whole_ms(cls, v: Any) -> Any:
+        return round(v) if isinstance(v, float) else v
+
 
 class Prediction(BaseModel):
-    """The `data` of a prediction envelope. Extra fields from the service are kept, not lost."""
+    """The `data` of a prediction envelope. Extra fields from the service are kept, not lost;
+    `null` lists and an empty `created_at` read as "none"."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     id: str
     model: str = ""
@@ -194,8 +248,28 @@ class Prediction(BaseModel):
     created_at: datetime | None = None
     error: str | None = ""
     timings: Timings | None = None
-    code: int | None = Field(default=None, description="Task error code of a failed task")
+    code: int | None = Field(
+        default=None, description="Task error code of a failed task; 0 (success) reads as None"
+    )
     input: dict[str, Any] | None = Field(default=None, description="Echoed by history/webhooks")
+    execution_time: float | None = Field(
+        default=None,
+        alias="executionTime",
+        description="Milliseconds; history items and webhooks carry it instead of timings",
+    )
+
+    _lists = field_validator("outputs", "has_nsfw_contents", mode="before")(_none_as_default(list))
+    _urls = field_validator("urls", mode="before")(_none_as_default(dict))
+
+    @field_validator("created_at", mode="before")
+    @classmethod
+    def _blank_time(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _zero_is_success(cls, v: Any) -> Any:
+        return None if v in (0, "0") else v
 
     @property
     def is_terminal(self) -> bool:
@@ -203,7 +277,9 @@ class Prediction(BaseModel):
 
     @property
     def inference_ms(self) -> int | None:
-        return self.timings.inference if self.timings else None
+        if self.timings is not None and self.timings.inference is not None:
+            return self.timings.inference
+        return None if self.execution_time is None else round(self.execution_time)
 
 
 class HistoryPage(BaseModel):
@@ -215,6 +291,8 @@ class HistoryPage(BaseModel):
     page: int = 1
     page_size: int = 0
     total: int | None = None
+
+    _items = field_validator("items", mode="before")(_none_as_default(list))
 
 
 class UploadResult(BaseModel):

@@ -1,9 +1,20 @@
 """Every WaveSpeed call as a sans-I/O operation, shared by the sync and the async client.
 
-An operation is a generator that yields `httpx.Request`s to send and `Sleep`s to wait, and
-receives the `httpx.Response` (or has the transport error thrown into it). Retry, backoff,
-polling and error mapping live here once; `client.py` only drives them with a sync or an async
-httpx client. This keeps the two clients from drifting apart.
+An operation is a generator that yields steps and receives their results; it never touches the
+network or the disk itself and reads time only from injected clocks, so it can be driven in
+memory (tests do, with a fake clock and rng). The steps:
+
+- `httpx.Request`: the driver sends it and sends back the `httpx.Response`, or throws the
+  transport error into the generator;
+- `Sleep`: the driver sleeps (`time.sleep` / `asyncio.sleep`) and sends back None;
+- `ReadImage`: the driver calls `step.run()` (inline in the sync client, in a worker thread via
+  `asyncio.to_thread` in the async one, so a 30 MB image never blocks the event loop) and sends
+  back the `LocalImage`, or throws the error (a ValueError naming the file and the rule).
+
+Retry, backoff, polling and error mapping live here once; `client.py` only drives the steps,
+and closes the generator in `finally`, so an exception or a cancellation in the driver runs the
+operation's cleanup. Time comes from the injected `clock` (monotonic seconds, for deadlines)
+and `now` (wall clock, for an HTTP-date Retry-After); jitter from the injected `rng`.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +32,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from wan_tasks.api.media import inspect_image
+from wan_tasks.api.media import ImageInfo, inspect_image
 from wan_tasks.api.models import (
     MODEL_ID,
     HistoryPage,
@@ -34,8 +46,8 @@ from wan_tasks.api.policies import PollPolicy, RetryPolicy
 from wan_tasks.api.protocol import (
     API_PREFIX,
     envelope_data,
-    error_for_response,
     parse_prediction,
+    parse_submission,
     task_failure,
 )
 from wan_tasks.errors import (
@@ -51,12 +63,35 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+DEFAULT_WAIT_TIMEOUT = 1800.0
+
+
 @dataclass(frozen=True)
 class Sleep:
     seconds: float
 
 
-Step = httpx.Request | Sleep
+@dataclass(frozen=True)
+class LocalImage:
+    """A checked local image and its bytes, as `ReadImage.run` returns them."""
+
+    info: ImageInfo
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ReadImage:
+    """Check and read a local image: blocking file I/O, so the drivers run it, not the
+    operation (the async driver in a worker thread)."""
+
+    path: Path
+
+    def run(self) -> LocalImage:
+        info = inspect_image(self.path)
+        return LocalImage(info, info.path.read_bytes())
+
+
+Step = httpx.Request | Sleep | ReadImage
 Operation = Generator[Step, Any, T]
 
 # Errors raised before a request left the machine: the service cannot have created a task.
@@ -102,6 +137,7 @@ class Operations:
         retry: RetryPolicy | None = None,
         poll: PollPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._api_key = api_key
@@ -111,6 +147,7 @@ class Operations:
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
         self._clock = clock
+        self._now = now or (lambda: datetime.now(UTC))
         self._rng = rng or random.Random()
 
     def __repr__(self) -> str:
@@ -168,36 +205,64 @@ class Operations:
                 raise error
             logger.warning(
                 "%s failed (%s); attempt %d/%d, retrying in %.1fs",
-                operation, error, attempt, self.retry.max_attempts, delay,
+                operation,
+                error,
+                attempt,
+                self.retry.max_attempts,
+                delay,
             )
             yield Sleep(delay)
+
+    def _prediction_call(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        prediction_id: str,
+        deadline: float | None = None,
+    ) -> Operation[Prediction]:
+        return self._idempotent(
+            lambda: self._request(method, path),
+            lambda r: parse_prediction(
+                r, operation=operation, prediction_id=prediction_id, now=self._now()
+            ),
+            operation=operation,
+            prediction_id=prediction_id,
+            deadline=deadline,
+        )
+
+    def _data_call(
+        self, make: Callable[[], httpx.Request], read: Callable[[Any], T], operation: str
+    ) -> Operation[T]:
+        return self._idempotent(
+            make,
+            lambda r: read(envelope_data(r, operation=operation, now=self._now())),
+            operation=operation,
+        )
 
     # -- operations ------------------------------------------------------------------------
 
     def get_prediction(self, prediction_id: str) -> Operation[Prediction]:
-        op = f"get prediction {prediction_id}"
-        return self._idempotent(
-            lambda: self._request("GET", f"/predictions/{prediction_id}/result"),
-            lambda r: parse_prediction(r, operation=op, prediction_id=prediction_id),
-            operation=op,
-            prediction_id=prediction_id,
+        return self._prediction_call(
+            "GET",
+            f"/predictions/{prediction_id}/result",
+            f"get prediction {prediction_id}",
+            prediction_id,
         )
 
     def cancel(self, prediction_id: str) -> Operation[Prediction]:
-        op = f"cancel prediction {prediction_id}"
-        return self._idempotent(
-            lambda: self._request("DELETE", f"/predictions/{prediction_id}"),
-            lambda r: parse_prediction(r, operation=op, prediction_id=prediction_id),
-            operation=op,
-            prediction_id=prediction_id,
+        return self._prediction_call(
+            "DELETE",
+            f"/predictions/{prediction_id}",
+            f"cancel prediction {prediction_id}",
+            prediction_id,
         )
 
     def balance(self) -> Operation[Decimal]:
-        def parse(r: httpx.Response) -> Decimal:
-            return Decimal(str(envelope_data(r, operation="balance")["balance"]))
-
-        return self._idempotent(
-            lambda: self._request("GET", "/balance"), parse, operation="balance"
+        return self._data_call(
+            lambda: self._request("GET", "/balance"),
+            lambda data: Decimal(str(data["balance"])),
+            "balance",
         )
 
     def history(
@@ -220,39 +285,32 @@ class Operations:
             if value is not None:
                 body[key] = value
 
-        def parse(r: httpx.Response) -> HistoryPage:
-            data = envelope_data(r, operation="history")
+        def read(data: Any) -> HistoryPage:
             if isinstance(data, list):  # tolerate a bare list
                 data = {"items": data, "page": page, "page_size": page_size}
             return HistoryPage.model_validate(data)
 
         # A history query is a read even though it is a POST.
-        return self._idempotent(
-            lambda: self._request("POST", "/predictions", json=body), parse, operation="history"
+        return self._data_call(
+            lambda: self._request("POST", "/predictions", json=body), read, "history"
         )
 
-    def upload(
-        self, data: bytes, filename: str, content_type: str
-    ) -> Operation[UploadResult]:
+    def upload(self, data: bytes, filename: str, content_type: str) -> Operation[UploadResult]:
         """Multipart upload. Free and side-effect free apart from a new URL, so retried."""
-
-        def parse(r: httpx.Response) -> UploadResult:
-            return UploadResult.model_validate(envelope_data(r, operation="upload"))
-
-        return self._idempotent(
+        return self._data_call(
             lambda: self._request(
                 "POST",
                 "/media/upload/binary",
                 files={"file": (filename, data, content_type)},
                 read_timeout=self.timeouts.upload,
             ),
-            parse,
-            operation=f"upload {filename}",
+            UploadResult.model_validate,
+            f"upload {filename}",
         )
 
     def upload_file(self, path: Path) -> Operation[UploadResult]:
-        info = inspect_image(path)
-        return self.upload(info.path.read_bytes(), info.path.name, info.content_type)
+        local: LocalImage = yield ReadImage(path)
+        return (yield from self.upload(local.data, local.info.path.name, local.info.content_type))
 
     def prepare(self, request: I2VRequest) -> Operation[dict[str, Any]]:
         """Upload local images; return the exact JSON body to submit."""
@@ -267,15 +325,18 @@ class Operations:
         self, payload: dict[str, Any], *, webhook: str | None = None
     ) -> Operation[Prediction]:
         """POST the task. Retried only when the request provably never reached the service
-        (connect errors) or was refused with 429; anything ambiguous raises
-        SubmissionUncertainError, never a second POST."""
+        (connect errors) or was refused with 429 (as a status or as an envelope code);
+        anything ambiguous raises SubmissionUncertainError, never a second POST."""
         op = f"submit {self.model}"
         params = {"webhook": webhook} if webhook else None
         attempt = 0
         while True:
             attempt += 1
             request = self._request(
-                "POST", f"/{self.model}", json=payload, params=params,
+                "POST",
+                f"/{self.model}",
+                json=payload,
+                params=params,
                 read_timeout=self.timeouts.submit_read,
             )
             try:
@@ -292,18 +353,11 @@ class Operations:
                     "through the history endpoint before submitting again."
                 ) from exc
             else:
-                if response.status_code == 429 or response.status_code in (401, 402, 403):
-                    error = error_for_response(response, operation=op)
-                    if not error.retryable:
-                        raise error
-                elif response.status_code >= 500:
-                    raise SubmissionUncertainError(
-                        f"{op}: HTTP {response.status_code} after the request was received. "
-                        "The task may exist: reconcile through history before resubmitting.",
-                        status_code=response.status_code,
-                    )
+                try:
+                    prediction = parse_submission(response, operation=op, now=self._now())
+                except RateLimitedError as exc:
+                    error = exc
                 else:
-                    prediction = parse_prediction(response, operation=op)
                     logger.info("submitted prediction %s (%s)", prediction.id, self.model)
                     return prediction
             retry_after = error.retry_after if isinstance(error, RateLimitedError) else None
@@ -313,9 +367,7 @@ class Operations:
             logger.warning("%s refused (%s); retrying in %.1fs", op, error, delay)
             yield Sleep(delay)
 
-    def submit(
-        self, request: I2VRequest, *, webhook: str | None = None
-    ) -> Operation[Submission]:
+    def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Operation[Submission]:
         payload = yield from self.prepare(request)
         prediction = yield from self.submit_payload(payload, webhook=webhook)
         return Submission(prediction=prediction, payload=payload, request=request)
@@ -324,56 +376,73 @@ class Operations:
         self,
         prediction_id: str,
         *,
-        timeout: float = 1800.0,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
         poll: PollPolicy | None = None,
         poll_first: bool = True,
     ) -> Operation[Prediction]:
         """Poll until the prediction is terminal or the wall-clock deadline passes.
 
+        Polls are at least `poll.min_interval` apart, the last one too: near the deadline the
+        wait overshoots it by less than one interval rather than break the service's rule.
         Transient poll failures (5xx, 429, network) are absorbed until the deadline: the task
-        is running and paid for, so giving up early only loses it. Returns a completed
-        prediction with outputs; raises the typed failure otherwise.
+        is running and paid for, so giving up early only loses it. An unknown status is "not
+        finished". Returns a completed prediction with outputs; raises the typed failure
+        otherwise.
         """
+        policy = poll or self.poll
         deadline = self._clock() + timeout
-        delays = (poll or self.poll).delays(self._rng)
+        delays = policy.delays(self._rng)
         if poll_first:
             # The caller waited out the first delay (or is reconnecting): after a miss, the
             # next poll comes min_interval later, not first_poll_after again.
             delays.next()
         polls = 0
         first = poll_first
-        while True:
-            if not first:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"prediction {prediction_id} not finished after {timeout:.0f}s "
-                        f"({polls} polls); it may still complete: wait on it again",
-                        prediction_id=prediction_id,
+        try:
+            while True:
+                if not first:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        raise WaitTimeoutError(
+                            f"prediction {prediction_id} not finished after {timeout:.0f}s "
+                            f"({polls} polls); it may still complete: wait on it again",
+                            prediction_id=prediction_id,
+                        )
+                    delay = min(delays.next(), remaining)
+                    if polls:
+                        delay = max(delay, policy.min_interval)
+                    yield Sleep(delay)
+                first = False
+                polls += 1
+                try:
+                    prediction = yield from self._prediction_call(
+                        "GET",
+                        f"/predictions/{prediction_id}/result",
+                        f"poll {prediction_id}",
+                        prediction_id,
+                        deadline=deadline,
                     )
-                yield Sleep(min(delays.next(), remaining))
-            first = False
-            polls += 1
-            try:
-                prediction = yield from self._idempotent(
-                    lambda: self._request("GET", f"/predictions/{prediction_id}/result"),
-                    lambda r: parse_prediction(
-                        r, operation=f"poll {prediction_id}", prediction_id=prediction_id
-                    ),
-                    operation=f"poll {prediction_id}",
-                    prediction_id=prediction_id,
-                    deadline=deadline,
-                )
-            except WaveSpeedError as exc:
-                if not exc.retryable or self._clock() >= deadline:
-                    raise
-                logger.warning("poll of %s failed (%s); still waiting", prediction_id, exc)
-                continue
-            if prediction.status is PredictionStatus.COMPLETED and prediction.outputs:
-                logger.info(
-                    "prediction %s completed after %d polls (inference %s ms)",
-                    prediction_id, polls, prediction.inference_ms,
-                )
-                return prediction
-            if prediction.is_terminal:
-                raise task_failure(prediction)
+                except WaveSpeedError as exc:
+                    if not exc.retryable or self._clock() >= deadline:
+                        raise
+                    logger.warning("poll of %s failed (%s); still waiting", prediction_id, exc)
+                    continue
+                if prediction.status is PredictionStatus.COMPLETED and prediction.outputs:
+                    logger.info(
+                        "prediction %s completed after %d polls (inference %s ms)",
+                        prediction_id,
+                        polls,
+                        prediction.inference_ms,
+                    )
+                    return prediction
+                if prediction.is_terminal:
+                    raise task_failure(prediction)
+        except GeneratorExit:
+            # The driver stopped (an error or a cancellation around it): say so, because the
+            # task goes on running, and billed, on the service.
+            logger.info(
+                "stopped waiting on prediction %s after %d polls; the task itself goes on",
+                prediction_id,
+                polls,
+            )
+            raise

@@ -48,8 +48,7 @@ class PollDelays:
             # The first delay aims at the expected completion: jitter it later, never
             # earlier, or it polls before the task can be done.
             self._next = p.min_interval
-            return self._rng.uniform(p.first_poll_after,
-                                     p.first_poll_after * (1 + p.jitter))
+            return self._rng.uniform(p.first_poll_after, p.first_poll_after * (1 + p.jitter))
         base = self._next
         self._next = min(p.max_interval, max(p.min_interval, self._next * p.multiplier))
         spread = base * p.jitter
