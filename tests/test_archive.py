@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_BUCKET
-from wan_tasks.core.redact import redact_payload, redact_url
 from wan_tasks.errors import ArchiveError
+from wan_tasks.redact import redact_payload, redact_url
 from wan_tasks.storage.archive import ArchiveTarget, MiB, S3Archiver
 from wan_tasks.storage.keys import (
     CONTENT_ADDRESSED_TEMPLATE,

@@ -182,3 +182,48 @@ def test_a_long_history_is_searched_to_its_end(
         found = submit_once(client, lost, ledger=ledger, settle_s=(0.1,))
     assert found.prediction_id == accepted.id
     assert emu.stats()["submissions"] == 13
+
+
+# -- a video lost, or the wrong video -------------------------------------------------------
+
+
+def test_a_download_cut_short_without_content_length_is_never_archived(
+    make_stack: Callable[..., Stack]
+) -> None:
+    """Half the bytes, no Content-Length, a clean close: the body looks complete and its
+    SHA-256 is fine, but it is not a whole MP4. It is refused and fetched again."""
+    from wan_tasks.storage.mp4check import Mp4Structure
+
+    stack = make_stack(faults={"script": {"download": ["truncate_unsized"]}})
+    out = run_video(req("unsized-truncation"), options=FAST)
+    assert out.status == "archived" and out.s3_uri
+    data, _ = stack.object(out.s3_uri)
+    whole = Mp4Structure()
+    whole.feed(data)
+    assert whole.problem() is None
+    assert stack.stats()["downloads"] >= 2 and stack.stats()["submissions"] == 1
+
+
+def _forget_prefect_cache() -> None:
+    """What a new worker (another Prefect home, no shared result storage) starts with."""
+    from prefect.settings import get_current_settings
+
+    storage = Path(get_current_settings().results.local_storage_path)
+    for path in storage.glob("wan-*"):
+        path.unlink()
+
+
+def test_a_content_addressed_video_is_found_after_its_output_expired(
+    make_stack: Callable[..., Stack]
+) -> None:
+    """Archived under a key made of its SHA-256; re-run where the cache is gone and the
+    service's output has expired: the ledger knows where it is; nothing is paid again."""
+    stack = make_stack()
+    archive = ArchiveOptions(key_template="{prefix}/sha256/{sha256}.mp4")
+    first = run_video(req("content-addressed", seed=4), archive=archive, options=FAST)
+    _forget_prefect_cache()
+    stack.emulator.set_faults({"script": {"download": ["expire"] * 5}})
+    paying = FAST.model_copy(update={"allow_resubmit_expired": True, "output_lifetime_s": 0})
+    again = run_video(req("content-addressed", seed=4), archive=archive, options=paying)
+    assert again.status == "archived" and again.s3_uri == first.s3_uri
+    assert stack.stats()["submissions"] == 1

@@ -35,8 +35,9 @@ class Layer:
 
 
 LAYERS = [
-    Layer("base", ("wan_tasks.errors", "wan_tasks.settings"), frozenset(), ORCHESTRATION | AWS,
-          "the error tree and the settings"),
+    Layer("base", ("wan_tasks.errors", "wan_tasks.redact", "wan_tasks.settings"), frozenset(),
+          ORCHESTRATION | AWS,
+          "the error tree, redaction, the settings"),
     Layer("api", ("wan_tasks.api",), frozenset({"base"}), ORCHESTRATION | AWS,
           "the WaveSpeed client"),
     Layer("storage", ("wan_tasks.storage",), frozenset({"base"}), ORCHESTRATION,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from reliability.secret_scan import OUTPUT_SIGNATURE, Needle, found_in, scan_tree
 from tests.conftest import SAMPLE
 from wan_tasks import I2VRequest, WaveSpeedError
 from wan_tasks.integration.blocks import WaveSpeedCredentials
@@ -70,13 +71,43 @@ def test_missing_key_is_a_clear_configuration_error(monkeypatch: pytest.MonkeyPa
         WaveSpeedClient()
 
 
-def _scan_tree(root: Path, needles: list[bytes]) -> list[str]:
-    hits = []
-    for path in root.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            hits += [f"{path}: {n[:6]!r}..." for n in needles if n in data]
-    return hits
+def test_the_scan_decodes_what_prefect_stores(prefect_server: None, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret inside a persisted task result is base64 in a JSON record: a search of the
+    raw bytes misses it, the decoding scan finds it."""
+    from prefect import flow, task
+    from prefect.filesystems import LocalFileSystem
+
+    needle = "needle-" + "7f3a9c" * 6
+    LocalFileSystem(basepath=str(tmp_path / "results")).save("secret-scan", overwrite=True)
+
+    @task(persist_result=True, result_storage="local-file-system/secret-scan",
+          cache_key_fn=lambda *_: "secret-scan-probe")
+    def leak() -> dict[str, str]:
+        return {"inside": needle}
+
+    @flow
+    def run() -> None:
+        leak()
+
+    run()
+    assert any((tmp_path / "results").iterdir())
+    assert scan_tree(tmp_path / "results", [needle.encode()], decode=False) == []
+    assert scan_tree(tmp_path / "results", [needle.encode()])
+
+
+def test_signed_urls_in_error_messages_are_scrubbed() -> None:
+    from wan_tasks.errors import MediaAccessError, WanTasksError
+
+    signed = ("HTTPS://bucket.s3.amazonaws.com/a.png?X-Amz-Credential=AKIAEXAMPLE%2F2026"
+              "&X-Amz-Signature=" + "ab" * 32)
+    for err in (WanTasksError(f"could not fetch {signed}"),
+                MediaAccessError(f"1402 for {signed}", prediction_id="p1"),
+                WanTasksError("header was Authorization: Bearer sk-live-abcdef123456")):
+        text = str(err) + repr(err) + pickle.dumps(err).hex()
+        assert "ab" * 32 not in str(err) and "AKIAEXAMPLE" not in str(err)
+        assert "sk-live-abcdef123456" not in text
+        assert "REDACTED" in str(err)
 
 
 def test_full_run_leaves_no_secret_anywhere(
@@ -96,7 +127,8 @@ def test_full_run_leaves_no_secret_anywhere(
     from tests.test_flows import FAST
     from wan_tasks.flows.generate import generate_batch
 
-    stack = make_stack(api_key=KEY, faults={"script": {"submit": ["drop", "fail:1403"]}})
+    stack = make_stack(api_key=KEY, signed_outputs=True,
+                       faults={"script": {"submit": ["drop", "fail:1403"]}})
     rows = [{"id": f"s{i}", "image": str(SAMPLE), "prompt": f"test secrets {i}"}
             for i in range(3)]
     manifest = tmp_path / "secrets.jsonl"
@@ -106,13 +138,14 @@ def test_full_run_leaves_no_secret_anywhere(
     APILogHandler().flush()
 
     s3_secret = s3_store.secret_access_key
-    needles = [KEY.encode(), s3_secret.encode()]
+    # The key, the store's secret, and any live signature of a signed output URL.
+    needles: list[Needle] = [KEY.encode(), s3_secret.encode(), OUTPUT_SIGNATURE]
     hits: list[str] = []
-    # Prefect's home: result storage, cache records, lock files.
-    hits += _scan_tree(Path(os.environ["PREFECT_HOME"]), needles)
+    # Prefect's home: result storage (decoded: base64 pickles), cache records, lock files.
+    hits += scan_tree(Path(os.environ["PREFECT_HOME"]), needles)
     # The Prefect database (logs, parameters, states, artifacts, events), WAL included.
     db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
-    hits += _scan_tree(db.parent, needles)
+    hits += scan_tree(db.parent, needles)
     # Through the API as well, in case something is still in flight to the database.
     with get_client(sync_client=True) as client:
         api_text = "".join(
@@ -120,14 +153,14 @@ def test_full_run_leaves_no_secret_anywhere(
             + [json.dumps(a.data, default=str) for a in client.read_artifacts()]
             + [json.dumps(r.parameters, default=str) for r in client.read_flow_runs()]
         )
-    hits += [f"api: {n[:6]!r}" for n in needles if n.decode() in api_text]
+    hits += [f"api: {h}" for h in found_in(api_text.encode(), needles)]
     # Every object in the bucket: videos, manifests, sheets, summaries, the ledger; metadata.
     s3 = stack.s3
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
         for obj in page.get("Contents", []):
             got = s3.get_object(Bucket=stack.bucket, Key=obj["Key"])
             blob = got["Body"].read() + json.dumps(got["Metadata"]).encode()
-            hits += [f"s3://{stack.bucket}/{obj['Key']}" for n in needles if n in blob]
+            hits += [f"s3://{stack.bucket}/{obj['Key']}: {h}" for h in found_in(blob, needles)]
     # Everything logged in this process.
-    hits += [f"log: {n[:6]!r}" for n in needles if n.decode() in all_logs.text]
+    hits += [f"log: {h}" for h in found_in(all_logs.text.encode(), needles)]
     assert not hits, hits

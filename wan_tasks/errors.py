@@ -1,11 +1,14 @@
 """Every exception wan-tasks raises, in one tree.
 
-Each error says whether trying again can help (`retryable`), so retry conditions (the client's
+Messages pass through `wan_tasks.redact.redact_text`: a signed URL or a bearer token quoted
+into an error never reaches a log, a Prefect state or a report. Each error says whether trying
+again can help (`retryable`), so retry conditions (the client's
 own GET retries, the Prefect tasks' retry conditions) ask one question instead of listing
 families or matching message text. Every error raised after a submit carries the prediction id,
 so a caller can reconnect instead of paying again. Messages never contain the API key.
 
     WanTasksError                      root; `message`, `retryable`, pickles (Prefect states)
+    (errors that were ValueError, LookupError or RuntimeError before the tree still are)
     ├── ConfigurationError             not configured: no key, bad base URL, no bucket
     │   └── MissingLimitError          a named Prefect concurrency limit does not exist
     ├── InputError (ValueError)        bad user input, found before anything is spent
@@ -42,6 +45,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from wan_tasks.redact import redact_text
+
 
 class WanTasksError(Exception):
     """The root of every error wan-tasks raises.
@@ -54,6 +59,8 @@ class WanTasksError(Exception):
     retryable: bool = False
 
     def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        # Whatever a message quotes (a signed URL, a header), no credential is kept in it.
+        message = redact_text(message)
         super().__init__(message)
         self.message = message
         if retryable is not None:
@@ -245,7 +252,7 @@ class BudgetExceededError(WanTasksError):
     """Submitting this video would take the run past its budget. Not retryable."""
 
 
-class NoSlotError(WanTasksError):
+class NoSlotError(WanTasksError, RuntimeError):
     """No in-flight slot could be taken for a video, so it was not submitted."""
 
 
@@ -260,16 +267,16 @@ class ArchiveError(StorageError):
         super().__init__(message, retryable=retryable)
 
 
-class SeaweedError(StorageError):
+class SeaweedError(StorageError, RuntimeError):
     """The embedded SeaweedFS could not be started (the message carries its log's last lines)."""
 
 
-class LocalServiceError(WanTasksError):
+class LocalServiceError(WanTasksError, RuntimeError):
     """A local service of the dev stack (a process on this machine) did not start or died;
     the message names it and quotes the end of its log."""
 
 
-class RunIncompleteError(WanTasksError):
+class RunIncompleteError(WanTasksError, RuntimeError):
     """A flow run did not land every video it was given; the message says which and why."""
 
 

@@ -12,6 +12,7 @@ requests to the API's own base URL; output downloads (a CDN) never carry it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -37,8 +38,27 @@ from wan_tasks.api.operations import (
 )
 from wan_tasks.api.policies import PollPolicy, RetryPolicy
 from wan_tasks.api.protocol import error_for_response
+from wan_tasks.redact import redact_text
 
 T = TypeVar("T")
+
+
+class _RedactUrls(logging.Filter):
+    """httpx logs every request's full URL at INFO; an output URL's signature (a bearer
+    credential for its lifetime) must not reach a log through it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_text(str(a)) if isinstance(a, httpx.URL | str) else a
+                for a in record.args
+            )
+        return True
+
+
+_httpx_logger = logging.getLogger("httpx")
+if not any(isinstance(f, _RedactUrls) for f in _httpx_logger.filters):
+    _httpx_logger.addFilter(_RedactUrls())
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 _USER_AGENT = "wan-tasks/0.1"

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ValidationError
 
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.models import I2VRequest, Prediction, PredictionStatus
-from wan_tasks.core.redact import redact_payload
 from wan_tasks.errors import SubmissionUncertainError
+from wan_tasks.redact import redact_payload
 from wan_tasks.storage.place import S3Place
 
 if TYPE_CHECKING:

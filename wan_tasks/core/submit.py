@@ -25,8 +25,8 @@ from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import legacy_request_key, request_key
 from wan_tasks.core.ledger import ArchivedAt, Ledger, LedgerEntry, reconcile
-from wan_tasks.core.redact import redact_payload
 from wan_tasks.errors import SubmissionNotFoundError, SubmissionUncertainError, WaveSpeedError
+from wan_tasks.redact import redact_payload
 
 logger = logging.getLogger(__name__)
 

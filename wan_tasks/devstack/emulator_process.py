@@ -30,7 +30,7 @@ from wan_tasks.errors import LocalServiceError
 logger = logging.getLogger(__name__)
 
 EMULATOR_COMMAND = (sys.executable, "-m", "wan_tasks.cli", "emulator")
-_ADDRESS = re.compile(r"WaveSpeed emulator on (http://\S+)")
+_ADDRESS = re.compile(r"WaveSpeed emulator on (http://[^\s,]+)")
 
 
 class EmulatorProcess:

@@ -10,7 +10,9 @@ Faults come in three families, all set through `FaultPlan` (in `EmulatorConfig.f
 
   - ``"429"``, ``"500"``, ``"502"``, ``"503"``: answer that HTTP status, do nothing.
   - ``"slow"``: answer after `slow_s` real seconds. ``"drop"``: close without answering (on
-    submit: after the task was created and billed). ``"truncate"``/``"expire"``: downloads.
+    submit: after the task was created and billed). On downloads: ``"truncate"`` (half the
+    bytes of a declared length), ``"truncate_unsized"`` (half the bytes with no Content-Length,
+    then the connection closes: the body looks complete), ``"expire"``.
   - ``"fail:CODE"`` (submit): the task fails with task code CODE (1200, 1400, 1401, 1402,
     1403, 1405, 5000, 5003, 5004, or any int).
   - ``"end:cancelled"`` / ``"end:timeout"`` (submit): the task ends with that status
@@ -57,7 +59,9 @@ Shape = Literal["extra_fields", "nanos", "code0", "execution_time"]
 SHAPES: tuple[str, ...] = get_args(Shape)
 Tier = Literal["test", "bronze", "silver", "gold", "ultra"]
 # What a fault does to a request; see the module docstring for the parameterised ones.
-FAULT_KINDS = ("429", "500", "502", "503", "slow", "drop", "truncate", "expire")
+FAULT_KINDS = (
+    "429", "500", "502", "503", "slow", "drop", "truncate", "truncate_unsized", "expire"
+)
 FAULT_PREFIXES = ("fail:", "end:", "status=", "shape:", "error_code:", "envelope_error:")
 
 # WaveSpeed's documented account tiers: (tasks processed at once, video submissions a minute).
@@ -172,6 +176,10 @@ class EmulatorConfig(BaseModel):
     max_body_bytes: int = Field(110 * MB, ge=1, description="larger request bodies: 413")
     render_once: bool = Field(
         False, description="render each distinct input once; later tasks reuse the MP4"
+    )
+    signed_outputs: bool = Field(
+        False, description="output URLs carry Expires and Signature, as a CDN's do; a download "
+        "without a valid signature answers 403",
     )
     balance: Decimal = Decimal("1000.00")
     webhook_secret: str = "whsec_emulator-secret"  # noqa: S105 - a fake service's fake secret

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import hmac
+import io
 import json
 import logging
 import secrets
@@ -27,6 +29,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from wan_tasks.api.webhooks import sign
 from wan_tasks.emulator.config import EmulatorConfig, FaultDecider
@@ -58,6 +61,16 @@ def iso_ms(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def _decodes(data: bytes) -> bool:
+    """Whether the bytes are an image Pillow can decode (what the renderer will need)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
 @dataclass
 class Task:
     id: str
@@ -75,6 +88,9 @@ class Task:
     base64_output: bool = False
     output: bytes | None = None
     rendering: Future[tuple[int | None, bytes | None]] | None = None
+    # The MP4 being made; a download waits for it (the emulated inference time is the timer's,
+    # not the renderer's: on a loaded machine a render can take longer than the latency).
+    render_job: Future[bytes] | None = None
 
     @property
     def execution_ms(self) -> int:
@@ -161,6 +177,7 @@ class Engine:
         self._window_start: float | None = None
         self._window_count = 0
         self._render_lock = threading.Lock()
+        self._cdn_secret = secrets.token_bytes(32)
         self._render_cache: dict[RenderKey, Future[bytes]] = {}
         # Rendering is CPU-bound (2 workers for 2 cores); webhooks wait on the network.
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-render")
@@ -303,16 +320,60 @@ class Engine:
         rows.sort(key=lambda t: t.created, reverse=True)
         return rows[(page - 1) * size : page * size], len(rows), page, size
 
+    def signed(self, view: dict[str, Any]) -> dict[str, Any]:
+        """A prediction's view with CDN-style signed output URLs (when configured)."""
+        if not self.config.signed_outputs:
+            return view
+        expires = int(time.time() + self.scaled(self.config.output_ttl_s))
+        outputs = []
+        for url in view.get("outputs") or []:
+            if url.startswith("data:"):
+                outputs.append(url)
+                continue
+            task_id = url.rsplit("/", 1)[-1].removesuffix(".mp4")
+            outputs.append(f"{url}?Expires={expires}&Signature={self._sign(task_id, expires)}")
+        return {**view, "outputs": outputs}
+
+    def _sign(self, task_id: str, expires: int) -> str:
+        message = f"{task_id}:{expires}".encode()
+        return hmac.new(self._cdn_secret, message, hashlib.sha256).hexdigest()
+
+    def signature_ok(self, task_id: str, query: dict[str, list[str]]) -> bool:
+        """Whether a download carries a valid, unexpired signature (always, when unsigned)."""
+        if not self.config.signed_outputs:
+            return True
+        try:
+            expires = int(query.get("Expires", [""])[0])
+        except ValueError:
+            return False
+        given = query.get("Signature", [""])[0]
+        return expires >= time.time() and hmac.compare_digest(
+            given, self._sign(task_id, expires))
+
     def output(self, task_id: str) -> bytes | str:
         """The MP4, or why not: "not found" (no such task or no output) or "expired".
         A completed task's output stays downloadable after DELETE until it expires."""
         with self.lock:
             task = self.tasks.get(task_id)
-            if task is None or task.output is None or task.finished is None:
+            if task is None or task.finished is None or (
+                task.output is None and task.render_job is None
+            ):
                 return "not found"
             if time.time() - task.finished > self.scaled(self.config.output_ttl_s):
                 return "expired"
-            return task.output
+            if task.output is not None:
+                return task.output
+            job = task.render_job
+        if job is None:
+            return "not found"
+        try:
+            data = job.result(timeout=600)
+        except Exception:  # a render that failed has no output
+            logger.exception("rendering the output of %s failed", task_id)
+            return "not found"
+        with self.lock:
+            task.output = data
+        return data
 
     def stop(self) -> None:
         with self.lock:
@@ -353,25 +414,43 @@ class Engine:
         heapq.heappush(self._timers, (now + self.scaled(self.config.latency_s), task.id))
 
     def _on_rendered(self, task: Task, done: Future[tuple[int | None, bytes | None]]) -> None:
-        code, output = done.result()
+        code, _ = done.result()
         with self.lock:
             if task.status != "processing":  # cancelled meanwhile
                 return
             if task.forced_status is not None:
                 forced_code, error = FORCED_ENDS[task.forced_status]
                 self._finish(task, task.forced_status, forced_code, error)
-            elif code is None:
-                task.output = output
-                self._finish(task, "completed", None, "")
-            else:
+            elif code is not None:
                 self._finish(task, "failed", code, MESSAGES.get(code, "task failed"))
+            elif task.base64_output:
+                # The answer itself carries the bytes: it needs them when the task ends.
+                assert task.render_job is not None
+                task.render_job.add_done_callback(partial(self._on_base64_rendered, task))
+            else:
+                self._finish(task, "completed", None, "")
+
+    def _on_base64_rendered(self, task: Task, job: Future[bytes]) -> None:
+        with self.lock:
+            if task.status != "processing":
+                return
+            try:
+                task.output = job.result()
+            except ValueError:
+                self._finish(task, "failed", 1402, MESSAGES.get(1402, "task failed"))
+                return
+            self._finish(task, "completed", None, "")
 
     def _render(self, task: Task) -> tuple[int | None, bytes | None]:
+        """Fetch and check the inputs (the task's outcome), then start the render beside it:
+        the task ends on the emulated latency, and a download waits for the bytes."""
         first = self._fetch_media(task.input["image"])
         last_url = task.input.get("last_image")
         last = self._fetch_media(last_url) if last_url else None
         if first is None or (last_url and last is None):
             return 1402, None
+        if not all(_decodes(b) for b in (first, last) if b is not None):
+            return 1402, None  # the URL answered, but not with an image we can decode
         requested_seed = int(task.input.get("seed", -1))
         duration = int(task.input.get("duration", 5))
         prompt = str(task.input.get("prompt", ""))
@@ -382,20 +461,19 @@ class Engine:
                 self.stats.renders += 1
             return render_i2v(first, last, duration=duration, seed=seed, prompt=prompt)
 
-        try:
-            if not self.config.render_once:
-                return None, render()
-            # Keyed by the request as sent (seed -1 included), so equal requests share one MP4.
-            key: RenderKey = (
-                hashlib.sha256(first).hexdigest(),
-                hashlib.sha256(last).hexdigest() if last is not None else None,
-                duration,
-                requested_seed,
-                prompt,
-            )
-            return None, self._render_cached(key, render)
-        except ValueError:
-            return 1402, None  # the URL answered, but not with an image we can decode
+        if not self.config.render_once:
+            task.render_job = self._render_pool.submit(render)
+            return None, None
+        # Keyed by the request as sent (seed -1 included), so equal requests share one MP4.
+        key: RenderKey = (
+            hashlib.sha256(first).hexdigest(),
+            hashlib.sha256(last).hexdigest() if last is not None else None,
+            duration,
+            requested_seed,
+            prompt,
+        )
+        task.render_job = self._render_pool.submit(self._render_cached, key, render)
+        return None, None
 
     def _render_cached(self, key: RenderKey, render: Callable[[], bytes]) -> bytes:
         with self._render_lock:
@@ -431,7 +509,7 @@ class Engine:
         self._ended.notify_all()
         if task.webhook and status in ("completed", "failed"):
             body = {
-                **task.view(self._base_url()),
+                **self.signed(task.view(self._base_url())),
                 "input": task.input,
                 "executionTime": task.execution_ms,
             }

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from wan_tasks.emulator.server import EmulatorServer
 
 logger = logging.getLogger(__name__)
+_SIGNATURE_IN_QUERY = re.compile(r"(?i)(signature|expires)=[^&\s]+")
 
 # Request fields the service accepts on every model, on top of the model's own.
 COMMON_FLAGS = ("enable_sync_mode", "enable_base64_output")
@@ -70,8 +71,10 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing ------------------------------------------------------------------------------
 
     def log_message(self, format: str, *args: Any) -> None:
-        # The request line only: never headers, so the Authorization header is never logged.
-        logger.debug("%s %s", self.address_string(), format % args)
+        # The request line only: never headers, so the Authorization header is never logged;
+        # and a signed output URL's signature is a credential too.
+        line = _SIGNATURE_IN_QUERY.sub(r"\1=REDACTED", format % args)
+        logger.debug("%s %s", self.address_string(), line)
 
     def _body(self) -> bytes:
         """The request body. Bad framing answers at once (400/413) instead of waiting for
@@ -135,7 +138,7 @@ class Handler(BaseHTTPRequestHandler):
         self, task: Task, *, with_input: bool = False, history: bool = False
     ) -> dict[str, Any]:
         """A task as sent, with the persistent shapes and this request's one-shot shape."""
-        data = task.view(self.server.base_url, with_input=with_input)
+        data = self.server.engine.signed(task.view(self.server.base_url, with_input=with_input))
         if history:
             data["executionTime"] = task.execution_ms
         plan = self.server.faults.plan
@@ -257,7 +260,8 @@ class Handler(BaseHTTPRequestHandler):
 
         # Public (no auth): what the CDN and the presigned upload URL serve.
         if path.startswith("/media/outputs/") and method in ("GET", "HEAD"):
-            return self._download(path.removeprefix("/media/outputs/").removesuffix(".mp4"))
+            return self._download(path.removeprefix("/media/outputs/").removesuffix(".mp4"),
+                                  query)
         if path.startswith("/media/uploads/") and method in ("GET", "HEAD"):
             return self._serve_upload(path.removeprefix("/media/uploads/"))
         if path.startswith("/upload/") and method == "PUT":
@@ -573,8 +577,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, "no such media")
         return self._send(200, item[1], item[0])
 
-    def _download(self, task_id: str) -> None:
+    def _download(self, task_id: str, query: dict[str, list[str]]) -> None:
         self.server.engine.stats.downloads += 1
+        if not self.server.engine.signature_ok(task_id, query):
+            return self._error(403, "signature missing, invalid or expired")
         fault = self._fault("download")
         data = self.server.engine.output(task_id)
         if fault == "expire" or data == "expired":
@@ -589,6 +595,17 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             return self._drop()
+        if fault == "truncate_unsized":
+            # No Content-Length: the body ends where the connection does, so the client sees
+            # a complete answer of half the bytes.
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return None
         return self._send(200, data, "video/mp4")
 
     def _set_faults(self) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,12 @@ class CrashSafeFileLockManager(FileSystemLockManager):
         try:
             info = json.loads(path.read_bytes())
             info.update(host=self._host, pid=os.getpid())
-            path.write_bytes(json.dumps(info).encode())
+            # Replaced atomically: a waiter reading the lock file while it is rewritten must
+            # see the old content or the new, never an empty file (Prefect fails its task on
+            # "EOF while parsing" otherwise; seen with identical concurrent submits).
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_bytes(json.dumps(info).encode())
+            os.replace(tmp, path)
         except (OSError, ValueError):
             pass  # the lock still works; it just cannot be broken early
 

@@ -49,6 +49,7 @@ from wan_tasks.errors import (
 )
 from wan_tasks.integration.locking import CrashSafeFileLockManager
 from wan_tasks.integration.runtime import open_ledger, s3_client, wavespeed_client
+from wan_tasks.redact import is_redacted, redact_url
 from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget, S3Archiver
 from wan_tasks.storage.keys import KeyFields
 from wan_tasks.storage.mp4check import checked_mp4
@@ -278,7 +279,9 @@ def wait_for_prediction(
     early = aimed and time.monotonic() - polled_at > max(policy.min_interval / 2, 1.0)
     INFERENCE_TIMES.record(submitted.model, submitted.duration,
                            (prediction.inference_ms or 0) / 1000, early=early)
-    return prediction
+    # The result is persisted: signed output URLs are bearer credentials, so the stored copy
+    # keeps them scrubbed and the archive step asks the service for live ones.
+    return prediction.model_copy(update={"outputs": [redact_url(u) for u in prediction.outputs]})
 
 
 @task(
@@ -374,8 +377,15 @@ def _download_and_archive(
     if not prediction.outputs:
         raise ArchiveError(f"prediction {prediction.id} has no output", retryable=False)
     client = wavespeed_client(credentials_block)
+    url = prediction.outputs[0]
+    if is_redacted(url):  # the stored result's copy: fetch the live (signed) URL
+        live = client.get_prediction(prediction.id).outputs
+        if not live:
+            raise ArchiveError(f"prediction {prediction.id} no longer lists its output",
+                               retryable=True)
+        url = live[0]
     try:
-        with client.stream_output(prediction.outputs[0]) as response:
+        with client.stream_output(url) as response:
             length = response.headers.get("content-length")
             return archiver.archive(
                 checked_mp4(response.iter_bytes(1024 * 1024),
