@@ -216,8 +216,13 @@ def _upstream(inputs: dict[str, list[Any]]) -> tuple[str, ...]:
                  if getattr(ref, "input_type", "") == "task_run")
 
 
+# Task run names say what they work on (`wait[prediction-id]`, wan_tasks.integration.tasks).
+_RUN_PREFIXES = {"submit-i2v": "submit-i2v", "wait[": "wait-for-prediction",
+                 "archive[": "archive-to-s3"}
+
+
 def _task_name(run_name: str) -> str:
-    for name in PHASES:
-        if run_name.startswith(name):
+    for prefix, name in (*_RUN_PREFIXES.items(), *((n, n) for n in PHASES)):
+        if run_name.startswith(prefix):
             return name
     return run_name

@@ -202,42 +202,7 @@ def test_cli_rejects_bad_input_before_spending(stack: Stack, capsys: Any) -> Non
     assert stack.stats()["submissions"] == 0
 
 
-def test_archive_to_a_prefect_aws_style_s3_bucket_block(stack: Stack, s3_store: Any) -> None:
-    """Teams that keep S3 access in prefect-aws blocks name one; read by duck type
-    (bucket_name, credentials.get_s3_client()), as prefect-aws's S3Bucket has them."""
-    from prefect.blocks.core import Block
-    from pydantic import SecretStr
-
-    from wan_tasks.flows.options import ArchiveOptions
-
-    class FakeAwsCredentials(Block):
-        _block_type_slug = "fake-aws-credentials"
-        endpoint_url: str
-        access_key_id: str
-        secret_access_key: SecretStr
-
-        def get_s3_client(self) -> Any:
-            import boto3
-
-            return boto3.client(
-                "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
-                aws_secret_access_key=self.secret_access_key.get_secret_value(),
-                region_name="us-east-1")
-
-    class FakeS3Bucket(Block):
-        _block_type_slug = "s3-bucket"  # prefect-aws's slug
-        bucket_name: str
-        credentials: FakeAwsCredentials
-
-    stack.s3.create_bucket(Bucket="block-videos")
-    FakeS3Bucket(bucket_name="block-videos", credentials=FakeAwsCredentials(
-        endpoint_url=s3_store.endpoint_url, access_key_id=s3_store.access_key_id,
-        secret_access_key=s3_store.secret_access_key)).save("team-archive", overwrite=True)
-    out = run_video(req("s3-block"), archive=ArchiveOptions(s3_block="team-archive"),
-                         options=FAST)
-    assert out.s3_uri and out.s3_uri.startswith("s3://block-videos/")
-    data, _ = stack.object(out.s3_uri)
-    assert hashlib.sha256(data).hexdigest() == out.sha256
+# A real prefect-aws S3Bucket block: tests/test_prefect_aws.py.
 
 
 def test_lanes_take_one_slot_each_for_many_videos(

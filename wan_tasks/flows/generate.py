@@ -131,7 +131,8 @@ def generate_batch(
         for bad in invalid:
             log.warning("not submitted: %s", bad.error)
         budget = Budget(options.budget_usd)
-        outcomes = sorted(Producer(target, options, budget).run(jobs) + invalid,
+        producer = Producer(target, options, budget, batch=_batch_name(manifest))
+        outcomes = sorted(producer.run(jobs) + invalid,
                           key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
@@ -159,6 +160,11 @@ def _report(manifest: str, outcomes: list[VideoOutcome], spent: Decimal) -> Batc
         cost_usd=sum((o.cost_usd for o in outcomes if o.status == "archived"), Decimal("0")),
         new_spend_usd=spent, outcomes=outcomes,
     )
+
+
+def _batch_name(manifest: str) -> str:
+    """The manifest's file name, for tags: `prompts.jsonl` of a path or an s3:// URI."""
+    return manifest.rstrip("/").rsplit("/", 1)[-1] or manifest
 
 
 def _run_label() -> str:

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import get_run_logger, tags
 from prefect.runtime import flow_run
 
 from wan_tasks.api.models import I2VRequest, Prediction
@@ -83,12 +83,20 @@ class _Video:
 class Producer:
     """Makes and archives the videos of one flow run."""
 
-    def __init__(self, target: ArchiveTarget, options: RunOptions, budget: Budget) -> None:
+    def __init__(self, target: ArchiveTarget, options: RunOptions, budget: Budget,
+                 batch: str | None = None) -> None:
         self.target, self.options, self.budget = target, options, budget
+        self.batch = batch
         self.ledger = target.at(options.ledger_prefix) if options.ledger else None
         self.this_run = str(flow_run.id) if flow_run.id else None
 
     # -- one video -------------------------------------------------------------------------
+
+    def tags(self, job: VideoJob) -> AbstractContextManager[Any]:
+        """Tags for a video's task runs (`batch:<manifest>`, `item:<id>`), so a batch's videos
+        can be told apart and filtered in the UI; events emitted in them carry them too."""
+        names = [f"batch:{self.batch}"] if self.batch else []
+        return tags(*names, f"item:{job.item_id or 'video'}")
 
     def make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
         """Submit (or reconnect) and wait; the caller holds an in-flight slot.
@@ -97,6 +105,10 @@ class Producer:
         run (re-running is asking to try again), is resubmitted as the next attempt, up to
         `max_attempts` new submissions. The attempt number is part of the request key, so
         later runs find each attempt."""
+        with self.tags(video.job):
+            return self._make(video)
+
+    def _make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
         opts = self.options
         while True:
             submitted = submit_i2v(
@@ -129,11 +141,12 @@ class Producer:
         again only when the options allow paying for it twice."""
         while True:
             try:
-                archived = archive_to_s3(
-                    submitted, prediction, self.target,
-                    credentials_block=self.options.credentials_block, ledger=self.ledger,
-                    output_lifetime_s=self.options.output_lifetime_s,
-                )
+                with self.tags(video.job):
+                    archived = archive_to_s3(
+                        submitted, prediction, self.target,
+                        credentials_block=self.options.credentials_block, ledger=self.ledger,
+                        output_lifetime_s=self.options.output_lifetime_s,
+                    )
                 return archived_outcome(video.job, submitted, archived)
             except OutputExpiredError as exc:
                 if not self.options.allow_resubmit_expired:

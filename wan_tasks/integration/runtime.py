@@ -7,6 +7,7 @@ parameters or results; the client is built here, in the process that runs the ta
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from wan_tasks import settings
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.policies import PollPolicy
 from wan_tasks.core.ledger import S3Ledger
+from wan_tasks.errors import ConfigurationError
 from wan_tasks.storage.place import S3Place
 
 if TYPE_CHECKING:
@@ -52,9 +54,12 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
 
 
 def s3_bucket_block(name: str) -> tuple[str, S3Client]:
-    """(bucket name, S3 client) of a saved prefect-aws `S3Bucket` block, for teams that keep
-    their S3 access in blocks. Read by duck type: any block with `bucket_name` and
-    `credentials.get_s3_client()` works."""
+    """(bucket name, S3 client) of a saved prefect-aws `S3Bucket` block (a bare name) or of
+    any block by slug ("type-slug/name") that has `bucket_name` and `credentials` with
+    `get_s3_client()`, as prefect-aws's S3Bucket with AwsCredentials or MinIOCredentials has.
+
+    The client is shared per block and per credentials, so a block re-saved with new
+    credentials is honoured by the next task."""
     from prefect.blocks.core import Block
 
     slug = name if "/" in name else f"s3-bucket/{name}"
@@ -63,16 +68,30 @@ def s3_bucket_block(name: str) -> tuple[str, S3Client]:
         # return a coroutine.
         block: Any = Block.load(slug, _sync=True)  # type: ignore[call-arg]
     except (KeyError, ValueError) as exc:
-        raise ValueError(
+        raise ConfigurationError(
             f"s3_block {name!r}: cannot load {slug!r} ({exc}). Is prefect-aws installed "
             "where this runs, and the block saved?"
         ) from exc
+    credentials: Any = getattr(block, "credentials", None)
+    bucket = getattr(block, "bucket_name", None)
+    if not bucket or not callable(getattr(credentials, "get_s3_client", None)):
+        raise ConfigurationError(
+            f"s3_block {name!r}: {type(block).__name__} is not an S3 bucket block (it needs "
+            "bucket_name and credentials.get_s3_client(), as prefect-aws's S3Bucket has)"
+        )
+    ident = ("block", slug, _fingerprint(_credentials_json(credentials)))
     with _lock:
-        client = _s3.get(("block", slug))
+        client = _s3.get(ident)
         if client is None:
-            client = block.credentials.get_s3_client()
-            _s3[("block", slug)] = client
-    return str(block.bucket_name), client
+            client = credentials.get_s3_client()
+            _s3[ident] = client
+    return str(bucket), client
+
+
+def _credentials_json(credentials: Any) -> str:
+    # Secrets included: only a fingerprint of this is kept, to tell credentials apart.
+    dumped = credentials.model_dump(mode="json", context={"include_secrets": True})
+    return json.dumps(dumped, sort_keys=True, default=str)
 
 
 def s3_client(block: str | None = None) -> S3Client:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
@@ -30,7 +31,7 @@ from prefect.context import TaskRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run, task_run
 from prefect.settings import get_current_settings
-from prefect.tasks import exponential_backoff
+from prefect.tasks import TaskRunNameCallbackWithParameters, exponential_backoff
 
 from wan_tasks.api.models import MODEL_ID, I2VRequest, Prediction
 from wan_tasks.api.policies import PollPolicy
@@ -61,6 +62,9 @@ ARCHIVED_EVENT = "wan.video.archived"
 # How long the service keeps outputs (its documentation: 7 days); a 404 on a younger output is
 # transient.
 OUTPUT_LIFETIME_S = 7 * 24 * 3600.0
+# Prefect's own asset event (what `@materialize` emits): archived videos show in its asset
+# views and lineage, and automations can trigger on them.
+ASSET_MATERIALIZED_EVENT = "prefect.asset.materialization.succeeded"
 # What this process has seen the service take, to aim first polls (PollPolicy.learn_first_poll).
 INFERENCE_TIMES = InferenceTimes()
 
@@ -154,11 +158,43 @@ def learn_inference_times(credentials_block: str | None = None) -> int:
     return INFERENCE_TIMES.seed_from_history(client, client.ops.model)
 
 
+# -- task run names: what each run works on, told apart in the UI --------------------------
+
+
+def _label(value: object) -> str:
+    return str(value or "video")
+
+
+def submit_run_name(parameters: dict[str, Any]) -> str:
+    """`submit-i2v[item-id]`, and `submit-i2v[item-id, attempt 2]` for a resubmission."""
+    attempt = int(parameters.get("attempt") or 0)
+    more = f", attempt {attempt + 1}" if attempt else ""
+    return f"submit-i2v[{_label(parameters.get('item_id'))}{more}]"
+
+
+def wait_run_name(parameters: dict[str, Any]) -> str:
+    """`wait[prediction-id]`."""
+    submitted = parameters.get("submitted")
+    return f"wait[{getattr(submitted, 'prediction_id', None) or '?'}]"
+
+
+def archive_run_name(parameters: dict[str, Any]) -> str:
+    """`archive[item-id]`."""
+    return f"archive[{_label(getattr(parameters.get('submitted'), 'item_id', None))}]"
+
+
+def _named(namer: Callable[[dict[str, Any]], str]) -> TaskRunNameCallbackWithParameters:
+    # Prefect passes the parameters to a callable with a `parameters` argument; its protocol
+    # type also lists a classmethod no function has, hence the cast.
+    return cast(TaskRunNameCallbackWithParameters, namer)
+
+
 # -- tasks ---------------------------------------------------------------------------------
 
 
 @task(
     name="submit-i2v",
+    task_run_name=_named(submit_run_name),
     cache_policy=serializable(CacheKeyFnPolicy(cache_key_fn=_submit_key)),
     persist_result=True,
     retries=3,
@@ -216,6 +252,7 @@ def submit_i2v(
 
 @task(
     name="wait-for-prediction",
+    task_run_name=_named(wait_run_name),
     cache_policy=CacheKeyFnPolicy(cache_key_fn=_wait_key),
     persist_result=True,
     retries=3,
@@ -286,6 +323,7 @@ def wait_for_prediction(
 
 @task(
     name="archive-to-s3",
+    task_run_name=_named(archive_run_name),
     cache_policy=CacheKeyFnPolicy(cache_key_fn=_archive_key),
     persist_result=True,
     retries=3,
@@ -358,6 +396,9 @@ def archive_to_s3(
             "item_id": submitted.item_id, "already_archived": result.already_archived,
         },
     )
+    if not result.already_archived:
+        # Like a cached `@materialize` task, a found object is not materialised again.
+        emit_asset_materialized(result, submitted)
     return result
 
 
@@ -415,6 +456,51 @@ def _download_and_archive(
         raise ArchiveError(
             f"download of prediction {prediction.id} was cut off: {exc}", retryable=True
         ) from exc
+
+
+def asset_key(s3_uri: str) -> str:
+    """The Prefect asset key of an object: its `s3://` URI, unless the URI has characters
+    Prefect refuses in keys (spaces, `%`, `?`, `#`, brackets, ...) or is too long; then the
+    URI with those replaced by `_` and a hash of the exact URI, so distinct objects keep
+    distinct keys."""
+    from prefect.types.names import MAX_ASSET_KEY_LENGTH, RESTRICTED_ASSET_CHARACTERS
+
+    if len(s3_uri) <= MAX_ASSET_KEY_LENGTH and not any(
+        c in s3_uri for c in RESTRICTED_ASSET_CHARACTERS
+    ):
+        return s3_uri
+    import hashlib
+
+    digest = hashlib.sha256(s3_uri.encode()).hexdigest()[:16]
+    clean = "".join("_" if c in RESTRICTED_ASSET_CHARACTERS else c for c in s3_uri)
+    return f"{clean[: MAX_ASSET_KEY_LENGTH - len(digest) - 1]}~{digest}"
+
+
+def emit_asset_materialized(result: ArchiveResult, submitted: SubmittedVideo) -> None:
+    """Prefect's asset materialisation event for the archived object, with what made it as
+    metadata (prompt, seed, cost, sha256). Emitted inside the task run, so Prefect relates it
+    to the flow run, the task run and their tags."""
+    prompt = str(submitted.redacted_request.get("prompt") or "")
+    resource = {
+        "prefect.resource.id": asset_key(result.s3_uri),
+        "prefect.resource.name": submitted.item_id or result.key,
+        "prefect.asset.description": f"Wan 2.2 video ({submitted.model}): {prompt}"[:2500],
+    }
+    related = [{"prefect.resource.id": submitted.model,
+                "prefect.resource.role": "asset-materialized-by"}]
+    image = submitted.redacted_request.get("image")
+    if isinstance(image, str) and image.startswith(("s3://", "https://", "http://")):
+        related.insert(0, {"prefect.resource.id": asset_key(image),
+                           "prefect.resource.role": "asset"})
+    emit_event(
+        event=ASSET_MATERIALIZED_EVENT, resource=resource, related=related,
+        payload={
+            "s3_uri": result.s3_uri, "sidecar_uri": result.sidecar_uri,
+            "prompt": prompt, "seed": submitted.seed, "cost_usd": str(submitted.cost_usd),
+            "sha256": result.sha256, "size": result.size, "model": submitted.model,
+            "prediction_id": submitted.prediction_id, "item_id": submitted.item_id,
+        },
+    )
 
 
 def _object_metadata(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, str]:
