@@ -129,7 +129,7 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert sorted(a.key or "" for a in artifacts) == ["wan-video-sheets", "wan-videos"]
+    assert sorted(a.key or "" for a in artifacts) == ["wan-videos", "wan-videos-sheets"]
     assert by_id["bad-duration"].status == "invalid"
     assert "duration" in (by_id["bad-duration"].error or "")
     assert by_id["row-00004"].status == "invalid"
