@@ -20,11 +20,17 @@ from tests.conftest import SAMPLE, Stack
 from wan_tasks.api.models import PRICE_USD
 
 
-def wan_video(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-              timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def wan_video(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "wan_tasks.cli", *args], env=env, cwd=cwd,
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [sys.executable, "-m", "wan_tasks.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -39,10 +45,17 @@ def api_url() -> str:
 def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """No Prefect server, service key or bucket configured: the command would start the
     temporary server and the embedded services, and writes their state under tmp_path."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "WAVESPEED_", "WAN_TASKS_", "AWS_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), WAN_TASKS_HOME=str(tmp_path / "wan"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "WAVESPEED_", "WAN_TASKS_", "AWS_"))
+    }
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        WAN_TASKS_HOME=str(tmp_path / "wan"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **extra,
+    )
     return env
 
 
@@ -54,18 +67,39 @@ def write_jsonl(path: Path, rows: list[dict[str, Any] | str]) -> Path:
 # -- bad input: answered before anything starts ----------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "content", "args", "expected"), [
-    ("missing", None, ["batch", "{dir}/nope.jsonl"], r"^error: manifest: no file at .*nope"),
-    ("header-typo", "image,promt\nx.png,hello\n", ["batch", "{dir}/typo.csv"],
-     r"^error: typo\.csv: unknown header column\(s\) 'promt'"),
-    ("bad-row", json.dumps({"image": str(SAMPLE), "prompt": "ok"}) + "\n"
-     + json.dumps({"image": str(SAMPLE), "prompt": "six", "duration": 6}) + "\n",
-     ["batch", "{dir}/rows.jsonl"], r"^error: row 2: duration: "),
-    ("zero-limit", None, ["limits", "--in-flight", "0"],
-     r"^wan-video limits: error: argument --in-flight: must be at least 1, got 0"),
-    ("negative-limit", None, ["limits", "--per-minute", "-5"],
-     r"^wan-video limits: error: argument --per-minute: must be at least 1, got -5"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "args", "expected"),
+    [
+        ("missing", None, ["batch", "{dir}/nope.jsonl"], r"^error: manifest: no file at .*nope"),
+        (
+            "header-typo",
+            "image,promt\nx.png,hello\n",
+            ["batch", "{dir}/typo.csv"],
+            r"^error: typo\.csv: unknown header column\(s\) 'promt'",
+        ),
+        (
+            "bad-row",
+            json.dumps({"image": str(SAMPLE), "prompt": "ok"})
+            + "\n"
+            + json.dumps({"image": str(SAMPLE), "prompt": "six", "duration": 6})
+            + "\n",
+            ["batch", "{dir}/rows.jsonl"],
+            r"^error: row 2: duration: ",
+        ),
+        (
+            "zero-limit",
+            None,
+            ["limits", "--in-flight", "0"],
+            r"^wan-video limits: error: argument --in-flight: must be at least 1, got 0",
+        ),
+        (
+            "negative-limit",
+            None,
+            ["limits", "--per-minute", "-5"],
+            r"^wan-video limits: error: argument --per-minute: must be at least 1, got -5",
+        ),
+    ],
+)
 def test_bad_input_exits_2_before_any_server(
     tmp_path: Path, name: str, content: str | None, args: list[str], expected: str
 ) -> None:
@@ -89,9 +123,15 @@ def test_batch_help_documents_the_manifest() -> None:
     done = wan_video("batch", "--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for words in ("MANIFEST the manifest", "s3://bucket/key", "--dry-run", "--out DIR",
-                  "resolve from the manifest's folder", "high_noise_loras",
-                  "path=scale;path=scale"):
+    for words in (
+        "MANIFEST the manifest",
+        "s3://bucket/key",
+        "--dry-run",
+        "--out DIR",
+        "resolve from the manifest's folder",
+        "high_noise_loras",
+        "path=scale;path=scale",
+    ):
         assert words in text, words
 
 
@@ -106,15 +146,19 @@ def test_dry_run_calls_nothing_and_knows_what_is_archived(stack: Stack, tmp_path
     report = generate_batch(str(write_jsonl(tmp_path / "first.jsonl", [done_row])), options=FAST)
     assert report.archived == 1
     before = stack.stats()
-    manifest = write_jsonl(tmp_path / "plan.jsonl", [
-        done_row,
-        {"id": "new-long", "image": "sample.png", "prompt": "test dry run new", "duration": 8},
-        {"id": "twin", "image": "sample.png", "prompt": "test dry run new", "duration": 8},
-    ])
+    manifest = write_jsonl(
+        tmp_path / "plan.jsonl",
+        [
+            done_row,
+            {"id": "new-long", "image": "sample.png", "prompt": "test dry run new", "duration": 8},
+            {"id": "twin", "image": "sample.png", "prompt": "test dry run new", "duration": 8},
+        ],
+    )
     (tmp_path / "sample.png").write_bytes(SAMPLE.read_bytes())  # relative to the manifest
     env = {**os.environ, "PREFECT_API_URL": api_url()}
-    done = wan_video("batch", str(manifest), "--dry-run", "--budget", "0.10", env=env,
-                     cwd=tmp_path.parent)
+    done = wan_video(
+        "batch", str(manifest), "--dry-run", "--budget", "0.10", env=env, cwd=tmp_path.parent
+    )
     assert done.returncode == 0, done.stderr
     assert stack.stats() == before  # not one call to the service
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith(" ")}
@@ -141,24 +185,37 @@ def _read_back(artifact_key: str) -> tuple[Any, Any, list[Any], list[Any]]:
 
     with get_client(sync_client=True) as client:
         (table,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key]))
+        )
         run = client.read_flow_run(table.flow_run_id)
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200)
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200
+        )
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
     return run, table, logs, artifacts
 
 
 def test_cli_batch_with_a_failed_row_ends_failed(stack: Stack, tmp_path: Path) -> None:
-    manifest = write_jsonl(tmp_path / "cli.jsonl", [
-        {"id": "ok-1", "image": str(SAMPLE), "prompt": "test cli batch 1"},
-        {"id": "ok-2", "image": str(SAMPLE), "prompt": "test cli batch 2"},
-        {"id": "gone", "image": "https://unreachable.invalid/x.png", "prompt": "test cli 3"},
-    ])
+    manifest = write_jsonl(
+        tmp_path / "cli.jsonl",
+        [
+            {"id": "ok-1", "image": str(SAMPLE), "prompt": "test cli batch 1"},
+            {"id": "ok-2", "image": str(SAMPLE), "prompt": "test cli batch 2"},
+            {"id": "gone", "image": "https://unreachable.invalid/x.png", "prompt": "test cli 3"},
+        ],
+    )
     env = {**os.environ, "PREFECT_API_URL": api_url()}
-    done = wan_video("batch", str(manifest), "--artifact-key", "cli-failed-row",
-                     "--link-expiry-s", "7200", env=env)
+    done = wan_video(
+        "batch",
+        str(manifest),
+        "--artifact-key",
+        "cli-failed-row",
+        "--link-expiry-s",
+        "7200",
+        env=env,
+    )
     assert done.returncode == 1, done.stderr
     assert "2/3 archived" in done.stdout
     assert re.search(r"gone\s+failed\s+MediaAccessError", done.stdout)
@@ -181,14 +238,23 @@ def test_cli_batch_with_a_failed_row_ends_failed(stack: Stack, tmp_path: Path) -
     assert sorted(a.key for a in artifacts if a.key) == ["cli-failed-row", "cli-failed-row-sheets"]
 
 
-def test_generate_with_the_embedded_store_keeps_local_copies(
-    stack: Stack, tmp_path: Path
-) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WAN_TASKS_", "AWS_"))}  # no bucket: the embedded store
+def test_generate_with_the_embedded_store_keeps_local_copies(stack: Stack, tmp_path: Path) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("WAN_TASKS_", "AWS_"))
+    }  # no bucket: the embedded store
     env.update(PREFECT_API_URL=api_url(), WAN_TASKS_HOME=str(tmp_path / "wan"))
-    done = wan_video("generate", "--image", str(SAMPLE), "--prompt", "test cli embedded",
-                     "--artifact-key", "cli-embedded", "--out", str(tmp_path / "out"), env=env)
+    done = wan_video(
+        "generate",
+        "--image",
+        str(SAMPLE),
+        "--prompt",
+        "test cli embedded",
+        "--artifact-key",
+        "cli-embedded",
+        "--out",
+        str(tmp_path / "out"),
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["presigned_url"] is None  # its store stopped with the command
@@ -276,8 +342,11 @@ def test_progress_counts_each_video_and_logs_lines() -> None:
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     log.addHandler(handler)
-    with watch(seen.append), Progress(40, spend=lambda: Decimal("1.20"), log=log,
-                                      every_s=0.05) as progress:
+    with (
+        watch(seen.append),
+        Progress(40, spend=lambda: Decimal("1.20"), log=log, every_s=0.05) as progress,
+    ):
+
         def one(i: int) -> None:
             progress.started()
             progress.finished(ok=i % 10 != 0)
@@ -289,8 +358,11 @@ def test_progress_counts_each_video_and_logs_lines() -> None:
             t.join()
     final = progress.snapshot()
     assert (final.archived, final.failed, final.in_flight, final.queued) == (36, 4, 0, 0)
-    assert seen[-1].line().startswith("36/40 archived, 0 in flight, 0 queued, 4 failed; "
-                                      "new spend $1.20")
+    assert (
+        seen[-1]
+        .line()
+        .startswith("36/40 archived, 0 in flight, 0 queued, 4 failed; new spend $1.20")
+    )
     assert seen[-1].line().endswith("time left done")
     log.removeHandler(handler)
     lines = [r.getMessage() for r in records]

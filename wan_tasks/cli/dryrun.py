@@ -50,8 +50,10 @@ def _result_storage() -> Path | None:
 
 def _open_ledger(bucket: str | None, ledger_prefix: str) -> tuple[S3Ledger | None, str]:
     if not bucket:
-        return None, ("unknown: no store configured (WAN_TASKS_BUCKET or --bucket); the "
-                      "embedded store is not started for a dry run")
+        return None, (
+            "unknown: no store configured (WAN_TASKS_BUCKET or --bucket); the "
+            "embedded store is not started for a dry run"
+        )
     from wan_tasks.integration.runtime import s3_client
     from wan_tasks.storage.place import S3Place
 
@@ -59,8 +61,9 @@ def _open_ledger(bucket: str | None, ledger_prefix: str) -> tuple[S3Ledger | Non
     return S3Ledger(s3_client(), place), f"s3://{bucket}/{ledger_prefix}/"
 
 
-def plan_batch(items: list[ManifestItem], *, bucket: str | None,
-               ledger_prefix: str = DEFAULT_LEDGER_PREFIX) -> Plan:
+def plan_batch(
+    items: list[ManifestItem], *, bucket: str | None, ledger_prefix: str = DEFAULT_LEDGER_PREFIX
+) -> Plan:
     ledger, where = _open_ledger(bucket, ledger_prefix)
     storage = _result_storage()
     first_of: dict[str, str] = {}
@@ -84,11 +87,12 @@ def plan_batch(items: list[ManifestItem], *, bucket: str | None,
                 ledger = None
                 entry = None
             if entry is not None:
-                status = (f"submitted before (prediction {entry.prediction_id}; $0 unless "
-                          "it failed)" if entry.prediction_id
-                          else "submitted before (being reconciled)")
+                status = (
+                    f"submitted before (prediction {entry.prediction_id}; $0 unless it failed)"
+                    if entry.prediction_id
+                    else "submitted before (being reconciled)"
+                )
         if status == "new" and storage is not None and (storage / f"wan-submit-{key}").exists():
             status = "cached"
-        rows.append(PlannedRow(item, request.cost_usd if status == "new" else Decimal("0"),
-                               status))
+        rows.append(PlannedRow(item, request.cost_usd if status == "new" else Decimal("0"), status))
     return Plan(rows, where)

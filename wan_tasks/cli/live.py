@@ -27,8 +27,13 @@ def live_progress(enabled: bool | None = None) -> Iterator[None]:
     from rich.text import Text
 
     console = Console(stderr=True)
-    with Live(Text("starting…"), console=console, refresh_per_second=4,
-              redirect_stderr=True, transient=False) as live:
+    with Live(
+        Text("starting…"),
+        console=console,
+        refresh_per_second=4,
+        redirect_stderr=True,
+        transient=False,
+    ) as live:
 
         def draw(snap: Snapshot) -> None:
             live.update(Text(snap.line(), style="bold"))

@@ -36,7 +36,10 @@ STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT_S = 180
 # WaveSpeed's account tiers: (concurrent tasks, video submissions per minute).
 TIERS: dict[str, tuple[int, int]] = {
-    "bronze": (2, 2), "silver": (300, 500), "gold": (3000, 3000), "ultra": (10000, 5000),
+    "bronze": (2, 2),
+    "silver": (300, 500),
+    "gold": (3000, 3000),
+    "ultra": (10000, 5000),
 }
 
 
@@ -74,6 +77,7 @@ def _positive(text: str) -> int:
     return value
 
 
+# fmt: off
 def cmd_emulator(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
     api_key = args.api_key or os.environ.get("WAVESPEED_EMULATOR_KEY") or settings.pop(
@@ -96,14 +100,19 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         emulator.serve_forever()
     return 0
+# fmt: on
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
     from wan_tasks.api.models import I2VRequest
     from wan_tasks.core.manifest import parse_lora_cell
 
-    fields: dict[str, Any] = {"image": args.image, "prompt": args.prompt,
-                              "duration": args.duration, "seed": args.seed}
+    fields: dict[str, Any] = {
+        "image": args.image,
+        "prompt": args.prompt,
+        "duration": args.duration,
+        "seed": args.seed,
+    }
     if args.last_image:
         fields["last_image"] = args.last_image
     if args.negative_prompt:
@@ -126,11 +135,14 @@ def _options(args: argparse.Namespace) -> tuple[Any, Any]:
             raise ValueError(f"--budget: not a number: {args.budget!r}") from None
     else:
         budget = None
-    archive = ArchiveOptions(bucket=args.bucket, prefix=args.prefix,
-                             presign_expiry_s=args.link_expiry_s)
+    archive = ArchiveOptions(
+        bucket=args.bucket, prefix=args.prefix, presign_expiry_s=args.link_expiry_s
+    )
     options = RunOptions(
-        credentials_block=args.credentials_block, budget_usd=budget,
-        limits=LimitSettings(per_minute=args.rate_limit), artifact_key=args.artifact_key,
+        credentials_block=args.credentials_block,
+        budget_usd=budget,
+        limits=LimitSettings(per_minute=args.rate_limit),
+        artifact_key=args.artifact_key,
     )
     return archive, options
 
@@ -154,11 +166,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # The embedded store (when no bucket is configured) lives as long as this block, so the
     # copies are taken while it still runs.
-    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
-                           emulator=not options.credentials_block) as services:
+    with embedded_defaults(
+        s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
+    ) as services:
         try:
-            outcome = asyncio.run(generate_video(request, variant=args.variant,
-                                                 archive=archive, options=options))
+            outcome = asyncio.run(
+                generate_video(request, variant=args.variant, archive=archive, options=options)
+            )
         except WanTasksError as exc:
             _err(f"error: {type(exc).__name__}: {exc}")
             return 1
@@ -166,9 +180,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = outcome.model_dump(mode="json")
     if services.s3_endpoint:
         result["presigned_url"] = None  # its store has stopped: the link would be dead
-        result["note"] = ("archived in the embedded store, which stopped with this command; "
-                          + ("open the local copies" if copies else
-                             "pass --out DIR for copies you can open"))
+        result["note"] = "archived in the embedded store, which stopped with this command; " + (
+            "open the local copies" if copies else "pass --out DIR for copies you can open"
+        )
     if copies:
         result["local_copies"] = [str(p) for p in copies.get(outcome.item_id, [])]
     _out(json.dumps(result, indent=2))
@@ -201,14 +215,12 @@ def _read_manifest(location: str) -> list[ManifestItem] | None:
         path = Path(location).expanduser()
         if not path.is_file():
             raise ValueError(f"manifest: no file at {location!r}")
-        return parse_manifest(path.read_bytes(), name=path.name,
-                              base_dir=path.parent.resolve())
+        return parse_manifest(path.read_bytes(), name=path.name, base_dir=path.parent.resolve())
     except ManifestError as exc:
         raise ValueError(str(exc)) from None
 
 
-def _dry_run(args: argparse.Namespace, items: list[ManifestItem], budget: Decimal | None
-             ) -> int:
+def _dry_run(args: argparse.Namespace, items: list[ManifestItem], budget: Decimal | None) -> int:
     from wan_tasks import settings
     from wan_tasks.cli.dryrun import plan_batch
 
@@ -222,8 +234,10 @@ def _dry_run(args: argparse.Namespace, items: list[ManifestItem], budget: Decima
     new = [r for r in plan.rows if r.cost_usd > 0]
     invalid = sum(1 for r in plan.rows if r.status == "invalid")
     free = len(plan.rows) - len(new) - invalid
-    _out(f"bill: ${plan.bill_usd} for {len(new)} new videos (at most: rows no ledger or cache "
-         f"vouches for are priced as new); {free} would cost nothing; {invalid} invalid")
+    _out(
+        f"bill: ${plan.bill_usd} for {len(new)} new videos (at most: rows no ledger or cache "
+        f"vouches for are priced as new); {free} would cost nothing; {invalid} invalid"
+    )
     if budget is not None and plan.bill_usd > budget:
         covered, spent = 0, Decimal("0")
         for r in new:
@@ -231,8 +245,10 @@ def _dry_run(args: argparse.Namespace, items: list[ManifestItem], budget: Decima
                 break
             spent += r.cost_usd
             covered += 1
-        _out(f"budget ${budget} covers {covered} of the {len(new)} new videos; the rest would "
-             "be skipped")
+        _out(
+            f"budget ${budget} covers {covered} of the {len(new)} new videos; the rest would "
+            "be skipped"
+        )
     return 2 if invalid else 0
 
 
@@ -278,9 +294,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if invalid and not args.dry_run and not args.skip_invalid:
         for item in invalid:
             _err(f"error: {item.error}")
-        _err(f"error: {args.manifest}: {len(invalid)} of {len(items or [])} rows are invalid "
-             "and nothing was started; fix them, or pass --skip-invalid to run the "
-             f"{len(items or []) - len(invalid)} valid rows (the run then ends Failed)")
+        _err(
+            f"error: {args.manifest}: {len(invalid)} of {len(items or [])} rows are invalid "
+            "and nothing was started; fix them, or pass --skip-invalid to run the "
+            f"{len(items or []) - len(invalid)} valid rows (the run then ends Failed)"
+        )
         return 2
     try:
         archive, options = _options(args)
@@ -288,8 +306,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return _bad_options(exc)
     if args.dry_run:
         if items is None:
-            _err("error: --dry-run needs a local manifest, or WAN_TASKS_BUCKET for an s3:// "
-                 "one (the embedded store is not started for a dry run)")
+            _err(
+                "error: --dry-run needs a local manifest, or WAN_TASKS_BUCKET for an s3:// "
+                "one (the embedded store is not started for a dry run)"
+            )
             return 2
         return _dry_run(args, items, options.budget_usd)
 
@@ -299,16 +319,21 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from wan_tasks.flows.generate import generate_batch
     from wan_tasks.flows.reporting import copy_outputs
 
-    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
-                           emulator=not options.credentials_block) as services:
+    with embedded_defaults(
+        s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
+    ) as services:
         with live_progress(), _quiet_batch_traceback():
             # Failed when any video did not land, as from Python or a deployment; the report
             # travels on the state's exception.
-            state = generate_batch(args.manifest, archive=archive, options=options,
-                                   return_state=True)
+            state = generate_batch(
+                args.manifest, archive=archive, options=options, return_state=True
+            )
         report, failure = _report_from_state(state)
-        copies = (copy_outputs(report.outcomes, Path(args.out), archive.s3_block)
-                  if args.out and report else {})
+        copies = (
+            copy_outputs(report.outcomes, Path(args.out), archive.s3_block)
+            if args.out and report
+            else {}
+        )
     if report is None:
         _err(f"error: the batch failed: {failure}")
         return 1
@@ -318,12 +343,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         else:
             where = f"{o.error_type}: {o.error}"
         _out(f"{o.item_id:>12}  {o.status:<8}  {where}")
-    _out(f"{report.archived}/{report.total} archived, new spend ${report.new_spend_usd}; "
-         f"summary {report.summary_uri}")
+    _out(
+        f"{report.archived}/{report.total} archived, new spend ${report.new_spend_usd}; "
+        f"summary {report.summary_uri}"
+    )
     if services.s3_endpoint:
-        _out("the embedded store stopped with this command"
-             + (f"; copies in {Path(args.out).resolve()}" if copies else
-                "; pass --out DIR for copies you can open"))
+        _out(
+            "the embedded store stopped with this command"
+            + (
+                f"; copies in {Path(args.out).resolve()}"
+                if copies
+                else "; pass --out DIR for copies you can open"
+            )
+        )
     if report.archived < report.total:
         _out(str(BatchIncompleteError("re-run the same command to complete the rest")))
         return 1
@@ -337,10 +369,12 @@ def temporary_server_warning() -> str | None:
     current = get_current_settings()
     if current.api.url:
         return None
-    return ("warning: PREFECT_API_URL is not set: this starts a temporary Prefect server on "
-            f"the database in {current.home}; only runs on this machine with the same "
-            "PREFECT_HOME and no PREFECT_API_URL see these limits. Set PREFECT_API_URL for "
-            "the server your flows use.")
+    return (
+        "warning: PREFECT_API_URL is not set: this starts a temporary Prefect server on "
+        f"the database in {current.home}; only runs on this machine with the same "
+        "PREFECT_HOME and no PREFECT_API_URL see these limits. Set PREFECT_API_URL for "
+        "the server your flows use."
+    )
 
 
 def cmd_limits(args: argparse.Namespace) -> int:
@@ -369,21 +403,27 @@ def cmd_limits(args: argparse.Namespace) -> int:
         if per_minute is not None:
             # A slot decays after 60/per_minute s: at most `per_minute` submits a minute.
             client.upsert_global_concurrency_limit_by_name(
-                names.per_minute, per_minute, slot_decay_per_second=per_minute / 60.0)
+                names.per_minute, per_minute, slot_decay_per_second=per_minute / 60.0
+            )
         for name, kind in ((names.in_flight, "in flight"), (names.per_minute, "per minute")):
             try:
                 limit = client.read_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
-                hint = ("flows that use it fail; set it with --in-flight N or --tier"
-                        if kind == "in flight" else "opt-in; set it with --per-minute N")
+                hint = (
+                    "flows that use it fail; set it with --in-flight N or --tier"
+                    if kind == "in flight"
+                    else "opt-in; set it with --per-minute N"
+                )
                 _out(f"{name}: not set ({hint})")
                 continue
             if kind == "in flight":
                 _out(f"{name}: {limit.limit} videos in flight ({limit.active_slots} taken now)")
             else:
-                _out(f"{name}: {limit.limit} submits per minute (slot decay "
-                     f"{limit.slot_decay_per_second:g}/s; flows take it when asked: "
-                     f"--rate-limit {name}, or options.limits.per_minute)")
+                _out(
+                    f"{name}: {limit.limit} submits per minute (slot decay "
+                    f"{limit.slot_decay_per_second:g}/s; flows take it when asked: "
+                    f"--rate-limit {name}, or options.limits.per_minute)"
+                )
     return 0
 
 
@@ -395,8 +435,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _out(f"manifest:      {result.sidecar_uri}")
     _out(f"local copy:    {result.video}  ({result.info})")
     _out(f"contact sheet: {result.contact_sheet}")
-    _out(f"prediction {result.prediction_id}, seed {result.seed}, ${result.cost_usd} (emulated, "
-         "nothing was spent)")
+    _out(
+        f"prediction {result.prediction_id}, seed {result.seed}, ${result.cost_usd} (emulated, "
+        "nothing was spent)"
+    )
     return 0
 
 
@@ -409,26 +451,46 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--variant", default="", help="another take of the same request")
     for name in ("loras", "high-noise-loras", "low-noise-loras"):
-        p.add_argument(f"--{name}", dest=name.replace("-", "_"),
-                       help="path=scale;path=scale or JSON")
+        p.add_argument(
+            f"--{name}", dest=name.replace("-", "_"), help="path=scale;path=scale or JSON"
+        )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", help="S3 bucket (default $WAN_TASKS_BUCKET, else embedded)")
     p.add_argument("--prefix", default="videos")
     p.add_argument("--budget", help="dollar cap on new spend for this run")
-    p.add_argument("--credentials-block", dest="credentials_block",
-                   help="saved WaveSpeedCredentials block (default: WAVESPEED_API_KEY)")
-    p.add_argument("--rate-limit", dest="rate_limit", metavar="NAME",
-                   help="also take a slot of this per-minute limit per submit (opt-in; create "
-                        "it with `wan-video limits --per-minute N`)")
-    p.add_argument("--artifact-key", dest="artifact_key", default="wan-videos",
-                   help="key of the run's artifacts (lowercase letters, digits, dashes)")
-    p.add_argument("--link-expiry-s", dest="link_expiry_s", type=_positive, default=3600,
-                   help="lifetime of the presigned links (default 3600 = 1 h)")
-    p.add_argument("--out", metavar="DIR",
-                   help="also copy the videos and contact sheets here (needed to keep them "
-                        "when the store is the embedded one, which stops with the command)")
+    p.add_argument(
+        "--credentials-block",
+        dest="credentials_block",
+        help="saved WaveSpeedCredentials block (default: WAVESPEED_API_KEY)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        dest="rate_limit",
+        metavar="NAME",
+        help="also take a slot of this per-minute limit per submit (opt-in; create "
+        "it with `wan-video limits --per-minute N`)",
+    )
+    p.add_argument(
+        "--artifact-key",
+        dest="artifact_key",
+        default="wan-videos",
+        help="key of the run's artifacts (lowercase letters, digits, dashes)",
+    )
+    p.add_argument(
+        "--link-expiry-s",
+        dest="link_expiry_s",
+        type=_positive,
+        default=3600,
+        help="lifetime of the presigned links (default 3600 = 1 h)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="also copy the videos and contact sheets here (needed to keep them "
+        "when the store is the embedded one, which stops with the command)",
+    )
 
 
 BATCH_EPILOG = """\
@@ -458,32 +520,59 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     batch = sub.add_parser(
-        "batch", help="generate a manifest (JSONL/CSV, path or s3://)", epilog=BATCH_EPILOG,
+        "batch",
+        help="generate a manifest (JSONL/CSV, path or s3://)",
+        epilog=BATCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate and archive every row of a manifest; checked before anything "
-                    "starts (bad input: exit 2), exit 1 when any video did not land.",
+        "starts (bad input: exit 2), exit 1 when any video did not land.",
     )
-    batch.add_argument("manifest", metavar="MANIFEST",
-                       help="the manifest: a local .jsonl/.ndjson/.csv file, or s3://bucket/key "
-                            "(format below)")
-    batch.add_argument("--dry-run", dest="dry_run", action="store_true",
-                       help="validate every row, show what is already archived or cached, print "
-                            "the bill; submits nothing and starts no server")
-    batch.add_argument("--skip-invalid", dest="skip_invalid", action="store_true",
-                       help="run the valid rows even when some are invalid (the run ends Failed)")
+    batch.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="the manifest: a local .jsonl/.ndjson/.csv file, or s3://bucket/key (format below)",
+    )
+    batch.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="validate every row, show what is already archived or cached, print "
+        "the bill; submits nothing and starts no server",
+    )
+    batch.add_argument(
+        "--skip-invalid",
+        dest="skip_invalid",
+        action="store_true",
+        help="run the valid rows even when some are invalid (the run ends Failed)",
+    )
     _add_run_args(batch)
     batch.set_defaults(func=cmd_batch)
 
     lim = sub.add_parser(
-        "limits", help="show, create or update the concurrency limits",
-        description="With no option: show the limits. An option changes only what it names.")
-    lim.add_argument("--in-flight", dest="in_flight", type=_positive, default=None,
-                     help="the account's concurrent-task cap")
-    lim.add_argument("--per-minute", dest="per_minute", type=_positive, default=None,
-                     help="the account's submits-per-minute cap")
-    lim.add_argument("--tier", choices=sorted(TIERS, key=lambda t: TIERS[t]),
-                     help="set both from the account tier's caps: " + ", ".join(
-                         f"{t} {c} in flight / {m} a minute" for t, (c, m) in TIERS.items()))
+        "limits",
+        help="show, create or update the concurrency limits",
+        description="With no option: show the limits. An option changes only what it names.",
+    )
+    lim.add_argument(
+        "--in-flight",
+        dest="in_flight",
+        type=_positive,
+        default=None,
+        help="the account's concurrent-task cap",
+    )
+    lim.add_argument(
+        "--per-minute",
+        dest="per_minute",
+        type=_positive,
+        default=None,
+        help="the account's submits-per-minute cap",
+    )
+    lim.add_argument(
+        "--tier",
+        choices=sorted(TIERS, key=lambda t: TIERS[t]),
+        help="set both from the account tier's caps: "
+        + ", ".join(f"{t} {c} in flight / {m} a minute" for t, (c, m) in TIERS.items()),
+    )
     lim.add_argument("--in-flight-name", default="wan-video-in-flight")
     lim.add_argument("--per-minute-name", default="wan-video-submits-per-minute")
     lim.add_argument("--reset", action="store_true", help="free stuck in-flight slots")

@@ -46,9 +46,11 @@ class Snapshot:
         eta = "estimating" if self.eta_s is None else _duration(self.eta_s)
         if self.done == self.total:
             eta = "done"
-        return (f"{self.archived}/{self.total} archived, {self.in_flight} in flight, "
-                f"{self.queued} queued, {self.failed} failed; new spend ${self.spend_usd}; "
-                f"{_duration(self.elapsed_s)} elapsed, time left {eta}")
+        return (
+            f"{self.archived}/{self.total} archived, {self.in_flight} in flight, "
+            f"{self.queued} queued, {self.failed} failed; new spend ${self.spend_usd}; "
+            f"{_duration(self.elapsed_s)} elapsed, time left {eta}"
+        )
 
 
 def _duration(seconds: float) -> str:
@@ -77,9 +79,14 @@ def watch(callback: Callable[[Snapshot], None]) -> Iterator[None]:
 class Progress:
     """Thread-safe counters for one run's videos, with a reporter thread while started."""
 
-    def __init__(self, total: int, *, spend: Callable[[], Decimal] | None = None,
-                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-                 every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        spend: Callable[[], Decimal] | None = None,
+        log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        every_s: float = 5.0,
+    ) -> None:
         self.total = total
         self._spend = spend or (lambda: Decimal("0"))
         self._log = log  # None: no log lines (one video: its wait logs instead)
@@ -123,8 +130,9 @@ class Progress:
         done = archived + failed
         # Finished videos so far set the pace; a run's first minutes are the roughest guess.
         eta = elapsed / done * (self.total - done) if done else None
-        return Snapshot(self.total, queued, in_flight, archived, failed, self._spend(),
-                        elapsed, eta)
+        return Snapshot(
+            self.total, queued, in_flight, archived, failed, self._spend(), elapsed, eta
+        )
 
     # -- reporting ---------------------------------------------------------------------------
 

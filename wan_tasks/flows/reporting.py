@@ -21,18 +21,31 @@ from wan_tasks.storage.keys import sanitise_prefix, sanitise_segment
 logger = logging.getLogger(__name__)
 
 
-def write_summary(target: ArchiveTarget, manifest: str, outcomes: list[VideoOutcome],
-                  label: str) -> str:
+def write_summary(
+    target: ArchiveTarget, manifest: str, outcomes: list[VideoOutcome], label: str
+) -> str:
     """One JSON line per item at {prefix}/batches/{manifest}/{label}.jsonl; returns its URI."""
     stem = sanitise_segment(Path(manifest).stem)
-    key = "/".join(p for p in (sanitise_prefix(target.prefix), "batches", stem,
-                               f"{sanitise_segment(label)}.jsonl") if p)
-    body = b"".join(json.dumps(o.model_dump(mode="json"), sort_keys=True).encode() + b"\n"
-                    for o in outcomes)
+    key = "/".join(
+        p
+        for p in (
+            sanitise_prefix(target.prefix),
+            "batches",
+            stem,
+            f"{sanitise_segment(label)}.jsonl",
+        )
+        if p
+    )
+    body = b"".join(
+        json.dumps(o.model_dump(mode="json"), sort_keys=True).encode() + b"\n" for o in outcomes
+    )
     import base64
 
     s3_client(target.s3_block).put_object(
-        Bucket=target.bucket, Key=key, Body=body, ContentType="application/x-ndjson",
+        Bucket=target.bucket,
+        Key=key,
+        Body=body,
+        ContentType="application/x-ndjson",
         ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
     )
     return f"s3://{target.bucket}/{key}"
@@ -43,7 +56,8 @@ def _presign(uri: str | None, s3_block: str | None, expiry: int = 3600) -> str |
         return None
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     url: str = s3_client(s3_block).generate_presigned_url(
-        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expiry)
+        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expiry
+    )
     return url
 
 
@@ -67,8 +81,13 @@ def local_name(outcome: VideoOutcome) -> str:
     return sanitise_segment(outcome.prediction_id or "video")
 
 
-def copy_outputs(outcomes: list[VideoOutcome], dest: Path, s3_block: str | None = None,
-                 *, mirror_keys: bool = False) -> dict[str, list[Path]]:
+def copy_outputs(
+    outcomes: list[VideoOutcome],
+    dest: Path,
+    s3_block: str | None = None,
+    *,
+    mirror_keys: bool = False,
+) -> dict[str, list[Path]]:
     """Download each archived video (checked against its recorded SHA-256) and its contact
     sheet into `dest`: `{item}.mp4` and `{item}.sheet.jpg`, or with `mirror_keys` at their S3
     keys. Returns the files per item id."""
@@ -93,9 +112,14 @@ def copy_outputs(outcomes: list[VideoOutcome], dest: Path, s3_block: str | None 
     return copied
 
 
-def publish_artifacts(outcomes: list[VideoOutcome], *, title: str, target: ArchiveTarget,
-                      key: str = DEFAULT_ARTIFACT_KEY, embedded_store: str | None = None
-                      ) -> None:
+def publish_artifacts(
+    outcomes: list[VideoOutcome],
+    *,
+    title: str,
+    target: ArchiveTarget,
+    key: str = DEFAULT_ARTIFACT_KEY,
+    embedded_store: str | None = None,
+) -> None:
     """A table of the videos (short links, the reason for each one that did not land, the
     links' lifetime) and a page with each video's contact sheet, under `key` and
     `{key}-sheets`.
@@ -109,38 +133,55 @@ def publish_artifacts(outcomes: list[VideoOutcome], *, title: str, target: Archi
     if embedded_store:
         local = copy_outputs(outcomes, wan_home() / "videos", target.s3_block, mirror_keys=True)
     total = sum((o.cost_usd for o in outcomes if o.status == "archived"), Decimal("0"))
-    links = {o.item_id: (_presign(o.s3_uri, target.s3_block, expiry),
-                         _presign(o.contact_sheet_uri, target.s3_block, expiry))
-             for o in outcomes if o.status == "archived"}
+    links = {
+        o.item_id: (
+            _presign(o.s3_uri, target.s3_block, expiry),
+            _presign(o.contact_sheet_uri, target.s3_block, expiry),
+        )
+        for o in outcomes
+        if o.status == "archived"
+    }
     rows = []
     for o in outcomes:
         video, sheet = links.get(o.item_id, (None, None))
         row: dict[str, object] = {
-            "item": o.item_id, "status": o.status,
-            "reason": "" if o.status == "archived" else _cell(
-                f"{o.error_type}: {o.error}" if o.error_type and o.error_type not in (
-                    o.error or "") else o.error),
+            "item": o.item_id,
+            "status": o.status,
+            "reason": ""
+            if o.status == "archived"
+            else _cell(
+                f"{o.error_type}: {o.error}"
+                if o.error_type and o.error_type not in (o.error or "")
+                else o.error
+            ),
             "video": f"[video]({video})" if video else "",
             "sheet": f"[sheet]({sheet})" if sheet else "",
             "cost_usd": str(o.cost_usd) if o.status == "archived" else "",
-            "seed": o.seed, "s3_uri": o.s3_uri or "",
+            "seed": o.seed,
+            "s3_uri": o.s3_uri or "",
         }
         if embedded_store:
             row["local_copy"] = str(local[o.item_id][0]) if local.get(o.item_id) else ""
         rows.append(row)
-    counts = {s: sum(1 for o in outcomes if o.status == s)
-              for s in ("archived", "failed", "invalid", "skipped")}
+    counts = {
+        s: sum(1 for o in outcomes if o.status == s)
+        for s in ("archived", "failed", "invalid", "skipped")
+    }
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     if embedded_store:
-        where = (f"links point at the embedded store ({embedded_store}) and work only while it "
-                 f"runs (it stops with this run); local copies in {wan_home() / 'videos'}")
+        where = (
+            f"links point at the embedded store ({embedded_store}) and work only while it "
+            f"runs (it stops with this run); local copies in {wan_home() / 'videos'}"
+        )
     else:
         where = f"links expire {_lifetime(expiry)} after this run (archive.presign_expiry_s)"
     # _sync: these run in the async flows' worker thread, where Prefect would otherwise hand
     # back an un-awaited coroutine.
     create_table_artifact(  # type: ignore[call-arg]
-        key=key, table=rows,
-        description=f"{title}: {summary}; total cost ${total}; {where}", _sync=True,
+        key=key,
+        table=rows,
+        description=f"{title}: {summary}; total cost ${total}; {where}",
+        _sync=True,
     )
     lines = [f"# {title}", "", f"{summary}. Total cost **${total}**. Links: {where}.", ""]
     for o in outcomes:
@@ -155,5 +196,9 @@ def publish_artifacts(outcomes: list[VideoOutcome], *, title: str, target: Archi
         if local.get(o.item_id):
             lines.append(f"local copy: `{local[o.item_id][0]}`")
         lines.append("")
-    create_markdown_artifact(key=f"{key}-sheets", markdown="\n".join(lines),  # type: ignore[call-arg]
-                             description=f"{title}: contact sheets", _sync=True)
+    create_markdown_artifact(
+        key=f"{key}-sheets",
+        markdown="\n".join(lines),  # type: ignore[call-arg]
+        description=f"{title}: contact sheets",
+        _sync=True,
+    )
