@@ -198,7 +198,7 @@ def test_cli_rejects_bad_input_before_spending(stack: Stack, capsys: Any) -> Non
 
     code = main(["generate", "--image", str(SAMPLE), "--prompt", "x", "--duration", "6"])
     assert code == 2
-    assert "duration: Input should be 5 or 8" in capsys.readouterr().out
+    assert "duration: Input should be 5 or 8" in capsys.readouterr().err
     assert stack.stats()["submissions"] == 0
 
 
