@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Project-local state for the demo: Prefect's database and results, the embedded object store.
+# Project-local state for the demo: Prefect's database and results, the embedded object store
+# (the folders are made first: Prefect warns when PREFECT_HOME's parent is missing). The
+# temporary Prefect server gets 180 s to start, enough on a loaded 2-core machine.
 DEMO_ENV := WAN_TASKS_HOME=$(CURDIR)/var/wan-tasks PREFECT_HOME=$(CURDIR)/var/prefect \
-	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180
 
 .PHONY: demo test lint typecheck bench soak stack clean
 
@@ -18,6 +20,7 @@ $(STAMP): pyproject.toml tests/js/package-lock.json
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p var/prefect var/wan-tasks
 	$(DEMO_ENV) $(BIN)/wan-video demo
 
 test: $(STAMP)

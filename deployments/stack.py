@@ -469,10 +469,11 @@ def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
         f"  source {rel}",
     ]
     if not deployed:
-        lines.append("  prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml")
+        lines.append("  .venv/bin/prefect --no-prompt deploy --all "
+                     "--prefect-file deployments/prefect.yaml")
     lines += [
-        "  prefect deployment run generate-batch/on-demand "
-        "--param manifest=deployments/examples/manifest.jsonl",
+        "  .venv/bin/prefect deployment run generate-batch/on-demand "
+        "--param manifest=deployments/examples/manifest.jsonl --watch",
         "",
         "Ctrl-C here (or `python -m deployments.stack down`) stops everything.",
     ]

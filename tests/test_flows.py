@@ -129,7 +129,7 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert sorted(a.key or "" for a in artifacts) == ["wan-video-sheets", "wan-videos"]
+    assert sorted(a.key or "" for a in artifacts) == ["wan-videos", "wan-videos-sheets"]
     assert by_id["bad-duration"].status == "invalid"
     assert "duration" in (by_id["bad-duration"].error or "")
     assert by_id["row-00004"].status == "invalid"
@@ -198,7 +198,7 @@ def test_cli_rejects_bad_input_before_spending(stack: Stack, capsys: Any) -> Non
 
     code = main(["generate", "--image", str(SAMPLE), "--prompt", "x", "--duration", "6"])
     assert code == 2
-    assert "duration: Input should be 5 or 8" in capsys.readouterr().out
+    assert "duration: Input should be 5 or 8" in capsys.readouterr().err
     assert stack.stats()["submissions"] == 0
 
 

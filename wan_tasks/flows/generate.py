@@ -75,7 +75,8 @@ def _generate_video(request: I2VRequest, variant: str, archive: ArchiveOptions |
         target = resolve_target(archive)
         job = VideoJob(request=request, variant=variant, item_id="video")
         (outcome,) = Producer(target, options, Budget(options.budget_usd)).run([job])
-        publish_artifacts([outcome], title="Video", s3_block=target.s3_block)
+        publish_artifacts([outcome], title="Video", target=target, key=options.artifact_key,
+                          embedded_store=services.s3_endpoint)
     if outcome.status != "archived":
         raise VideoFailedError(f"{outcome.error_type}: {outcome.error}")
     return outcome
@@ -136,17 +137,19 @@ def generate_batch(
                           key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
-        publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}",
-                          s3_block=target.s3_block)
+        publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}", target=target,
+                          key=options.artifact_key, embedded_store=services.s3_endpoint)
     log.info("batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; "
              "summary %s", manifest, report.archived, report.failed, report.invalid,
              report.skipped, report.new_spend_usd, report.summary_uri)
     if fail_on_item_error and report.archived < report.total:
-        raise BatchIncompleteError(
+        error = BatchIncompleteError(
             f"{report.total - report.archived} of {report.total} videos did not land "
             f"({report.failed} failed, {report.invalid} invalid, {report.skipped} over budget); "
             f"see {report.summary_uri}. Re-run to complete only those."
         )
+        error.report = report  # type: ignore[attr-defined]  # the CLI prints it from the state
+        raise error
     return report
 
 

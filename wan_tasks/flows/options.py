@@ -11,6 +11,10 @@ from wan_tasks.core.ledger import DEFAULT_LEDGER_PREFIX
 from wan_tasks.integration.limits import LimitSettings
 from wan_tasks.storage.keys import DEFAULT_TEMPLATE, validate_template
 
+# Prefect's artifact key rule: lowercase letters, digits and dashes.
+ARTIFACT_KEY_PATTERN = r"^[a-z0-9-]+$"
+DEFAULT_ARTIFACT_KEY = "wan-videos"
+
 
 class ArchiveOptions(BaseModel):
     """Where the videos go. `bucket` empty: $WAN_TASKS_BUCKET, else the embedded store."""
@@ -25,7 +29,10 @@ class ArchiveOptions(BaseModel):
     key_template: str = Field(DEFAULT_TEMPLATE, description="fields: " + ", ".join(
         ["prefix", "model_slug", "date", "prediction_id", "seed", "sha256", "item_id",
          "duration"]))
-    presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    presign_expiry_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600,
+        description="lifetime of the links in the results and artifacts (default 1 h)",
+    )
     contact_sheet: bool = True
 
     def model_post_init(self, __context: object) -> None:
@@ -52,6 +59,11 @@ class RunOptions(BaseModel):
         True, description="record intents and prediction ids in the archive bucket"
     )
     ledger_prefix: str = Field(DEFAULT_LEDGER_PREFIX, min_length=1)
+    artifact_key: str = Field(
+        DEFAULT_ARTIFACT_KEY, pattern=ARTIFACT_KEY_PATTERN, max_length=200,
+        description="key of the run's table artifact (the contact sheets: {key}-sheets); one "
+        "per deployment keeps each one's history apart. Lowercase letters, digits, dashes",
+    )
     allow_resubmit_expired: bool = Field(
         False,
         description="pay again for a video whose output expired (7 days) before it was archived",

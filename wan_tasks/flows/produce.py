@@ -40,6 +40,7 @@ from wan_tasks.errors import (
 )
 from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
+from wan_tasks.flows.progress import Progress
 from wan_tasks.integration.limits import LimitSettings, read_limit
 from wan_tasks.integration.tasks import (
     archive_to_s3,
@@ -89,6 +90,7 @@ class Producer:
         self.batch = batch
         self.ledger = target.at(options.ledger_prefix) if options.ledger else None
         self.this_run = str(flow_run.id) if flow_run.id else None
+        self.progress = Progress(0)  # progress: replaced per run()
 
     # -- one video -------------------------------------------------------------------------
 
@@ -184,7 +186,11 @@ class Producer:
             pending.put((index, job))
         results: dict[int, Future[VideoOutcome]] = {}
         lane_errors: list[BaseException] = []
-        with ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers, \
+        # progress: a line in the run's log (batches) and the CLI's live display.
+        self.progress = Progress(len(jobs), spend=lambda: self.budget.spent,
+                                 log=get_run_logger() if len(jobs) > 1 else None)
+        with self.progress, \
+                ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers, \
                 ThreadPoolExecutor(lanes, "wan-lane") as lane_pool:
             running = [
                 lane_pool.submit(contextvars.copy_context().run, self._lane, pending,
@@ -246,10 +252,12 @@ class Producer:
 
     def _make_one(self, job: VideoJob, archivers: ThreadPoolExecutor) -> Future[VideoOutcome]:
         """One video's submit and wait; never raises (a failure is the video's outcome)."""
+        self.progress.started()
         try:
             video = _Video(job, derive_seed(job.request, job.variant))
             submitted, prediction = self.make(video)
         except Exception as exc:
+            self.progress.finished(ok=False)
             return _done(failed_outcome(job, exc))
         return archivers.submit(contextvars.copy_context().run, self._archive_or_report,
                                 video, submitted, prediction)
@@ -257,9 +265,11 @@ class Producer:
     def _archive_or_report(self, video: _Video, submitted: SubmittedVideo,
                            prediction: Prediction | None) -> VideoOutcome:
         try:
-            return self.archive(video, submitted, prediction)
+            outcome = self.archive(video, submitted, prediction)
         except Exception as exc:
-            return failed_outcome(video.job, exc)
+            outcome = failed_outcome(video.job, exc)
+        self.progress.finished(ok=outcome.status == "archived")
+        return outcome
 
 
 def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:

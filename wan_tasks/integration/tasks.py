@@ -16,6 +16,7 @@ have reached the service (SubmissionUncertainError is not retryable).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -298,6 +299,7 @@ def wait_for_prediction(
     if 0 <= age < first:
         time.sleep(first - age)
     polled_at = time.monotonic()
+    stop_notices = _still_running_notices(submitted)  # progress: "still running after 40 s"
     try:
         prediction = client.wait(submitted.prediction_id, timeout=timeout_s, poll=policy)
     except WaitTimeoutError:
@@ -312,6 +314,8 @@ def wait_for_prediction(
                 prediction_id=submitted.prediction_id,
             ) from None
         raise
+    finally:
+        stop_notices()
     # Not seen by the first poll: it missed by at least one interval.
     early = aimed and time.monotonic() - polled_at > max(policy.min_interval / 2, 1.0)
     INFERENCE_TIMES.record(submitted.model, submitted.duration,
@@ -536,3 +540,29 @@ def _sidecar(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, Any
             "task_run_id": str(task_run.id) if task_run.id else None,
         },
     }
+
+
+# -- progress of one wait ------------------------------------------------------------------
+
+STILL_RUNNING_EVERY_S = 20.0
+
+
+def _still_running_notices(submitted: SubmittedVideo) -> Callable[[], None]:
+    """Log "still running after N s; typical M s" every STILL_RUNNING_EVERY_S (counted from
+    the submit) until the returned function is called, so a long wait shows in the run's log."""
+    log = get_run_logger()
+    typical = INFERENCE_TIMES.expected(submitted.model, submitted.duration)
+    done = threading.Event()
+
+    def notices() -> None:
+        while True:
+            age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+            if done.wait(STILL_RUNNING_EVERY_S - age % STILL_RUNNING_EVERY_S):
+                return
+            age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+            log.info("%s (%s): still running after %.0f s%s", submitted.prediction_id,
+                     submitted.item_id or "video", age,
+                     f"; typical {typical:.0f} s" if typical else "")
+
+    threading.Thread(target=notices, name="wan-wait-notice", daemon=True).start()
+    return done.set
