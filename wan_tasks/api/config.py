@@ -64,6 +64,13 @@ def resolve_base_url(base_url: str | None) -> str:
 
 def service_fingerprint(base_url: str, api_key: SecretStr) -> str:
     """Names one service and account: the base URL and a one-way, domain-separated hash of
-    the key. Safe to store and log; the key cannot be recovered from it."""
+    the key. Safe to store and log; the key cannot be recovered from it.
+
+    A loopback URL's port is left out: a local emulator listens on a new port each time it
+    starts, and the same emulator key on this machine is the same (free) account."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host == "::1" or host.startswith("127."):
+        base_url = f"{parts.scheme}://{host}"
     text = f"wan-tasks-service-v1\0{base_url}\0{api_key.get_secret_value()}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -61,11 +61,25 @@ def _open_ledger(bucket: str | None, ledger_prefix: str) -> tuple[S3Ledger | Non
     return S3Ledger(s3_client(), place), f"s3://{bucket}/{ledger_prefix}/"
 
 
+def _service_id() -> str:
+    """The identity the batch would run under: the configured key, else the embedded
+    emulator's (nothing is started for a dry run)."""
+    from wan_tasks import settings
+    from wan_tasks.api.config import resolve_base_url, service_fingerprint
+    from wan_tasks.devstack.embedded import embedded_service_id
+
+    key = settings.current().api_key
+    if key is None:
+        return embedded_service_id()
+    return service_fingerprint(resolve_base_url(None), key)
+
+
 def plan_batch(
     items: list[ManifestItem], *, bucket: str | None, ledger_prefix: str = DEFAULT_LEDGER_PREFIX
 ) -> Plan:
     ledger, where = _open_ledger(bucket, ledger_prefix)
     storage = _result_storage()
+    service = _service_id()
     first_of: dict[str, str] = {}
     rows: list[PlannedRow] = []
     for item in items:
@@ -73,7 +87,7 @@ def plan_batch(
             rows.append(PlannedRow(item, Decimal("0"), "invalid"))
             continue
         request = derive_seed(item.request, item.variant)
-        key = request_key(request)
+        key = request_key(request, service=service)
         if key in first_of:  # identical requests submit once
             rows.append(PlannedRow(item, Decimal("0"), f"same request as {first_of[key]}"))
             continue

@@ -29,6 +29,7 @@ from wan_tasks.settings import ENV_API_KEY, ENV_BUCKET, ENV_NO_EMBEDDED, S3Conne
 logger = logging.getLogger(__name__)
 
 EMBEDDED_BUCKET = "wan-videos"
+EMBEDDED_EMULATOR_KEY = "wan-tasks-embedded-emulator"
 # The emulator's concurrent-task cap when it stands in for the service (the lowest real tiers
 # allow 2-3 concurrent tasks).
 EMULATOR_CONCURRENCY = 3
@@ -114,7 +115,9 @@ def embedded_defaults(
                 from wan_tasks.emulator.server import run_emulator
 
                 options = {"concurrency": EMULATOR_CONCURRENCY, **(emulator_settings or {})}
-                emu = stack.enter_context(run_emulator(**options))
+                # A fixed key: the embedded emulator is one (free) account across runs, so a
+                # re-run finds what an earlier one made (its store persists under the home).
+                emu = stack.enter_context(run_emulator(EMBEDDED_EMULATOR_KEY, **options))
                 values.update(api_key=emu.api_key, base_url=emu.base_url)
                 emulator_url = emu.base_url
                 logger.info("no WAVESPEED_API_KEY: using the local emulator at %s (free)",
@@ -143,3 +146,12 @@ def embedded_defaults(
             _depth -= 1
             if _depth == 0:
                 _current = None
+
+
+def embedded_service_id() -> str:
+    """The service identity runs on the embedded emulator get (see `service_fingerprint`)."""
+    from pydantic import SecretStr
+
+    from wan_tasks.api.config import service_fingerprint
+
+    return service_fingerprint("http://127.0.0.1", SecretStr(EMBEDDED_EMULATOR_KEY))
