@@ -32,8 +32,9 @@ def _render_once() -> None:
     cache: dict[int, bytes] = {}
     lock = threading.Lock()
 
-    def render(first: bytes, last: bytes | None, *, duration: int, seed: int,
-               prompt: str = "") -> bytes:
+    def render(
+        first: bytes, last: bytes | None, *, duration: int, seed: int, prompt: str = ""
+    ) -> bytes:
         with lock:
             if duration not in cache:
                 cache[duration] = real(first, last, duration=duration, seed=seed, prompt=prompt)

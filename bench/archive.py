@@ -96,7 +96,10 @@ def _run_child(variant: str, source: Path, s3_env: dict[str, str]) -> dict[str, 
         env.pop(key, None)
     done = subprocess.run(
         [sys.executable, "-m", "bench.archive", "--child", variant, "--file", str(source)],
-        capture_output=True, text=True, env=env, timeout=1800,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
         cwd=Path(__file__).resolve().parents[1],
     )
     if done.returncode != 0:
@@ -139,22 +142,35 @@ def _child(variant: str, source: Path) -> dict[str, Any]:
     key = f"archive-bench/{uuid.uuid4().hex}"
     upload: Callable[[], Any]
     if variant == "boto3":
+
         def upload() -> Any:
-            return client.upload_file(str(source), BUCKET, key + ".mp4",
-                                      ExtraArgs={"ContentType": "video/mp4"})
+            return client.upload_file(
+                str(source), BUCKET, key + ".mp4", ExtraArgs={"ContentType": "video/mp4"}
+            )
     else:
-        target = ArchiveTarget(bucket=BUCKET, prefix="archive-bench",
-                               contact_sheet=variant == "archiver")
+        target = ArchiveTarget(
+            bucket=BUCKET, prefix="archive-bench", contact_sheet=variant == "archiver"
+        )
         archiver = S3Archiver(timed, target)  # type: ignore[arg-type]
-        fields = KeyFields(prediction_id=uuid.uuid4().hex, model="bench/model",
-                           created_at=datetime.now(UTC), seed=1, duration=5,
-                           prefix="archive-bench")
+        fields = KeyFields(
+            prediction_id=uuid.uuid4().hex,
+            model="bench/model",
+            created_at=datetime.now(UTC),
+            seed=1,
+            duration=5,
+            prefix="archive-bench",
+        )
 
         def upload() -> Any:
             with source.open("rb") as fh:
-                return archiver.archive(iter(lambda: fh.read(MiB), b""), fields,
-                                        metadata={"model": "bench"}, sidecar={"bench": True},
-                                        expected_size=source.stat().st_size)
+                return archiver.archive(
+                    iter(lambda: fh.read(MiB), b""),
+                    fields,
+                    metadata={"model": "bench"},
+                    sidecar={"bench": True},
+                    expected_size=source.stat().st_size,
+                )
+
     hwm_reset = reset_hwm()
     baseline = rss_mib()
     cpu0, began = self_cpu_seconds(), time.perf_counter()
@@ -170,10 +186,17 @@ def _child(variant: str, source: Path) -> dict[str, Any]:
         for chunk in iter(lambda: fh.read(MiB), b""):
             digest.update(chunk)
     sha_s = time.perf_counter() - began
-    return {"seconds": seconds, "cpu_s": cpu, "baseline_rss_mib": baseline, "hwm_mib": peak,
-            "peak_above_mib": peak - baseline if hwm_reset else None,
-            "hwm_reset": hwm_reset, "s3_seconds": timed.seconds, "sha256_1x_s": sha_s,
-            "size": source.stat().st_size}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "baseline_rss_mib": baseline,
+        "hwm_mib": peak,
+        "peak_above_mib": peak - baseline if hwm_reset else None,
+        "hwm_reset": hwm_reset,
+        "s3_seconds": timed.seconds,
+        "sha256_1x_s": sha_s,
+        "size": source.stat().st_size,
+    }
 
 
 def _report(results: dict[str, list[dict[str, Any]]], size_mib: int) -> None:
@@ -183,20 +206,50 @@ def _report(results: dict[str, list[dict[str, Any]]], size_mib: int) -> None:
         rates = [size_mib / r["seconds"] for r in runs]
         peaks = [r["peak_above_mib"] for r in runs if r["peak_above_mib"] is not None]
         s3 = runs[-1]["s3_seconds"]
-        calls = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s3.items(), key=lambda kv: -kv[1])
-                          if v >= 0.05) or "-"
-        rows.append([VARIANTS[variant], len(runs), median([r["seconds"] for r in runs]),
-                     median(rates), f"{median(rates) / base:.0%}",
-                     max(peaks) if peaks else "n/a", median([r["cpu_s"] for r in runs]),
-                     median([r["weed_cpu_s"] for r in runs]), calls])
-    text = table(["variant", "runs", "seconds", "MiB/s", "vs boto3", "peak RSS above base MiB",
-                  "client CPU s", "SeaweedFS CPU s", "S3 call seconds (last run; parts overlap)"],
-                 rows)
+        calls = (
+            ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(s3.items(), key=lambda kv: -kv[1]) if v >= 0.05
+            )
+            or "-"
+        )
+        rows.append(
+            [
+                VARIANTS[variant],
+                len(runs),
+                median([r["seconds"] for r in runs]),
+                median(rates),
+                f"{median(rates) / base:.0%}",
+                max(peaks) if peaks else "n/a",
+                median([r["cpu_s"] for r in runs]),
+                median([r["weed_cpu_s"] for r in runs]),
+                calls,
+            ]
+        )
+    text = table(
+        [
+            "variant",
+            "runs",
+            "seconds",
+            "MiB/s",
+            "vs boto3",
+            "peak RSS above base MiB",
+            "client CPU s",
+            "SeaweedFS CPU s",
+            "S3 call seconds (last run; parts overlap)",
+        ],
+        rows,
+    )
     sha = median([r["sha256_1x_s"] for rs in results.values() for r in rs])
-    text += (f"\n\n{size_mib} MiB of random bytes; SHA-256 of them alone takes {sha:.1f} s here. "
-             "Peak = VmHWM after the upload minus VmRSS just before it (HWM reset first).")
-    emit("archive", f"Archive: {size_mib} MiB streamed to S3", text,
-         {"size_mib": size_mib, "results": results})
+    text += (
+        f"\n\n{size_mib} MiB of random bytes; SHA-256 of them alone takes {sha:.1f} s here. "
+        "Peak = VmHWM after the upload minus VmRSS just before it (HWM reset first)."
+    )
+    emit(
+        "archive",
+        f"Archive: {size_mib} MiB streamed to S3",
+        text,
+        {"size_mib": size_mib, "results": results},
+    )
 
 
 if __name__ == "__main__":

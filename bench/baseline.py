@@ -36,23 +36,39 @@ def sdk_client(api_key: str, base_url: str) -> Any:
     return Client(api_key=api_key, base_url=base_url, max_retries=0)
 
 
-def sdk_job(client: Any, s3: Any, prompt: str, seed: int, *, image: Path = SAMPLE,
-            poll_interval: float = 1.0) -> SdkResult:
+def sdk_job(
+    client: Any,
+    s3: Any,
+    prompt: str,
+    seed: int,
+    *,
+    image: Path = SAMPLE,
+    poll_interval: float = 1.0,
+) -> SdkResult:
     began = time.perf_counter()
     image_url = client.upload(str(image))
-    result = client.run(MODEL, {"image": image_url, "prompt": prompt, "duration": 5,
-                                "seed": seed}, timeout=1800, poll_interval=poll_interval)
+    result = client.run(
+        MODEL,
+        {"image": image_url, "prompt": prompt, "duration": 5, "seed": seed},
+        timeout=1800,
+        poll_interval=poll_interval,
+    )
     (url,) = result["outputs"]
     body = httpx.get(url, timeout=60).raise_for_status().content
     prediction_id = url.rsplit("/", 1)[-1].removesuffix(".mp4")
-    s3.put_object(Bucket=BUCKET, Key=f"sdk/{prediction_id}.mp4", Body=body,
-                  ContentType="video/mp4")
+    s3.put_object(Bucket=BUCKET, Key=f"sdk/{prediction_id}.mp4", Body=body, ContentType="video/mp4")
     return SdkResult(prediction_id, time.perf_counter() - began, len(body))
 
 
-def sdk_pool(client: Any, s3: Any, prompts: Sequence[str], *, threads: int,
-             poll_interval: float = 1.0,
-             on_done: Callable[[SdkResult], None] | None = None) -> list[SdkResult]:
+def sdk_pool(
+    client: Any,
+    s3: Any,
+    prompts: Sequence[str],
+    *,
+    threads: int,
+    poll_interval: float = 1.0,
+    on_done: Callable[[SdkResult], None] | None = None,
+) -> list[SdkResult]:
     """Every prompt through `sdk_job`, `threads` at a time (the pool bounds work in flight)."""
 
     def one(i: int) -> SdkResult:

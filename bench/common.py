@@ -73,8 +73,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def emit(name: str, title: str, text: str, data: dict[str, Any]) -> None:
     """Print a benchmark's table, and its figures as one machine-readable line."""
     print(f"\n## {title}\n\n{text}\n", flush=True)
-    print(RESULT_PREFIX + json.dumps({"name": name, "title": title, "text": text,
-                                      "data": data}, default=str), flush=True)
+    print(
+        RESULT_PREFIX
+        + json.dumps({"name": name, "title": title, "text": text, "data": data}, default=str),
+        flush=True,
+    )
 
 
 # -- processes: CPU time and memory -----------------------------------------------------------
@@ -201,8 +204,13 @@ def machine() -> dict[str, str]:
     try:
         from wan_tasks.storage.seaweed import find_weed
 
-        weed = subprocess.run([str(find_weed()), "version"], capture_output=True, text=True,
-                              timeout=20).stdout.strip().splitlines()[0]
+        weed = (
+            subprocess.run(
+                [str(find_weed()), "version"], capture_output=True, text=True, timeout=20
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except Exception:  # only a label
         weed = "-"
     return {

@@ -50,7 +50,7 @@ class PrefectRetries(logging.Handler):
         api = os.environ.get("PREFECT_API_URL", "")
         if not api or not url.startswith(api):
             return
-        endpoint = f"{method} {_ID.sub('/{id}', url[len(api):].split('?')[0])}"
+        endpoint = f"{method} {_ID.sub('/{id}', url[len(api) :].split('?')[0])}"
         with self._lock_counts:
             self.calls[endpoint] = self.calls.get(endpoint, 0) + 1
             if status == 503:
@@ -97,8 +97,9 @@ def _wrap_httpx(counter: PrefectRetries) -> None:
         counter.record(request.method, str(request.url), response.status_code)
         return response
 
-    async def asend(self: httpx.AsyncClient, request: httpx.Request,
-                    **kwargs: Any) -> httpx.Response:
+    async def asend(
+        self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any
+    ) -> httpx.Response:
         response = await async_send(self, request, **kwargs)
         counter.record(request.method, str(request.url), response.status_code)
         return response
@@ -124,8 +125,10 @@ def request(prompt: str, seed: int) -> Any:
 
 
 def write_manifest(path: Path, prompts: list[str]) -> str:
-    rows = [{"id": f"v{i:04d}", "image": str(SAMPLE), "prompt": p, "seed": i}
-            for i, p in enumerate(prompts)]
+    rows = [
+        {"id": f"v{i:04d}", "image": str(SAMPLE), "prompt": p, "seed": i}
+        for i, p in enumerate(prompts)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -201,24 +204,41 @@ def read_spans(flow_run_id: UUID, *, settle_s: float = 2.0) -> RunSpans:
         while True:
             page = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                limit=200, offset=offset)
+                limit=200,
+                offset=offset,
+            )
             tasks += page
             offset += len(page)
             if len(page) < 200:
                 break
-    spans = [TaskSpan(_task_name(t.name), _ts(t.start_time), _ts(t.end_time), str(t.id),
-                      _upstream(t.task_inputs)) for t in tasks]
+    spans = [
+        TaskSpan(
+            _task_name(t.name),
+            _ts(t.start_time),
+            _ts(t.end_time),
+            str(t.id),
+            _upstream(t.task_inputs),
+        )
+        for t in tasks
+    ]
     return RunSpans(_ts(run.start_time), _ts(run.end_time), spans)
 
 
 def _upstream(inputs: dict[str, list[Any]]) -> tuple[str, ...]:
-    return tuple(str(ref.id) for refs in inputs.values() for ref in refs
-                 if getattr(ref, "input_type", "") == "task_run")
+    return tuple(
+        str(ref.id)
+        for refs in inputs.values()
+        for ref in refs
+        if getattr(ref, "input_type", "") == "task_run"
+    )
 
 
 # Task run names say what they work on (`wait[prediction-id]`, wan_tasks.integration.tasks).
-_RUN_PREFIXES = {"submit-i2v": "submit-i2v", "wait[": "wait-for-prediction",
-                 "archive[": "archive-to-s3"}
+_RUN_PREFIXES = {
+    "submit-i2v": "submit-i2v",
+    "wait[": "wait-for-prediction",
+    "archive[": "archive-to-s3",
+}
 
 
 def _task_name(run_name: str) -> str:

@@ -48,24 +48,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-flight", type=int, default=50)
     parser.add_argument("--real-render", action="store_true")
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK baseline")
-    parser.add_argument("--postgres", action="store_true",
-                        help="run the Prefect server on PostgreSQL instead of SQLite")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="run the Prefect server on PostgreSQL instead of SQLite",
+    )
     parser.add_argument("--child", choices=("flow", "sdk"), help=argparse.SUPPRESS)
     parser.add_argument("--videos", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(args.child, args.videos, args.latency, args.in_flight,
-                                not args.real_render)), flush=True)
+        print(
+            json.dumps(
+                _child(args.child, args.videos, args.latency, args.in_flight, not args.real_render)
+            ),
+            flush=True,
+        )
         return
-    sizes = [int(s) for s in (args.sizes or ("10,30" if args.quick else "10,100,1000"))
-             .split(",")]
+    sizes = [int(s) for s in (args.sizes or ("10,30" if args.quick else "10,100,1000")).split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-growth-"))
     try:
-        with prefect_api(workdir, postgres=args.postgres) as api, \
-                s3_store(workdir) as (endpoint, weed_pid):
-            env = {**os.environ, **endpoint.env(), "PREFECT_API_URL": api.url,
-                   "BENCH_PREFECT_DB": api.database,
-                   "BENCH_PREFECT_PID": str(api.pid or ""), "BENCH_DB_PID": str(api.db_pid or "")}
+        with (
+            prefect_api(workdir, postgres=args.postgres) as api,
+            s3_store(workdir) as (endpoint, weed_pid),
+        ):
+            env = {
+                **os.environ,
+                **endpoint.env(),
+                "PREFECT_API_URL": api.url,
+                "BENCH_PREFECT_DB": api.database,
+                "BENCH_PREFECT_PID": str(api.pid or ""),
+                "BENCH_DB_PID": str(api.db_pid or ""),
+            }
             rows: list[dict[str, Any]] = []
             for size in sizes:
                 for variant in ("sdk", "flow") if not args.no_sdk else ("flow",):
@@ -81,22 +94,41 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_child(variant: str, videos: int, args: argparse.Namespace,
-               env: dict[str, str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.growth", "--child", variant, "--videos",
-               str(videos), "--latency", str(args.latency), "--in-flight", str(args.in_flight)]
+def _run_child(
+    variant: str, videos: int, args: argparse.Namespace, env: dict[str, str]
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.growth",
+        "--child",
+        variant,
+        "--videos",
+        str(videos),
+        "--latency",
+        str(args.latency),
+        "--in-flight",
+        str(args.in_flight),
+    ]
     if args.real_render:
         command.append("--real-render")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if done.returncode != 0:
         raise RuntimeError(f"growth child {variant} x{videos} failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
-def _child(variant: str, videos: int, latency: float, in_flight: int,
-           render_once: bool) -> dict[str, Any]:
+def _child(
+    variant: str, videos: int, latency: float, in_flight: int, render_once: bool
+) -> dict[str, Any]:
     from bench.baseline import sdk_client, sdk_pool
     from bench.flowrun import PrefectRetries, call_flow, write_manifest
     from bench.stack import new_limits
@@ -109,15 +141,19 @@ def _child(variant: str, videos: int, latency: float, in_flight: int,
     pids = {"prefect server": int(os.environ.get("BENCH_PREFECT_PID") or 0)}
     if os.environ.get("BENCH_DB_PID"):
         pids["postgres"] = int(os.environ["BENCH_DB_PID"])
-    with EmulatorProcess(latency_s=latency, concurrency=in_flight,
-                         render_once=render_once) as emu, flow_env(emu, None):
+    with (
+        EmulatorProcess(latency_s=latency, concurrency=in_flight, render_once=render_once) as emu,
+        flow_env(emu, None),
+    ):
         prompts = [f"bench growth {nonce} {variant} {i}" for i in range(videos)]
         meter = CpuMeter({**pids, "emulator": emu.pid})
         if variant == "flow":
-            options = RunOptions(limits=new_limits(in_flight),
-                                 poll=PollPolicy(first_poll_after=latency + 0.25))
-            manifest = write_manifest(Path(os.environ["PREFECT_HOME"]).parent /
-                                      f"growth-{videos}.jsonl", prompts)
+            options = RunOptions(
+                limits=new_limits(in_flight), poll=PollPolicy(first_poll_after=latency + 0.25)
+            )
+            manifest = write_manifest(
+                Path(os.environ["PREFECT_HOME"]).parent / f"growth-{videos}.jsonl", prompts
+            )
         else:
             sdk = sdk_client(emu.api_key, emu.base_url)
             s3 = _s3()
@@ -130,10 +166,16 @@ def _child(variant: str, videos: int, latency: float, in_flight: int,
                 archived = len(sdk_pool(sdk, s3, prompts, threads=in_flight))
         stats = emu.stats()
     return {
-        "variant": variant, "videos": videos, "archived": archived, "makespan": meter.wall,
-        "baseline_rss_mib": baseline, "peak_rss_mib": hwm_mib() if hwm_ok else math.nan,
-        "cpu": meter.spent, "retries": retries.snapshot(),
-        "submissions": stats["submissions"], "polls": stats["result_polls"],
+        "variant": variant,
+        "videos": videos,
+        "archived": archived,
+        "makespan": meter.wall,
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": hwm_mib() if hwm_ok else math.nan,
+        "cpu": meter.spent,
+        "retries": retries.snapshot(),
+        "submissions": stats["submissions"],
+        "polls": stats["result_polls"],
     }
 
 
@@ -143,37 +185,75 @@ def _s3() -> Any:
     return make_s3_client()
 
 
-def _report(rows: list[dict[str, Any]], latency: float, in_flight: int, render_once: bool,
-            database: str) -> None:
+def _report(
+    rows: list[dict[str, Any]], latency: float, in_flight: int, render_once: bool, database: str
+) -> None:
     names = {"sdk": "official SDK pool (baseline)", "flow": "generate_batch"}
     out = []
     for r in rows:
         ideal = math.ceil(r["videos"] / in_flight) * latency
         n = r["videos"]
         cpu = r["cpu"]
-        out.append([
-            n, names[r["variant"]], f"{r['archived']}/{n}", r["makespan"], ideal,
-            r["makespan"] / n, r["peak_rss_mib"] - r["baseline_rss_mib"], r["peak_rss_mib"],
-            cpu.get("bench process", 0.0) / n,
-            (cpu.get("prefect server", 0.0) + cpu.get("postgres", 0.0)) / n,
-            cpu.get("emulator", 0.0) / n,
-            "-" if r["variant"] == "sdk" else f"{r['retries'][0]} ({r['retries'][1]:.0f} s)",
-            r["server_rss_mib"] if r["variant"] == "flow" else "-",
-        ])
-    text = table(["videos", "variant", "archived", "makespan s", "ideal s", "s per video",
-                  "peak RSS above start MiB", "peak RSS MiB", "CPU-s/video: client",
-                  "Prefect server", "emulator", "Prefect API retries",
-                  "server RSS after MiB"], out)
-    text += (f"\n\nEmulated inference {latency:g} s, in-flight limit {in_flight} (the SDK: as "
-             f"many threads), Prefect server on {database}. "
-             + ("The emulator rendered one MP4 per duration and served it for every task "
-                "(bench option render_once): " if render_once else "Real rendering: ")
-             + "see BENCHMARKS.md. Each row is a fresh process; \"client\" is that process "
-               "(the flow run, or the SDK threads).")
+        out.append(
+            [
+                n,
+                names[r["variant"]],
+                f"{r['archived']}/{n}",
+                r["makespan"],
+                ideal,
+                r["makespan"] / n,
+                r["peak_rss_mib"] - r["baseline_rss_mib"],
+                r["peak_rss_mib"],
+                cpu.get("bench process", 0.0) / n,
+                (cpu.get("prefect server", 0.0) + cpu.get("postgres", 0.0)) / n,
+                cpu.get("emulator", 0.0) / n,
+                "-" if r["variant"] == "sdk" else f"{r['retries'][0]} ({r['retries'][1]:.0f} s)",
+                r["server_rss_mib"] if r["variant"] == "flow" else "-",
+            ]
+        )
+    text = table(
+        [
+            "videos",
+            "variant",
+            "archived",
+            "makespan s",
+            "ideal s",
+            "s per video",
+            "peak RSS above start MiB",
+            "peak RSS MiB",
+            "CPU-s/video: client",
+            "Prefect server",
+            "emulator",
+            "Prefect API retries",
+            "server RSS after MiB",
+        ],
+        out,
+    )
+    text += (
+        f"\n\nEmulated inference {latency:g} s, in-flight limit {in_flight} (the SDK: as "
+        f"many threads), Prefect server on {database}. "
+        + (
+            "The emulator rendered one MP4 per duration and served it for every task "
+            "(bench option render_once): "
+            if render_once
+            else "Real rendering: "
+        )
+        + 'see BENCHMARKS.md. Each row is a fresh process; "client" is that process '
+        "(the flow run, or the SDK threads)."
+    )
     sizes = ", ".join(str(r["videos"]) for r in rows if r["variant"] == "flow")
-    emit("growth", f"Growth: {sizes} videos ({database})", text,
-         {"latency_s": latency, "in_flight": in_flight, "render_once": render_once,
-          "bucket": BUCKET, "rows": rows})
+    emit(
+        "growth",
+        f"Growth: {sizes} videos ({database})",
+        text,
+        {
+            "latency_s": latency,
+            "in_flight": in_flight,
+            "render_once": render_once,
+            "bucket": BUCKET,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -40,26 +40,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 4")
     parser.add_argument("--videos", type=int, help="measured rounds (after one warm-up)")
     parser.add_argument("--latency", type=float, default=10.0, help="emulated inference, s")
-    parser.add_argument("--postgres", action="store_true",
-                        help="run the Prefect server on PostgreSQL instead of SQLite")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="run the Prefect server on PostgreSQL instead of SQLite",
+    )
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK baseline")
     args = parser.parse_args(argv)
     rounds = args.videos or (2 if args.quick else 4)
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-overhead-"))
     try:
-        with prefect_api(workdir, postgres=args.postgres) as api, \
-                s3_store(workdir) as (endpoint, weed_pid), \
-                EmulatorProcess(latency_s=args.latency, concurrency=3) as emu, \
-                flow_env(emu, endpoint):
-            measure(rounds, args.latency, emu, endpoint, api,
-                    {"emulator": emu.pid, "seaweedfs": weed_pid or 0, **server_pids(api)},
-                    sdk=not args.no_sdk)
+        with (
+            prefect_api(workdir, postgres=args.postgres) as api,
+            s3_store(workdir) as (endpoint, weed_pid),
+            EmulatorProcess(latency_s=args.latency, concurrency=3) as emu,
+            flow_env(emu, endpoint),
+        ):
+            measure(
+                rounds,
+                args.latency,
+                emu,
+                endpoint,
+                api,
+                {"emulator": emu.pid, "seaweedfs": weed_pid or 0, **server_pids(api)},
+                sdk=not args.no_sdk,
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure(rounds: int, latency: float, emu: EmulatorProcess, endpoint: Any, api: PrefectApi,
-            pids: dict[str, int], *, sdk: bool = True) -> None:
+def measure(
+    rounds: int,
+    latency: float,
+    emu: EmulatorProcess,
+    endpoint: Any,
+    api: PrefectApi,
+    pids: dict[str, int],
+    *,
+    sdk: bool = True,
+) -> None:
     from bench.baseline import sdk_client, sdk_job
     from bench.flowrun import (
         PrefectRetries,
@@ -120,24 +139,52 @@ def measure(rounds: int, latency: float, emu: EmulatorProcess, endpoint: Any, ap
     after = emu.stats()
 
     time.sleep(3)  # task run states reach the server as events
-    phases = {v: _phases([read_spans(c.flow_run_id, settle_s=0) for c in calls],
-                         [c.started for c in calls],
-                         [c.started + c.seconds for c in calls], latency)
-              for v, calls in runs.items()}
+    phases = {
+        v: _phases(
+            [read_spans(c.flow_run_id, settle_s=0) for c in calls],
+            [c.started for c in calls],
+            [c.started + c.seconds for c in calls],
+            latency,
+        )
+        for v, calls in runs.items()
+    }
     base = median([w - latency for w in walls["sdk"]]) if sdk else float("nan")
-    names = {"sdk": "official SDK run() + boto3 put_object (baseline)",
-             "default": "generate_video, default PollPolicy",
-             "tuned": f"generate_video, first_poll_after={latency + 0.25:g}s"}
+    names = {
+        "sdk": "official SDK run() + boto3 put_object (baseline)",
+        "default": "generate_video, default PollPolicy",
+        "tuned": f"generate_video, first_poll_after={latency + 0.25:g}s",
+    }
     rows = []
     for variant, values in walls.items():
         over = [w - latency for w in values]
         added = "-" if variant == "sdk" or not sdk else f"{median(over) - base:+.2f}"
-        rows.append([names[variant], len(values), median(values), median(over), p90(over),
-                     max(over), added,
-                     cold[variant] - latency, _retry_cell(retried[variant])])
-    text = table(["variant", "n", "wall median s", "overhead median s", "overhead p90 s",
-                  "overhead max s", "added vs SDK s", "cold overhead s",
-                  "Prefect API retries/video (s slept)"], rows)
+        rows.append(
+            [
+                names[variant],
+                len(values),
+                median(values),
+                median(over),
+                p90(over),
+                max(over),
+                added,
+                cold[variant] - latency,
+                _retry_cell(retried[variant]),
+            ]
+        )
+    text = table(
+        [
+            "variant",
+            "n",
+            "wall median s",
+            "overhead median s",
+            "overhead p90 s",
+            "overhead max s",
+            "added vs SDK s",
+            "cold overhead s",
+            "Prefect API retries/video (s slept)",
+        ],
+        rows,
+    )
     phase_rows = [[names[v], *(f"{p[k]:.2f}" for k in PHASE_KEYS)] for v, p in phases.items()]
     text += "\n\nWhere a flow's overhead goes (medians, s; from the Prefect API's run times):\n\n"
     text += table(["variant", *PHASE_LABELS], phase_rows)
@@ -145,20 +192,34 @@ def measure(rounds: int, latency: float, emu: EmulatorProcess, endpoint: Any, ap
     text += "\n".join(
         f"- {names[v]}: {sum(c.values()) / rounds:.1f} requests/video "
         f"({top_endpoints(c, rounds)}); 503s/video: {top_endpoints(lk, rounds)}"
-        for v, (c, lk) in requests.items())
+        for v, (c, lk) in requests.items()
+    )
     polls = after["result_polls"] - before["result_polls"]
     subs = after["submissions"] - before["submissions"]
-    text += (f"\n\nEmulated inference {latency:g} s; Prefect server on {api.database}. Service "
-             f"calls over all runs: {subs} submissions, {polls} result polls. CPU: "
-             f"{meter.summary()}.")
+    text += (
+        f"\n\nEmulated inference {latency:g} s; Prefect server on {api.database}. Service "
+        f"calls over all runs: {subs} submissions, {polls} result polls. CPU: "
+        f"{meter.summary()}."
+    )
     if api.startup_s is not None:
         text += f" Prefect server start (excluded): {api.startup_s:.1f} s."
-    emit("overhead", f"Overhead per video ({api.database})", text, {
-        "latency_s": latency, "rounds": rounds, "walls": walls, "cold": cold,
-        "phases": phases, "server_startup_s": api.startup_s, "cpu": meter.spent,
-        "database": api.database,
-        "prefect_retries": retried, "retries_by_status": retries.by_status,
-    })
+    emit(
+        "overhead",
+        f"Overhead per video ({api.database})",
+        text,
+        {
+            "latency_s": latency,
+            "rounds": rounds,
+            "walls": walls,
+            "cold": cold,
+            "phases": phases,
+            "server_startup_s": api.startup_s,
+            "cpu": meter.spent,
+            "database": api.database,
+            "prefect_retries": retried,
+            "retries_by_status": retries.by_status,
+        },
+    )
 
 
 def _retry_cell(values: list[tuple[int, float]]) -> str:
@@ -169,15 +230,31 @@ def _retry_cell(values: list[tuple[int, float]]) -> str:
     return f"{calls:.1f} ({slept:.1f})"
 
 
-PHASE_KEYS = ("call_to_start", "setup", "submit", "lateness", "gap", "archive", "finish",
-              "end_to_return")
-PHASE_LABELS = ("call->flow start", "flow start->submit", "submit task",
-                "wait past inference", "wait->archive", "archive task", "archive->flow end",
-                "flow end->return")
+PHASE_KEYS = (
+    "call_to_start",
+    "setup",
+    "submit",
+    "lateness",
+    "gap",
+    "archive",
+    "finish",
+    "end_to_return",
+)
+PHASE_LABELS = (
+    "call->flow start",
+    "flow start->submit",
+    "submit task",
+    "wait past inference",
+    "wait->archive",
+    "archive task",
+    "archive->flow end",
+    "flow end->return",
+)
 
 
-def _phases(spans: list[Any], called: list[float], returned: list[float],
-            latency: float) -> dict[str, float]:
+def _phases(
+    spans: list[Any], called: list[float], returned: list[float], latency: float
+) -> dict[str, float]:
     parts: dict[str, list[float]] = {k: [] for k in PHASE_KEYS}
     for run, t0, t1 in zip(spans, called, returned, strict=True):
         submit, wait = run.first("submit-i2v"), run.first("wait-for-prediction")

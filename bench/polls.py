@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-polls-"))
     try:
-        with prefect_api(workdir) as _api, s3_store(workdir) as (endpoint, _weed), \
-                EmulatorProcess(latency_s=args.latency, concurrency=3 * args.videos) as emu, \
-                flow_env(emu, endpoint):
+        with (
+            prefect_api(workdir) as _api,
+            s3_store(workdir) as (endpoint, _weed),
+            EmulatorProcess(latency_s=args.latency, concurrency=3 * args.videos) as emu,
+            flow_env(emu, endpoint),
+        ):
             run(workdir, args.videos, args.latency, emu, endpoint)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -80,11 +83,17 @@ def schedule_table(inferences: list[float]) -> str:
         before = schedule(PollPolicy(), t, before_fix=True)
         aimed = schedule(PollPolicy(first_poll_after=t + 0.25), t)
         sdk = sdk_schedule(t)
-        rows.append([f"{t:g}", *(f"{len(s)} / {s[-1] - t:.1f}"
-                                 for s in (now, before, aimed, sdk))])
-    return table(["inference s", "default, unaimed: polls / late s",
-                  "unaimed, before the fix", "aimed from seen times (+0.25 s)",
-                  "SDK, 1 s: polls / late s"], rows)
+        rows.append([f"{t:g}", *(f"{len(s)} / {s[-1] - t:.1f}" for s in (now, before, aimed, sdk))])
+    return table(
+        [
+            "inference s",
+            "default, unaimed: polls / late s",
+            "unaimed, before the fix",
+            "aimed from seen times (+0.25 s)",
+            "SDK, 1 s: polls / late s",
+        ],
+        rows,
+    )
 
 
 def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoint: Any) -> None:
@@ -100,26 +109,32 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
 
     def flow_variant(tag: str, policy: PollPolicy) -> tuple[list[str], list[float]]:
         options = RunOptions(limits=new_limits(videos), poll=policy)
-        manifest = write_manifest(workdir / f"{tag}.jsonl",
-                                  [f"bench polls {nonce} {tag} {i}" for i in range(videos)])
+        manifest = write_manifest(
+            workdir / f"{tag}.jsonl", [f"bench polls {nonce} {tag} {i}" for i in range(videos)]
+        )
         call = call_flow(generate_batch, manifest, options=options)
         pairs = read_spans(call.flow_run_id, settle_s=3).waits_after_submit()
-        return ([o.prediction_id or "" for o in call.result.outcomes],
-                [w.end - s.end - latency for s, w in pairs])
+        return (
+            [o.prediction_id or "" for o in call.result.outcomes],
+            [w.end - s.end - latency for s, w in pairs],
+        )
 
     def sdk_variant() -> tuple[list[str], list[float]]:
-        done = sdk_pool(sdk, s3, [f"bench polls {nonce} sdk {i}" for i in range(videos)],
-                        threads=videos)
+        done = sdk_pool(
+            sdk, s3, [f"bench polls {nonce} sdk {i}" for i in range(videos)], threads=videos
+        )
         return [d.prediction_id for d in done], [d.seconds - latency for d in done]
 
     before = emu.stats()
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="variant") as pool:
         futures = {
             "official SDK, poll_interval=1 s (baseline)": pool.submit(sdk_variant),
-            "generate_batch, default PollPolicy": pool.submit(flow_variant, "default",
-                                                              PollPolicy()),
+            "generate_batch, default PollPolicy": pool.submit(
+                flow_variant, "default", PollPolicy()
+            ),
             f"generate_batch, first_poll_after={latency + 0.25:g}s": pool.submit(
-                flow_variant, "tuned", tuned),
+                flow_variant, "tuned", tuned
+            ),
         }
         outcomes = {name: f.result() for name, f in futures.items()}
     # A later run in a new process: its first polls are aimed from the account's history.
@@ -127,33 +142,57 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
     from wan_tasks.core.inference_times import InferenceTimes
 
     tasks.INFERENCE_TIMES = InferenceTimes()
-    outcomes["generate_batch, default PollPolicy, a later run (aimed from history)"] = \
-        flow_variant("later", PollPolicy())
+    outcomes["generate_batch, default PollPolicy, a later run (aimed from history)"] = flow_variant(
+        "later", PollPolicy()
+    )
     after = emu.stats()
     polls: dict[str, int] = after["polls_by_prediction"]
     rows = []
     for name, (ids, late) in outcomes.items():
         counts = [polls.get(i, 0) for i in ids]
-        rows.append([name, f"{len(ids) / videos:.0f}", f"{median(counts):.0f}",
-                     f"{min(counts)}-{max(counts)}", f"{median(late):.2f} / {max(late):.2f}"])
+        rows.append(
+            [
+                name,
+                f"{len(ids) / videos:.0f}",
+                f"{median(counts):.0f}",
+                f"{min(counts)}-{max(counts)}",
+                f"{median(late):.2f} / {max(late):.2f}",
+            ]
+        )
     total_uploads = after["uploads"] - before["uploads"]
-    text = table(["variant", "submits/video", "polls/video median", "polls range",
-                  "done->seen median / max s"], rows)
+    text = table(
+        [
+            "variant",
+            "submits/video",
+            "polls/video median",
+            "polls range",
+            "done->seen median / max s",
+        ],
+        rows,
+    )
     default_times = schedule(PollPolicy(), latency)
-    text += (f"\n\n{videos} videos per variant, emulated inference {latency:g} s; uploads over "
-             f"all variants: {total_uploads} for {4 * videos} videos. Default PollPolicy "
-             f"unaimed (nothing seen yet), jitter off: polls at "
-             f"{', '.join(f'{t:.1f}' for t in default_times)} s after submit "
-             f"({len(default_times)} polls; the task done at {latency:g} s is seen "
-             f"{default_times[-1] - latency:.1f} s late). \"done->seen\": end of inference to "
-             "end of the wait (SDK: job time minus inference).\n\nThe same arithmetic (no I/O, "
-             "jitter off) for other inference times:\n\n")
+    text += (
+        f"\n\n{videos} videos per variant, emulated inference {latency:g} s; uploads over "
+        f"all variants: {total_uploads} for {4 * videos} videos. Default PollPolicy "
+        f"unaimed (nothing seen yet), jitter off: polls at "
+        f"{', '.join(f'{t:.1f}' for t in default_times)} s after submit "
+        f"({len(default_times)} polls; the task done at {latency:g} s is seen "
+        f'{default_times[-1] - latency:.1f} s late). "done->seen": end of inference to '
+        "end of the wait (SDK: job time minus inference).\n\nThe same arithmetic (no I/O, "
+        "jitter off) for other inference times:\n\n"
+    )
     text += schedule_table([5, 9.5, 10.5, 15, 30, 59, 60, 61, 120])
-    emit("polls", f"Service calls per video, {latency:g} s inference", text, {
-        "latency_s": latency, "videos": videos, "polls": {
-            name: [polls.get(i, 0) for i in ids] for name, (ids, _) in outcomes.items()},
-        "default_schedule": default_times,
-    })
+    emit(
+        "polls",
+        f"Service calls per video, {latency:g} s inference",
+        text,
+        {
+            "latency_s": latency,
+            "videos": videos,
+            "polls": {name: [polls.get(i, 0) for i in ids] for name, (ids, _) in outcomes.items()},
+            "default_schedule": default_times,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -54,27 +54,43 @@ def shared_server(workdir: Path, *, postgres: bool) -> Iterator[dict[str, str]]:
     """One Prefect server for the benchmarks that follow; yields the environment naming it."""
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(PostgresServer()) if postgres else None
-        server = stack.enter_context(bench_server(workdir / ("prefect-pg" if pg else "prefect"),
-                                                  database_url=pg.url if pg else None))
+        server = stack.enter_context(
+            bench_server(
+                workdir / ("prefect-pg" if pg else "prefect"), database_url=pg.url if pg else None
+            )
+        )
         database = "postgresql" if pg else "sqlite"
-        print(f"Prefect server ({database}) started in {server.startup_s:.1f} s "
-              "(excluded from every figure)", flush=True)
-        yield {"PREFECT_API_URL": server.api_url, "BENCH_PREFECT_PID": str(server.pid or ""),
-               "BENCH_DB_PID": str(pg.pid or "") if pg else "", "BENCH_PREFECT_DB": database,
-               "BENCH_SERVER_STARTUP_S": f"{server.startup_s:.1f}"}
+        print(
+            f"Prefect server ({database}) started in {server.startup_s:.1f} s "
+            "(excluded from every figure)",
+            flush=True,
+        )
+        yield {
+            "PREFECT_API_URL": server.api_url,
+            "BENCH_PREFECT_PID": str(server.pid or ""),
+            "BENCH_DB_PID": str(pg.pid or "") if pg else "",
+            "BENCH_PREFECT_DB": database,
+            "BENCH_SERVER_STARTUP_S": f"{server.startup_s:.1f}",
+        }
 
 
-def run_one(module: str, args: list[str], env: dict[str, str]) -> tuple[list[dict[str, Any]],
-                                                                          float, int]:
+def run_one(
+    module: str, args: list[str], env: dict[str, str]
+) -> tuple[list[dict[str, Any]], float, int]:
     """Run `python -m bench.<module>`, echoing its output; returns its results, seconds, rc."""
     began = time.perf_counter()
     results: list[dict[str, Any]] = []
-    with subprocess.Popen([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT,
-                          env=env, stdout=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(RESULT_PREFIX):
-                results.append(json.loads(line[len(RESULT_PREFIX):]))
+                results.append(json.loads(line[len(RESULT_PREFIX) :]))
             else:
                 sys.stdout.write(line)
                 sys.stdout.flush()
@@ -84,10 +100,10 @@ def run_one(module: str, args: list[str], env: dict[str, str]) -> tuple[list[dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-minute subset")
-    parser.add_argument("--only", help="comma-separated benchmarks: " +
-                        ",".join(m for m, _, _ in SUITE))
-    parser.add_argument("--no-diagnosis", action="store_true",
-                        help="skip the PostgreSQL runs")
+    parser.add_argument(
+        "--only", help="comma-separated benchmarks: " + ",".join(m for m, _, _ in SUITE)
+    )
+    parser.add_argument("--no-diagnosis", action="store_true", help="skip the PostgreSQL runs")
     parser.add_argument("--json", type=Path, help="also write every result here")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
@@ -99,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     diagnose = not (args.quick or args.no_diagnosis) and (
-        only is None or bool(only & {m for m, _ in DIAGNOSIS}))
+        only is None or bool(only & {m for m, _ in DIAGNOSIS})
+    )
     with tempfile.TemporaryDirectory(prefix="wan-bench-") as tmp:
         with shared_server(Path(tmp), postgres=False) as server_env:
             env = {**base_env, **server_env}
@@ -121,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     found, seconds, rc = run_one(module, extra, env)
                     results += found
-                    timings.append([module, "postgresql", f"{seconds:.0f}",
-                                    "ok" if rc == 0 else rc])
+                    timings.append(
+                        [module, "postgresql", f"{seconds:.0f}", "ok" if rc == 0 else rc]
+                    )
                     if rc != 0:
                         failed.append(f"{module} (postgresql)")
         elif diagnose:
@@ -134,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["benchmark", "Prefect DB", "seconds", "status"], timings))
     print(f"\nTotal: {total / 60:.1f} min.")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": results,
-                                         "timings": timings, "total_s": total},
-                                        indent=1, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "results": results, "timings": timings, "total_s": total},
+                indent=1,
+                default=str,
+            )
+        )
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

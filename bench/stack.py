@@ -38,8 +38,7 @@ BUCKET = "bench-videos"
 
 def bench_server(home: Path, *, database_url: str | None = None) -> PrefectServer:
     """A Prefect server for benchmarks: API and services, no UI, logging at WARNING."""
-    return PrefectServer(home, database_url=database_url,
-                         env={"PREFECT_LOGGING_LEVEL": "WARNING"})
+    return PrefectServer(home, database_url=database_url, env={"PREFECT_LOGGING_LEVEL": "WARNING"})
 
 
 @dataclass(frozen=True)
@@ -76,18 +75,28 @@ def prefect_api(workdir: Path, *, postgres: bool = False) -> Iterator[PrefectApi
     if url:
         pid, db_pid = os.environ.get("BENCH_PREFECT_PID"), os.environ.get("BENCH_DB_PID")
         startup = os.environ.get("BENCH_SERVER_STARTUP_S")
-        yield PrefectApi(url, int(pid) if pid else None, float(startup) if startup else None,
-                         os.environ.get("BENCH_PREFECT_DB", "sqlite"),
-                         int(db_pid) if db_pid else None)
+        yield PrefectApi(
+            url,
+            int(pid) if pid else None,
+            float(startup) if startup else None,
+            os.environ.get("BENCH_PREFECT_DB", "sqlite"),
+            int(db_pid) if db_pid else None,
+        )
         return
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(PostgresServer()) if postgres else None
-        server = stack.enter_context(bench_server(workdir / "prefect-server",
-                                                  database_url=pg.url if pg else None))
+        server = stack.enter_context(
+            bench_server(workdir / "prefect-server", database_url=pg.url if pg else None)
+        )
         os.environ["PREFECT_API_URL"] = server.api_url
         try:
-            yield PrefectApi(server.api_url, server.pid, server.startup_s,
-                             "postgresql" if pg else "sqlite", pg.pid if pg else None)
+            yield PrefectApi(
+                server.api_url,
+                server.pid,
+                server.startup_s,
+                "postgresql" if pg else "sqlite",
+                pg.pid if pg else None,
+            )
         finally:
             os.environ.pop("PREFECT_API_URL", None)
 
@@ -98,8 +107,9 @@ class EmulatorProcess(_EmulatorProcess):
 
     def __init__(self, *, render_once: bool = False, **settings: Any) -> None:
         command = [sys.executable, "-m", "bench._emulator"]
-        super().__init__(command=[*command, RENDER_ONCE] if render_once else command,
-                         cwd=ROOT, **settings)
+        super().__init__(
+            command=[*command, RENDER_ONCE] if render_once else command, cwd=ROOT, **settings
+        )
 
     @property
     def pid(self) -> int:
@@ -121,9 +131,13 @@ def flow_env(emulator: EmulatorProcess, endpoint: S3Endpoint | None) -> Iterator
     """Point the flows (and the SDK baseline) at this emulator and store, for the block
     (`endpoint` None: the AWS_* variables already set)."""
     values: dict[str, str | None] = {
-        "WAVESPEED_API_KEY": emulator.api_key, "WAVESPEED_BASE_URL": emulator.base_url,
-        "WAN_TASKS_BUCKET": BUCKET, "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None,
-        "AWS_ENDPOINT_URL": None, **(endpoint.env() if endpoint else {}),
+        "WAVESPEED_API_KEY": emulator.api_key,
+        "WAVESPEED_BASE_URL": emulator.base_url,
+        "WAN_TASKS_BUCKET": BUCKET,
+        "AWS_PROFILE": None,
+        "AWS_SESSION_TOKEN": None,
+        "AWS_ENDPOINT_URL": None,
+        **(endpoint.env() if endpoint else {}),
     }
     from wan_tasks.devstack.embedded import env_overrides
 
@@ -137,7 +151,9 @@ def new_limits(in_flight: int, per_minute: int | None = None) -> LimitSettings:
     from wan_tasks.integration.limits import LimitSettings, ensure_limits
 
     tag = uuid.uuid4().hex[:8]
-    names = LimitSettings(in_flight=f"bench-{tag}-in-flight",
-                          per_minute=f"bench-{tag}-per-minute" if per_minute else None)
+    names = LimitSettings(
+        in_flight=f"bench-{tag}-in-flight",
+        per_minute=f"bench-{tag}-per-minute" if per_minute else None,
+    )
     ensure_limits(in_flight, per_minute, names=names)
     return names

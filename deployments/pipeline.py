@@ -27,8 +27,12 @@ from wan_tasks.integration.runtime import default_bucket, s3_bucket_block, s3_cl
 ON_DEMAND = "generate-batch/on-demand"
 
 
-def write_manifest(rows: Iterable[Mapping[str, Any]], key: str, bucket: str | None = None,
-                   s3_block: str | None = None) -> str:
+def write_manifest(
+    rows: Iterable[Mapping[str, Any]],
+    key: str,
+    bucket: str | None = None,
+    s3_block: str | None = None,
+) -> str:
     """Put rows (`id`, `image`, `prompt`, ...) as a JSONL manifest at s3://bucket/key: the
     environment's S3 and WAN_TASKS_BUCKET, or a saved prefect-aws S3Bucket block's."""
     if s3_block:
@@ -71,8 +75,12 @@ def hand_off(
         parameters["archive"] = {"prefix": prefix}
     if run_options:
         parameters["options"] = run_options
-    run = run_deployment(deployment, parameters=parameters, timeout=timeout_s if wait else 0,
-                         idempotency_key=idempotency_key)
+    run = run_deployment(
+        deployment,
+        parameters=parameters,
+        timeout=timeout_s if wait else 0,
+        idempotency_key=idempotency_key,
+    )
     # Called from sync code it runs synchronously; the declared type also allows a coroutine.
     assert isinstance(run, FlowRun)
     return run
@@ -91,12 +99,19 @@ def request_videos(
     pipeline stops here rather than publishing a partial set."""
     manifest = write_manifest(shots, f"manifests/{name}.jsonl")
     # A retry of this flow run finds the batch it already started.
-    run = hand_off(manifest, prefix=prefix, budget_usd=budget_usd, options=options,
-                   idempotency_key=f"{flow_run.id}:{manifest}")
+    run = hand_off(
+        manifest,
+        prefix=prefix,
+        budget_usd=budget_usd,
+        options=options,
+        idempotency_key=f"{flow_run.id}:{manifest}",
+    )
     state = run.state
     if state is None or not state.is_completed():
-        raise RuntimeError(f"batch run {run.name} for {manifest} ended "
-                           f"{state.name if state else 'without a state'}")
+        raise RuntimeError(
+            f"batch run {run.name} for {manifest} ended "
+            f"{state.name if state else 'without a state'}"
+        )
     get_run_logger().info("batch run %s completed for %s", run.name, manifest)
     return str(run.id)
 
@@ -116,7 +131,16 @@ def catalog_video(s3_uri: str, sidecar_uri: str = "", sha256: str = "") -> dict[
     if sidecar_uri:
         m_bucket, _, m_key = sidecar_uri.removeprefix("s3://").partition("/")
         sidecar = json.loads(s3.get_object(Bucket=m_bucket, Key=m_key)["Body"].read())
-    get_run_logger().info("catalogued %s (%d bytes, prediction %s)", s3_uri,
-                          head["ContentLength"], sidecar.get("prediction_id", "?"))
-    return {"s3_uri": s3_uri, "size": head["ContentLength"], "sha256": stored,
-            "prediction_id": sidecar.get("prediction_id"), "item_id": sidecar.get("item_id")}
+    get_run_logger().info(
+        "catalogued %s (%d bytes, prediction %s)",
+        s3_uri,
+        head["ContentLength"],
+        sidecar.get("prediction_id", "?"),
+    )
+    return {
+        "s3_uri": s3_uri,
+        "size": head["ContentLength"],
+        "sha256": stored,
+        "prediction_id": sidecar.get("prediction_id"),
+        "item_id": sidecar.get("item_id"),
+    }

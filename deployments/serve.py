@@ -38,8 +38,17 @@ logger = logging.getLogger("deployments.serve")
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 _LIMITS_STEP = "wan_tasks.integration.limits.ensure_limits"
-_SCHEDULE_KEYS = ("interval", "cron", "rrule", "timezone", "anchor_date", "day_or", "active",
-                  "parameters", "slug")
+_SCHEDULE_KEYS = (
+    "interval",
+    "cron",
+    "rrule",
+    "timezone",
+    "anchor_date",
+    "day_or",
+    "active",
+    "parameters",
+    "slug",
+)
 _triggers: TypeAdapter[DeploymentTriggerTypes] = TypeAdapter(DeploymentTriggerTypes)
 
 
@@ -97,17 +106,24 @@ def ensure_limits_from_config(prefect_file: Path = PREFECT_FILE) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__)
-    parser.add_argument("--limit", type=int, default=None,
-                        help="most flow runs at once in this process (default: no limit)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="most flow runs at once in this process (default: no limit)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import get_current_settings
 
         if not get_current_settings().api.url:
-            logger.error("PREFECT_API_URL is not set: serve against a running Prefect server "
-                         "(the temporary one runs no scheduler)")
+            logger.error(
+                "PREFECT_API_URL is not set: serve against a running Prefect server "
+                "(the temporary one runs no scheduler)"
+            )
             return 2
     os.chdir(REPO)  # entrypoints, manifests and images in parameters are repository-relative
     ensure_limits_from_config()

@@ -82,9 +82,9 @@ class StackError(LocalServiceError):
 class LocalStack:
     """Prefect server, work pool, limits, SeaweedFS, emulator and workers; see the module doc.
 
-        with LocalStack(tmp_path, in_flight=2) as stack:
-            stack.add_worker()
-            stack.deploy()
+    with LocalStack(tmp_path, in_flight=2) as stack:
+        stack.add_worker()
+        stack.deploy()
     """
 
     def __init__(
@@ -110,10 +110,13 @@ class LocalStack:
         self.pool, self.bucket = pool, bucket
         self.in_flight, self.per_minute = in_flight, per_minute
         # None: the emulator stands in only when no real key is configured.
-        self.use_emulator = (not os.environ.get("WAVESPEED_API_KEY")
-                             if emulator is None else emulator)
-        self.emulator_latency_s, self.emulator_concurrency = (emulator_latency_s,
-                                                              emulator_concurrency)
+        self.use_emulator = (
+            not os.environ.get("WAVESPEED_API_KEY") if emulator is None else emulator
+        )
+        self.emulator_latency_s, self.emulator_concurrency = (
+            emulator_latency_s,
+            emulator_concurrency,
+        )
         self.ui = ui
         self.server_env = dict(server_env or {})
         self.worker_env = dict(worker_env or {})
@@ -154,8 +157,12 @@ class LocalStack:
     def __enter__(self) -> LocalStack:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def start(self) -> LocalStack:
@@ -166,8 +173,9 @@ class LocalStack:
             self._start_server()  # slowest (migrations on a fresh database): first
             if self.use_emulator:
                 self._start_emulator()
-            self.seaweed = SeaweedFS(self.root / "seaweedfs", buckets=[self.bucket],
-                                     log_file=self.logs / "seaweedfs.log")
+            self.seaweed = SeaweedFS(
+                self.root / "seaweedfs", buckets=[self.bucket], log_file=self.logs / "seaweedfs.log"
+            )
             self.seaweed.start()
             self._record()
             self._wait_for_emulator()
@@ -186,7 +194,8 @@ class LocalStack:
         """Stop everything this object started, workers first, the server last. Each part is
         stopped even if stopping another failed or was interrupted (a second Ctrl-C)."""
         parts: list[ManagedProcess | EmulatorProcess | SeaweedFS | PrefectServer] = [
-            *self.workers.values()]
+            *self.workers.values()
+        ]
         parts += [p for p in (self.emulator, self.seaweed, self.server) if p is not None]
         self.workers, self.emulator, self.seaweed, self.server = {}, None, None, None
         interrupted: BaseException | None = None
@@ -216,15 +225,22 @@ class LocalStack:
 
     def children(self) -> list[ManagedProcess]:
         services = (self.server, self.emulator)
-        return [p for p in (*(s.process for s in services if s is not None),
-                            *self.workers.values()) if p is not None]
+        return [
+            p
+            for p in (*(s.process for s in services if s is not None), *self.workers.values())
+            if p is not None
+        ]
 
     # -- parts ----------------------------------------------------------------------------
 
     def _start_server(self) -> None:
         self.server = PrefectServer(
-            self.prefect_home, ui=self.ui, env=self.server_env, base_env=self.child_env(),
-            log=self.logs / "prefect-server.log", startup_timeout=self.startup_timeout_s,
+            self.prefect_home,
+            ui=self.ui,
+            env=self.server_env,
+            base_env=self.child_env(),
+            log=self.logs / "prefect-server.log",
+            startup_timeout=self.startup_timeout_s,
         ).launch()
         self.port = self.server.port
         self._record()
@@ -238,9 +254,13 @@ class LocalStack:
 
     def _start_emulator(self) -> None:
         self.emulator = EmulatorProcess(
-            api_key=self._emulator_key, log=self.logs / "emulator.log", env=self.child_env(),
-            cwd=REPO, startup_timeout=self.startup_timeout_s,
-            latency_s=self.emulator_latency_s, concurrency=self.emulator_concurrency,
+            api_key=self._emulator_key,
+            log=self.logs / "emulator.log",
+            env=self.child_env(),
+            cwd=REPO,
+            startup_timeout=self.startup_timeout_s,
+            latency_s=self.emulator_latency_s,
+            concurrency=self.emulator_concurrency,
         ).launch()
         self._record()
 
@@ -270,10 +290,25 @@ class LocalStack:
 
     def _setup_server(self) -> None:
         """The work pool and the limits: once per server, before anything is deployed."""
-        pool = self._cli([_executable("prefect"), "work-pool", "create", self.pool,
-                          "--type", "process", "--overwrite"])
-        limits = [sys.executable, "-m", "wan_tasks.cli", "limits", "--in-flight",
-                  str(self.in_flight)]
+        pool = self._cli(
+            [
+                _executable("prefect"),
+                "work-pool",
+                "create",
+                self.pool,
+                "--type",
+                "process",
+                "--overwrite",
+            ]
+        )
+        limits = [
+            sys.executable,
+            "-m",
+            "wan_tasks.cli",
+            "limits",
+            "--in-flight",
+            str(self.in_flight),
+        ]
         if self.per_minute is not None:
             limits += ["--per-minute", str(self.per_minute)]
         gcl = self._cli(limits)
@@ -289,24 +324,49 @@ class LocalStack:
                     proc.wait()
 
     def _cli(self, cmd: Sequence[str]) -> subprocess.Popen[str]:
-        return subprocess.Popen(list(cmd), env=self.child_env(), cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            list(cmd),
+            env=self.child_env(),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
-    def add_worker(self, name: str | None = None, *, work_queues: Sequence[str] = (),
-                   limit: int | None = None, wait: bool = True) -> str:
+    def add_worker(
+        self,
+        name: str | None = None,
+        *,
+        work_queues: Sequence[str] = (),
+        limit: int | None = None,
+        wait: bool = True,
+    ) -> str:
         """Start a process worker on the pool (all its queues unless given); its flow runs
         inherit the stack's environment."""
         name = name or f"{self.pool}-worker-{len(self.workers) + 1}"
-        cmd = [_executable("prefect"), "worker", "start", "--pool", self.pool, "--name", name,
-               "--type", "process"]
+        cmd = [
+            _executable("prefect"),
+            "worker",
+            "start",
+            "--pool",
+            self.pool,
+            "--name",
+            name,
+            "--type",
+            "process",
+        ]
         for queue in work_queues:
             cmd += ["--work-queue", queue]
         if limit is not None:
             cmd += ["--limit", str(limit)]
-        self.workers[name] = ManagedProcess(f"worker {name}", cmd,
-                                            env=self.child_env(self.worker_env),
-                                            log=self.logs / f"{name}.log", cwd=REPO)
+        self.workers[name] = ManagedProcess(
+            f"worker {name}",
+            cmd,
+            env=self.child_env(self.worker_env),
+            log=self.logs / f"{name}.log",
+            cwd=REPO,
+        )
         self._record()
         if wait:
             self.wait_for_workers([name])
@@ -322,8 +382,9 @@ class LocalStack:
                     if not self.workers[name].alive():
                         raise self.workers[name].failure("exited during startup")
                 with contextlib.suppress(httpx.HTTPError):
-                    answer = http.post(f"{self.api_url}/work_pools/{self.pool}/workers/filter",
-                                       json={})
+                    answer = http.post(
+                        f"{self.api_url}/work_pools/{self.pool}/workers/filter", json={}
+                    )
                     online = {w["name"] for w in answer.json() if w.get("status") == "ONLINE"}
                     pending -= online
                 if pending and time.monotonic() > deadline:
@@ -334,15 +395,31 @@ class LocalStack:
     def deploy(self, *names: str, prefect_file: Path = PREFECT_FILE) -> str:
         """`prefect deploy` from the repository root, as a user runs it: every deployment of
         the file, or those named ("flow/deployment" or patterns). Returns its output."""
-        cmd = [_executable("prefect"), "--no-prompt", "deploy", "--prefect-file",
-               str(prefect_file.relative_to(REPO) if prefect_file.is_relative_to(REPO)
-                   else prefect_file)]
+        cmd = [
+            _executable("prefect"),
+            "--no-prompt",
+            "deploy",
+            "--prefect-file",
+            str(
+                prefect_file.relative_to(REPO)
+                if prefect_file.is_relative_to(REPO)
+                else prefect_file
+            ),
+        ]
         cmd += [arg for n in names for arg in ("--name", n)] if names else ["--all"]
-        done = subprocess.run(cmd, env=self.child_env(), cwd=REPO, text=True,
-                              capture_output=True, timeout=self.startup_timeout_s, check=False)
+        done = subprocess.run(
+            cmd,
+            env=self.child_env(),
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=self.startup_timeout_s,
+            check=False,
+        )
         if done.returncode != 0:
-            raise StackError(f"prefect deploy failed ({done.returncode}):\n"
-                             f"{done.stdout}\n{done.stderr}")
+            raise StackError(
+                f"prefect deploy failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
         return done.stdout
 
     # -- state for `down` ---------------------------------------------------------------
@@ -353,19 +430,31 @@ class LocalStack:
             return
         me = proc_info(os.getpid())
         # Workers first, the server last: the order `down` stops them in.
-        procs = [*self.workers.values(), *(s.process for s in (self.emulator,)
-                                            if s is not None and s.process is not None)]
+        procs = [
+            *self.workers.values(),
+            *(s.process for s in (self.emulator,) if s is not None and s.process is not None),
+        ]
         children = [{"name": p.name, "pid": p.pid, "start_time": p.start_time} for p in procs]
         if self.seaweed is not None and self.seaweed.pid is not None:
             weed = proc_info(self.seaweed.pid)
-            children.append({"name": "seaweedfs", "pid": self.seaweed.pid,
-                             "start_time": weed.start_time if weed else 0})
+            children.append(
+                {
+                    "name": "seaweedfs",
+                    "pid": self.seaweed.pid,
+                    "start_time": weed.start_time if weed else 0,
+                }
+            )
         if self.server is not None and self.server.process is not None:
             server = self.server.process
-            children.append({"name": server.name, "pid": server.pid,
-                             "start_time": server.start_time})
-        state = {"pid": os.getpid(), "start_time": me.start_time if me else 0,
-                 "api_url": self.api_url, "children": children}
+            children.append(
+                {"name": server.name, "pid": server.pid, "start_time": server.start_time}
+            )
+        state = {
+            "pid": os.getpid(),
+            "start_time": me.start_time if me else 0,
+            "api_url": self.api_url,
+            "children": children,
+        }
         _write_private(self.root / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     def _write_env_file(self) -> None:
@@ -416,15 +505,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     root = Path(args.root)
     state = _read_state(root)
     if state and _running(state):
-        _out(f"a stack is already running from {root} (pid {state['pid']}): "
-             "python -m deployments.stack down")
+        _out(
+            f"a stack is already running from {root} (pid {state['pid']}): "
+            "python -m deployments.stack down"
+        )
         return 1
     if state and any(_running(child) for child in state.get("children", [])):
-        _out(f"processes of an earlier stack in {root} still run (its `up` died): "
-             "python -m deployments.stack down")
+        _out(
+            f"processes of an earlier stack in {root} still run (its `up` died): "
+            "python -m deployments.stack down"
+        )
         return 1
-    stack = LocalStack(root, in_flight=args.in_flight, per_minute=args.per_minute,
-                       emulator_latency_s=args.latency_s, record_state=True)
+    stack = LocalStack(
+        root,
+        in_flight=args.in_flight,
+        per_minute=args.per_minute,
+        emulator_latency_s=args.latency_s,
+        record_state=True,
+    )
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         with stack:  # stops everything on the way out, however it is left
@@ -448,8 +546,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
     env_file = stack.root / ENV_FILE
     rel = env_file.relative_to(REPO) if env_file.is_relative_to(REPO) else env_file
-    service = (f"emulator {stack.emulator_url} (latency {stack.emulator_latency_s:g} s, free)"
-               if stack.emulator_url else "the REAL WaveSpeed service (WAVESPEED_API_KEY is set)")
+    service = (
+        f"emulator {stack.emulator_url} (latency {stack.emulator_latency_s:g} s, free)"
+        if stack.emulator_url
+        else "the REAL WaveSpeed service (WAVESPEED_API_KEY is set)"
+    )
     assert stack.seaweed is not None
     lines = [
         f"wan-tasks local stack up in {stack.startup_s or 0:.1f}s",
@@ -459,8 +560,11 @@ def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
         f"  WaveSpeed    {service}",
         f"  workers      {', '.join(stack.workers)} on pool {stack.pool}",
         f"  limits       {stack.in_flight} in flight"
-        + (f", {stack.per_minute} submits/minute (opt-in: options.limits.per_minute)"
-           if stack.per_minute else ""),
+        + (
+            f", {stack.per_minute} submits/minute (opt-in: options.limits.per_minute)"
+            if stack.per_minute
+            else ""
+        ),
         "",
         f"Environment for other shells ({rel}, holds secrets):",
         *(f"  {k}={'***' if _secret(k) else v}" for k, v in sorted(stack.env().items())),
@@ -469,8 +573,9 @@ def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
         f"  source {rel}",
     ]
     if not deployed:
-        lines.append("  .venv/bin/prefect --no-prompt deploy --all "
-                     "--prefect-file deployments/prefect.yaml")
+        lines.append(
+            "  .venv/bin/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml"
+        )
     lines += [
         "  .venv/bin/prefect deployment run generate-batch/on-demand "
         "--param manifest=deployments/examples/manifest.jsonl --watch",
@@ -511,18 +616,23 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deployments.stack",
-                                     description="a complete local stack on 127.0.0.1")
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.stack", description="a complete local stack on 127.0.0.1"
+    )
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="state and data directory")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start everything; Ctrl-C stops it")
     up.add_argument("--workers", type=int, default=1)
-    up.add_argument("--deploy", action="store_true",
-                    help="also run `prefect deploy --all` with deployments/prefect.yaml")
+    up.add_argument(
+        "--deploy",
+        action="store_true",
+        help="also run `prefect deploy --all` with deployments/prefect.yaml",
+    )
     up.add_argument("--in-flight", dest="in_flight", type=int, default=3)
     up.add_argument("--per-minute", dest="per_minute", type=int, default=None)
-    up.add_argument("--latency-s", dest="latency_s", type=float, default=4.0,
-                    help="emulated inference time")
+    up.add_argument(
+        "--latency-s", dest="latency_s", type=float, default=4.0, help="emulated inference time"
+    )
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop a stack started by `up`")
     down.add_argument("--timeout", type=float, default=60.0)
@@ -532,8 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.func(args)
     return result

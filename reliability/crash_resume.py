@@ -30,14 +30,22 @@ PHASES = ("submit", "wait", "archive")
 
 
 def write_manifest(path: Path, videos: int, tag: str) -> Path:
-    rows = [{"id": f"v{i:03d}", "image": str(SAMPLE), "prompt": f"{tag} crash-resume {i}",
-             "seed": i} for i in range(videos)]
+    rows = [
+        {"id": f"v{i:03d}", "image": str(SAMPLE), "prompt": f"{tag} crash-resume {i}", "seed": i}
+        for i in range(videos)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def _wait_for(phase: str, emu: EmulatorProcess, proc: ManagedProcess,
-              rng: random.Random, timeout: float, max_progress: int) -> bool:
+def _wait_for(
+    phase: str,
+    emu: EmulatorProcess,
+    proc: ManagedProcess,
+    rng: random.Random,
+    timeout: float,
+    max_progress: int,
+) -> bool:
     """Block until the moment to kill in `phase`; False if the child finished first."""
     start = emu.stats()
     deadline = time.monotonic() + timeout
@@ -56,12 +64,22 @@ def _wait_for(phase: str, emu: EmulatorProcess, proc: ManagedProcess,
     return proc.alive()
 
 
-def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
-        workdir: Path, max_progress: int = 8) -> dict[str, Any]:
+def run(
+    videos: int,
+    kills: int,
+    latency: float,
+    in_flight: int,
+    seed: int,
+    workdir: Path,
+    max_progress: int = 8,
+) -> dict[str, Any]:
     rng = random.Random(seed)
-    with prefect_api(workdir) as api, EmulatorProcess(
-        latency_s=latency, concurrency=in_flight * 2, api_key="crash-key"
-    ) as emu, s3_store(workdir) as (endpoint, _), flow_env(emu, endpoint):
+    with (
+        prefect_api(workdir) as api,
+        EmulatorProcess(latency_s=latency, concurrency=in_flight * 2, api_key="crash-key") as emu,
+        s3_store(workdir) as (endpoint, _),
+        flow_env(emu, endpoint),
+    ):
         from bench.stack import BUCKET
         from reliability.verify import account
         from wan_tasks.api.client import WaveSpeedClient
@@ -71,8 +89,10 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
 
         names = new_limits(in_flight, 6000)
         manifest = write_manifest(workdir / "crash.jsonl", videos, f"s{seed}")
-        options = RunOptions(limits=names, poll=PollPolicy(
-            first_poll_after=latency, min_interval=0.5, max_interval=2.0))
+        options = RunOptions(
+            limits=names,
+            poll=PollPolicy(first_poll_after=latency, min_interval=0.5, max_interval=2.0),
+        )
         env = dict(os.environ, PYTHONPATH=str(REPO))
         killed: list[dict[str, Any]] = []
         attempts = 0
@@ -82,20 +102,31 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
             # SIGKILL is also how it is stopped: no chance to clean up, like a crash.
             with ManagedProcess(
                 f"batch attempt {attempts}",
-                [sys.executable, "-m", "reliability.batch_child", str(manifest),
-                 options.model_dump_json()],
-                log=workdir / f"attempt-{attempts}.log", env=env, cwd=REPO,
-                stop_signal=signal.SIGKILL, stop_timeout=5.0,
+                [
+                    sys.executable,
+                    "-m",
+                    "reliability.batch_child",
+                    str(manifest),
+                    options.model_dump_json(),
+                ],
+                log=workdir / f"attempt-{attempts}.log",
+                env=env,
+                cwd=REPO,
+                stop_signal=signal.SIGKILL,
+                stop_timeout=5.0,
             ) as proc:
                 if len(killed) < kills:
                     phase = PHASES[len(killed) % len(PHASES)]
-                    if _wait_for(phase, emu, proc, rng, timeout=120,
-                                 max_progress=max_progress):
+                    if _wait_for(phase, emu, proc, rng, timeout=120, max_progress=max_progress):
                         proc.stop()
-                        killed.append({"attempt": attempts, "phase": phase,
-                                       "at_s": round(time.monotonic() - began, 1),
-                                       "stats": {k: emu.stats()[k] for k in
-                                                 ("submissions", "downloads")}})
+                        killed.append(
+                            {
+                                "attempt": attempts,
+                                "phase": phase,
+                                "at_s": round(time.monotonic() - began, 1),
+                                "stats": {k: emu.stats()[k] for k in ("submissions", "downloads")},
+                            }
+                        )
                         # The dead process's slots: a real server reclaims them when their
                         # leases expire; free them now rather than wait.
                         reset_in_flight(names)
@@ -106,13 +137,20 @@ def run(videos: int, kills: int, latency: float, in_flight: int, seed: int,
         elapsed = time.monotonic() - began
         with WaveSpeedClient(emu.api_key, emu.base_url) as client:
             acc = account(endpoint.boto3_client(), BUCKET, "videos/", manifest, client)
-    return {"videos": videos, "kills": killed, "attempts": attempts,
-            "last_exit_code": code, "elapsed_s": round(elapsed, 1),
-            "prefect_server_start_s": api.startup_s, **acc.as_row()}
+    return {
+        "videos": videos,
+        "kills": killed,
+        "attempts": attempts,
+        "last_exit_code": code,
+        "elapsed_s": round(elapsed, 1),
+        "prefect_server_start_s": api.startup_s,
+        **acc.as_row(),
+    }
 
 
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM run every cleanup a Ctrl-C would (servers are stopped by their handles)."""
+
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
@@ -127,26 +165,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=2.0)
     parser.add_argument("--in-flight", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--max-progress", type=int, default=8,
-                        help="kill after 1..N new submissions or downloads (spreads kills)")
+    parser.add_argument(
+        "--max-progress",
+        type=int,
+        default=8,
+        help="kill after 1..N new submissions or downloads (spreads kills)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="wan-crash-") as tmp:
-        result = run(args.videos, args.kills, args.latency, args.in_flight, args.seed, Path(tmp),
-                     args.max_progress)
+        result = run(
+            args.videos,
+            args.kills,
+            args.latency,
+            args.in_flight,
+            args.seed,
+            Path(tmp),
+            args.max_progress,
+        )
     for kill in result["kills"]:
-        print(f"kill -9 #{result['kills'].index(kill) + 1}: attempt {kill['attempt']}, "
-              f"phase {kill['phase']}, t={kill['at_s']}s, service saw {kill['stats']}")
-    print(f"videos {result['videos']}, attempts {result['attempts']}, "
-          f"{result['elapsed_s']}s; archived and verified {result['archived_verified']}, "
-          f"lost {result['lost']}, corrupt {result['corrupt']}, "
-          f"duplicate submissions {result['duplicate_submissions']}, "
-          f"duplicate objects {result['duplicate_objects']}, "
-          f"submissions {result['submissions']}")
+        print(
+            f"kill -9 #{result['kills'].index(kill) + 1}: attempt {kill['attempt']}, "
+            f"phase {kill['phase']}, t={kill['at_s']}s, service saw {kill['stats']}"
+        )
+    print(
+        f"videos {result['videos']}, attempts {result['attempts']}, "
+        f"{result['elapsed_s']}s; archived and verified {result['archived_verified']}, "
+        f"lost {result['lost']}, corrupt {result['corrupt']}, "
+        f"duplicate submissions {result['duplicate_submissions']}, "
+        f"duplicate objects {result['duplicate_objects']}, "
+        f"submissions {result['submissions']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    ok = (result["lost"] == 0 and result["duplicate_submissions"] == 0
-          and result["corrupt"] == 0 and result["archived_verified"] == result["videos"])
+    ok = (
+        result["lost"] == 0
+        and result["duplicate_submissions"] == 0
+        and result["corrupt"] == 0
+        and result["archived_verified"] == result["videos"]
+    )
     return 0 if ok else 1
 
 

@@ -1,6 +1,6 @@
 """`make soak`: every reliability suite at full size, with the figures RELIABILITY.md reports.
 
-    python -m reliability.run_all [--quick] [--out var/reliability]
+python -m reliability.run_all [--quick] [--out var/reliability]
 """
 
 from __future__ import annotations
@@ -22,15 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    crash = ["--videos", "12", "--kills", "3"] if args.quick else ["--videos", "50",
-                                                                   "--kills", "6"]
+    crash = ["--videos", "12", "--kills", "3"] if args.quick else ["--videos", "50", "--kills", "6"]
     soak = ["--videos", "40"] if args.quick else ["--videos", "200"]
     suites = {
         "bad_input": [sys.executable, "-m", "reliability.bad_input"],
-        "crash_resume": [sys.executable, "-m", "reliability.crash_resume", *crash,
-                         "--json", str(out / "crash_resume.json")],
-        "soak": [sys.executable, "-m", "reliability.soak", *soak,
-                 "--json", str(out / "soak.json")],
+        "crash_resume": [
+            sys.executable,
+            "-m",
+            "reliability.crash_resume",
+            *crash,
+            "--json",
+            str(out / "crash_resume.json"),
+        ],
+        "soak": [sys.executable, "-m", "reliability.soak", *soak, "--json", str(out / "soak.json")],
     }
     codes = {}
     for name, command in suites.items():

@@ -32,48 +32,76 @@ FAULTS: dict[str, Any] = {
     "retry_after_s": 1.0,
     "slow_s": 12.0,
     "rates": {
-        "rate_limit": 0.05, "server_error": 0.05, "slow": 0.005, "submit_drop": 0.03,
-        "task_retryable_failure": 0.05, "task_permanent_failure": 0.02,
-        "download_expired": 0.01, "download_truncated": 0.03,
+        "rate_limit": 0.05,
+        "server_error": 0.05,
+        "slow": 0.005,
+        "submit_drop": 0.03,
+        "task_retryable_failure": 0.05,
+        "task_permanent_failure": 0.02,
+        "download_expired": 0.01,
+        "download_truncated": 0.03,
     },
 }
 
 
-def _child(manifest: Path, options_json: str, report: Path, env: dict[str, str],
-           log: Path) -> tuple[int, dict[str, Any]]:
-    with ManagedProcess("soak batch", [sys.executable, "-m", "reliability.batch_child",
-                                       str(manifest), options_json, str(report)],
-                        log=log, env=env, cwd=REPO) as proc:
+def _child(
+    manifest: Path, options_json: str, report: Path, env: dict[str, str], log: Path
+) -> tuple[int, dict[str, Any]]:
+    with ManagedProcess(
+        "soak batch",
+        [sys.executable, "-m", "reliability.batch_child", str(manifest), options_json, str(report)],
+        log=log,
+        env=env,
+        cwd=REPO,
+    ) as proc:
         code = proc.wait(timeout=3600)
     data = json.loads(report.read_text()) if report.exists() else {}
     return code, data
 
 
-def run(videos: int, latency: float, in_flight: int, workdir: Path,
-        restart_after_s: float) -> dict[str, Any]:
+def run(
+    videos: int, latency: float, in_flight: int, workdir: Path, restart_after_s: float
+) -> dict[str, Any]:
     from wan_tasks.storage.seaweed import SeaweedFS
 
-    with prefect_api(workdir), EmulatorProcess(
-        latency_s=latency, concurrency=in_flight * 2, api_key="soak-key", faults=FAULTS
-    ) as emu, SeaweedFS(workdir / "seaweedfs", buckets=[BUCKET]) as weed, S3FaultProxy(
-        weed.endpoint.endpoint_url, throttle=0.03, seed=5
-    ) as proxy:
+    with (
+        prefect_api(workdir),
+        EmulatorProcess(
+            latency_s=latency, concurrency=in_flight * 2, api_key="soak-key", faults=FAULTS
+        ) as emu,
+        SeaweedFS(workdir / "seaweedfs", buckets=[BUCKET]) as weed,
+        S3FaultProxy(weed.endpoint.endpoint_url, throttle=0.03, seed=5) as proxy,
+    ):
         from reliability.verify import account
         from wan_tasks.api.client import WaveSpeedClient
         from wan_tasks.api.policies import PollPolicy
         from wan_tasks.flows.options import RunOptions
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(weed.endpoint.env(), AWS_ENDPOINT_URL_S3=proxy.url, PYTHONPATH=str(REPO),
-                   WAVESPEED_API_KEY=emu.api_key, WAVESPEED_BASE_URL=emu.base_url,
-                   WAN_TASKS_BUCKET=BUCKET)
+        env.update(
+            weed.endpoint.env(),
+            AWS_ENDPOINT_URL_S3=proxy.url,
+            PYTHONPATH=str(REPO),
+            WAVESPEED_API_KEY=emu.api_key,
+            WAVESPEED_BASE_URL=emu.base_url,
+            WAN_TASKS_BUCKET=BUCKET,
+        )
         names = new_limits(in_flight, 6000)
         manifest = workdir / "soak.jsonl"
-        manifest.write_text("".join(
-            json.dumps({"id": f"v{i:04d}", "image": str(SAMPLE), "prompt": f"soak {i}",
-                        "seed": i}) + "\n" for i in range(videos)))
-        options = RunOptions(limits=names, max_attempts=3, poll=PollPolicy(
-            first_poll_after=latency, min_interval=0.5, max_interval=2.0)).model_dump_json()
+        manifest.write_text(
+            "".join(
+                json.dumps(
+                    {"id": f"v{i:04d}", "image": str(SAMPLE), "prompt": f"soak {i}", "seed": i}
+                )
+                + "\n"
+                for i in range(videos)
+            )
+        )
+        options = RunOptions(
+            limits=names,
+            max_attempts=3,
+            poll=PollPolicy(first_poll_after=latency, min_interval=0.5, max_interval=2.0),
+        ).model_dump_json()
 
         restarts: list[dict[str, float]] = []
 
@@ -84,8 +112,7 @@ def run(videos: int, latency: float, in_flight: int, workdir: Path,
             weed.stop()
             weed.start()  # same folder, same ports, same credentials
             proxy.down = False
-            restarts.append({"at_s": restart_after_s,
-                             "down_s": round(time.monotonic() - began, 1)})
+            restarts.append({"at_s": restart_after_s, "down_s": round(time.monotonic() - began, 1)})
 
         began = time.monotonic()
         restarter = threading.Thread(target=restart_s3, daemon=True)
@@ -97,24 +124,39 @@ def run(videos: int, latency: float, in_flight: int, workdir: Path,
         stats = emu.stats()
         with WaveSpeedClient(emu.api_key, emu.base_url) as client:
             acc = account(weed.endpoint.boto3_client(), BUCKET, "videos/", manifest, client)
-        failures = Counter(o["error_type"] for o in first.get("outcomes", [])
-                           if o["status"] != "archived")
+        failures = Counter(
+            o["error_type"] for o in first.get("outcomes", []) if o["status"] != "archived"
+        )
         # Not archived is "lost" only if no run reported it failed with a typed reason.
-        typed = {o["item_id"]: o["error_type"] for o in second.get("outcomes", [])
-                 if o["status"] != "archived" and o.get("error_type")}
+        typed = {
+            o["item_id"]: o["error_type"]
+            for o in second.get("outcomes", [])
+            if o["status"] != "archived" and o.get("error_type")
+        }
         row = acc.as_row()
         row["failed_typed_final"] = dict(Counter(typed.values()))
         row["lost"] = len([i for i in acc.lost if i not in typed])
         return {
-            "videos": videos, "first_run_s": round(first_s, 1),
-            "first_run": {"archived": first.get("archived"), "failed": first.get("failed"),
-                          "failed_by_type": dict(failures), "exit": code1},
-            "rerun": {"archived": second.get("archived"), "failed": second.get("failed"),
-                      "exit": code2},
-            "s3_restarts": restarts, "s3_throttled": proxy.throttled,
+            "videos": videos,
+            "first_run_s": round(first_s, 1),
+            "first_run": {
+                "archived": first.get("archived"),
+                "failed": first.get("failed"),
+                "failed_by_type": dict(failures),
+                "exit": code1,
+            },
+            "rerun": {
+                "archived": second.get("archived"),
+                "failed": second.get("failed"),
+                "exit": code2,
+            },
+            "s3_restarts": restarts,
+            "s3_throttled": proxy.throttled,
             "service_faults_injected": stats["faults_injected"],
-            "service_calls": {k: stats[k] for k in ("submissions", "result_polls", "uploads",
-                                                    "downloads", "history_queries")},
+            "service_calls": {
+                k: stats[k]
+                for k in ("submissions", "result_polls", "uploads", "downloads", "history_queries")
+            },
             **row,
         }
 

@@ -28,9 +28,12 @@ class Accounting:
 
     def as_row(self) -> dict[str, Any]:
         return {
-            "expected": self.expected, "archived_verified": self.archived_verified,
-            "lost": len(self.lost), "corrupt": len(self.corrupt),
-            "duplicate_objects": self.duplicate_objects, "submissions": self.submissions,
+            "expected": self.expected,
+            "archived_verified": self.archived_verified,
+            "lost": len(self.lost),
+            "corrupt": len(self.corrupt),
+            "duplicate_objects": self.duplicate_objects,
+            "submissions": self.submissions,
             "duplicate_submissions": self.duplicate_submissions,
             "resubmitted_after_failure": self.resubmitted_after_failure,
         }
@@ -42,8 +45,9 @@ def manifest_items(manifest: Path) -> set[str]:
     return {i.item_id for i in items if i.request is not None}
 
 
-def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeedClient
-            ) -> Accounting:
+def account(
+    s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeedClient
+) -> Accounting:
     wanted = manifest_items(manifest)
     acc = Accounting(expected=len(wanted))
     landed: Counter[str] = Counter()
@@ -54,8 +58,11 @@ def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeed
             got = s3.get_object(Bucket=bucket, Key=obj["Key"])
             data, meta = got["Body"].read(), got["Metadata"]
             try:
-                sidecar = json.loads(s3.get_object(
-                    Bucket=bucket, Key=obj["Key"].removesuffix(".mp4") + ".json")["Body"].read())
+                sidecar = json.loads(
+                    s3.get_object(Bucket=bucket, Key=obj["Key"].removesuffix(".mp4") + ".json")[
+                        "Body"
+                    ].read()
+                )
             except s3.exceptions.NoSuchKey:
                 acc.corrupt.append(f"{obj['Key']} (no manifest)")
                 continue
@@ -77,7 +84,8 @@ def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeed
         for item in page.items:
             inp = item.input or {}
             groups.setdefault((str(inp.get("prompt")), int(inp.get("seed", -1))), []).append(
-                item.status.value)
+                item.status.value
+            )
         if len(page.items) < 100:
             break
         page_no += 1
@@ -85,7 +93,9 @@ def account(s3: Any, bucket: str, prefix: str, manifest: Path, client: WaveSpeed
     acc.distinct_inputs = len(groups)
     # A failed task is not a paid video; a second live or completed task for one item is.
     acc.duplicate_submissions = sum(
-        max(0, sum(1 for st in v if st != "failed") - 1) for v in groups.values())
+        max(0, sum(1 for st in v if st != "failed") - 1) for v in groups.values()
+    )
     acc.resubmitted_after_failure = sum(
-        sum(1 for st in v if st == "failed") for v in groups.values() if len(v) > 1)
+        sum(1 for st in v if st == "failed") for v in groups.values() if len(v) > 1
+    )
     return acc

@@ -127,7 +127,9 @@ class Stack:
 
 @pytest.fixture
 def make_stack(
-    prefect_server: None, s3_store: Any, make_emulator: Callable[..., Emulator],
+    prefect_server: None,
+    s3_store: Any,
+    make_emulator: Callable[..., Emulator],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Stack]:
     """Point the flows at a fresh emulator and the test S3, with the given in-flight limit."""

@@ -27,36 +27,57 @@ WHEN = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
 
 def fields(pid: str, **kw: Any) -> KeyFields:
-    return KeyFields(prediction_id=pid, model="wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast",
-                     created_at=WHEN, seed=7, duration=5, prefix="arch-tests", **kw)
+    return KeyFields(
+        prediction_id=pid,
+        model="wavespeed-ai/wan-2.2/i2v-480p-lora-ultra-fast",
+        created_at=WHEN,
+        seed=7,
+        duration=5,
+        prefix="arch-tests",
+        **kw,
+    )
 
 
 def chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i: i + size]
+        yield data[i : i + size]
 
 
 @pytest.fixture
 def archiver(s3_store: Any) -> S3Archiver:
-    target = ArchiveTarget(bucket=TEST_BUCKET, prefix="arch-tests", multipart_threshold=5 * MiB,
-                           part_size=5 * MiB, contact_sheet=False)
+    target = ArchiveTarget(
+        bucket=TEST_BUCKET,
+        prefix="arch-tests",
+        multipart_threshold=5 * MiB,
+        part_size=5 * MiB,
+        contact_sheet=False,
+    )
     return S3Archiver(s3_store.boto3_client(), target)
 
 
 def test_multipart_stream_is_verified_and_tagged(archiver: S3Archiver) -> None:
     data = os.urandom(12 * MiB + 12345)
-    result = archiver.archive(chunks(data), fields("multi1"), metadata={"prediction-id": "m"},
-                              sidecar={"x": 1}, expected_size=len(data))
+    result = archiver.archive(
+        chunks(data),
+        fields("multi1"),
+        metadata={"prediction-id": "m"},
+        sidecar={"x": 1},
+        expected_size=len(data),
+    )
     sha = hashlib.sha256(data).hexdigest()
     assert result.sha256 == sha and result.size == len(data) and not result.already_archived
     body = archiver.s3.get_object(Bucket=TEST_BUCKET, Key=result.key)
     assert hashlib.sha256(body["Body"].read()).hexdigest() == sha
     assert body["Metadata"]["sha256"] == sha and body["ContentType"] == "video/mp4"
-    manifest = json.loads(archiver.s3.get_object(
-        Bucket=TEST_BUCKET, Key=archiver.sidecar_key(result.key))["Body"].read())
+    manifest = json.loads(
+        archiver.s3.get_object(Bucket=TEST_BUCKET, Key=archiver.sidecar_key(result.key))[
+            "Body"
+        ].read()
+    )
     assert manifest["sha256"] == sha and manifest["size"] == len(data) and manifest["x"] == 1
-    assert result.key == ("arch-tests/wavespeed-ai-wan-2.2-i2v-480p-lora-ultra-fast/"
-                          "2026/11/25/multi1.mp4")
+    assert result.key == (
+        "arch-tests/wavespeed-ai-wan-2.2-i2v-480p-lora-ultra-fast/2026/11/25/multi1.mp4"
+    )
 
 
 def test_existing_object_is_found_not_rewritten(archiver: S3Archiver) -> None:
@@ -77,8 +98,9 @@ def test_existing_object_is_found_not_rewritten(archiver: S3Archiver) -> None:
 def test_truncated_download_writes_nothing(archiver: S3Archiver) -> None:
     data = os.urandom(6 * MiB)
     with pytest.raises(ArchiveError, match="truncated") as info:
-        archiver.archive(chunks(data), fields("trunc1"), metadata={}, sidecar={},
-                         expected_size=len(data) + 10)
+        archiver.archive(
+            chunks(data), fields("trunc1"), metadata={}, sidecar={}, expected_size=len(data) + 10
+        )
     assert info.value.retryable
     assert archiver.head(render_key(archiver.target.key_template, fields("trunc1"))) is None
     uploads = archiver.s3.list_multipart_uploads(Bucket=TEST_BUCKET).get("Uploads", [])
@@ -96,16 +118,19 @@ def test_content_addressed_layout(archiver: S3Archiver) -> None:
     assert again.already_archived and again.key == result.key
 
 
-@pytest.mark.parametrize(("template", "words"), [
-    ("../{prediction_id}.mp4", "'..'"),
-    ("/abs/{prediction_id}.mp4", "absolute"),
-    ("{prefix}/{date}.mp4", "must contain {prediction_id} or {sha256}"),
-    ("{prefix}/{user}/{prediction_id}.mp4", "unknown field {user}"),
-    ("{prefix}/{prediction_id!r}.mp4", "unknown field"),
-    ("{prefix}/{prediction_id}.mov", "must end with .mp4"),
-    ("{prefix}/{prediction_id", "key_template"),
-    ("a\\b/{prediction_id}.mp4", "backslashes"),
-])
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("../{prediction_id}.mp4", "'..'"),
+        ("/abs/{prediction_id}.mp4", "absolute"),
+        ("{prefix}/{date}.mp4", "must contain {prediction_id} or {sha256}"),
+        ("{prefix}/{user}/{prediction_id}.mp4", "unknown field {user}"),
+        ("{prefix}/{prediction_id!r}.mp4", "unknown field"),
+        ("{prefix}/{prediction_id}.mov", "must end with .mp4"),
+        ("{prefix}/{prediction_id", "key_template"),
+        ("a\\b/{prediction_id}.mp4", "backslashes"),
+    ],
+)
 def test_bad_key_templates(template: str, words: str) -> None:
     with pytest.raises(KeyTemplateError, match=words.replace("{", r"\{").replace("}", r"\}")):
         validate_template(template)
@@ -114,16 +139,27 @@ def test_bad_key_templates(template: str, words: str) -> None:
 
 
 def test_odd_characters_are_sanitised() -> None:
-    key = render_key("{prefix}/{item_id}/{prediction_id}.mp4", KeyFields(
-        prediction_id="../../etc/passwd", model="m", created_at=WHEN, seed=1, duration=5,
-        prefix="  /../we ird//prefix/ ", item_id="a b/c\x00d"))
+    key = render_key(
+        "{prefix}/{item_id}/{prediction_id}.mp4",
+        KeyFields(
+            prediction_id="../../etc/passwd",
+            model="m",
+            created_at=WHEN,
+            seed=1,
+            duration=5,
+            prefix="  /../we ird//prefix/ ",
+            item_id="a b/c\x00d",
+        ),
+    )
     assert key == "we-ird/prefix/a-b-c-d/etc-passwd.mp4"
     assert ".." not in key.split("/")
 
 
 def test_stored_urls_are_scrubbed_of_signatures() -> None:
-    signed = ("https://bucket.s3.amazonaws.com/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-              "&X-Amz-Credential=AKIA/x&X-Amz-Signature=abc123&v=2")
+    signed = (
+        "https://bucket.s3.amazonaws.com/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIA/x&X-Amz-Signature=abc123&v=2"
+    )
     clean = redact_url(signed)
     assert "abc123" not in clean and "AKIA" not in clean and "v=2" in clean
     assert redact_url("https://user:pw@host/x.png") == "https://REDACTED@host/x.png"

@@ -19,12 +19,34 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_kill_minus_nine_loses_nothing_and_pays_once(tmp_path: Path) -> None:
     out = tmp_path / "crash.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WAVESPEED_",
-                                                                     "AWS_", "WAN_TASKS_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "WAVESPEED_", "AWS_", "WAN_TASKS_"))
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "reliability.crash_resume", "--videos", "8", "--kills", "3",
-         "--latency", "1", "--in-flight", "3", "--max-progress", "1", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "reliability.crash_resume",
+            "--videos",
+            "8",
+            "--kills",
+            "3",
+            "--latency",
+            "1",
+            "--in-flight",
+            "3",
+            "--max-progress",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())

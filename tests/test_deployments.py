@@ -32,8 +32,7 @@ log.setLevel(logging.INFO)  # Prefect sets the root logger to WARNING once a flo
 
 IN_FLIGHT = 2
 # Fast polling for a 1 s emulated inference (the defaults suit minutes-long real jobs).
-FAST = {"poll": {"first_poll_after": 0.8, "min_interval": 0.3, "max_interval": 0.5,
-                 "jitter": 0.0}}
+FAST = {"poll": {"first_poll_after": 0.8, "min_interval": 0.3, "max_interval": 0.5, "jitter": 0.0}}
 TEST_PREFIX = "videos/test"
 
 
@@ -61,8 +60,12 @@ def test_served_deployments_match_prefect_yaml(monkeypatch: pytest.MonkeyPatch) 
 def stack(tmp_path: Path) -> Iterator[LocalStack]:
     began = time.monotonic()
     with LocalStack(
-        tmp_path / "stack", in_flight=IN_FLIGHT, emulator=True,
-        emulator_latency_s=1.0, emulator_concurrency=10, ui=False,
+        tmp_path / "stack",
+        in_flight=IN_FLIGHT,
+        emulator=True,
+        emulator_latency_s=1.0,
+        emulator_concurrency=10,
+        ui=False,
         # The scheduler visits deployments every 2 s instead of 60 s.
         server_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"},
         worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"},
@@ -72,8 +75,10 @@ def stack(tmp_path: Path) -> Iterator[LocalStack]:
 
 
 def _rows(tag: str, n: int) -> list[dict[str, Any]]:
-    return [{"id": f"{tag}-{i}", "image": str(SAMPLE), "prompt": f"deployments test {tag} {i}"}
-            for i in range(1, n + 1)]
+    return [
+        {"id": f"{tag}-{i}", "image": str(SAMPLE), "prompt": f"deployments test {tag} {i}"}
+        for i in range(1, n + 1)
+    ]
 
 
 @contextlib.contextmanager
@@ -92,16 +97,17 @@ def _client_of(stack: LocalStack) -> Iterator[SyncPrefectClient]:
 
     drain()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: stack.api_url}), \
-                get_client(sync_client=True) as client:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: stack.api_url}),
+            get_client(sync_client=True) as client,
+        ):
             yield client
             drain()  # while the server is still up
     finally:
         drain()
 
 
-def _wait_until(what: str, check: Callable[[], bool], timeout_s: float, stack: LocalStack
-                ) -> None:
+def _wait_until(what: str, check: Callable[[], bool], timeout_s: float, stack: LocalStack) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         stack.check()  # a dead worker or server fails fast, with its log
@@ -127,8 +133,9 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
     began = time.monotonic()
     # Two workers on the batch queue, one flow run at a time each: concurrent runs must
     # spread over both, so the in-flight limit is shared across processes.
-    workers = [stack.add_worker(f"w{i}", work_queues=["default"], limit=1, wait=False)
-               for i in (1, 2)]
+    workers = [
+        stack.add_worker(f"w{i}", work_queues=["default"], limit=1, wait=False) for i in (1, 2)
+    ]
     stack.deploy()
     stack.wait_for_workers(workers)
     log.info("workers and deploy in %.1fs", time.monotonic() - began)
@@ -161,20 +168,28 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
         deployments = client.read_deployments()
         ids = {d.name: d.id for d in deployments}
         assert {(d.name, d.work_queue_name) for d in deployments} == {
-            ("daily", "default"), ("on-demand", "default"), ("single", "default"),
-            ("on-archived", "downstream")}
+            ("daily", "default"),
+            ("on-demand", "default"),
+            ("single", "default"),
+            ("on-archived", "downstream"),
+        }
         # Keep schedules other than the one under test from firing during the test.
         for dep_name, dep_id in ids.items():
             for sched in client.read_deployment_schedules(dep_id):
                 if dep_name != "daily":
                     client.update_deployment_schedule(dep_id, sched.id, active=False)
         # Upstream steps hand manifests over, as deployments/pipeline.py shows.
-        run_b = hand_off(f"s3://{bucket}/manifests/test-b.jsonl", prefix=TEST_PREFIX,
-                         options=FAST, wait=False)
+        run_b = hand_off(
+            f"s3://{bucket}/manifests/test-b.jsonl", prefix=TEST_PREFIX, options=FAST, wait=False
+        )
         single = run_deployment(
-            "generate-video/single", timeout=0,
-            parameters={"request": {"image": str(SAMPLE), "prompt": single_prompt},
-                        "archive": {"prefix": TEST_PREFIX}, "options": FAST},
+            "generate-video/single",
+            timeout=0,
+            parameters={
+                "request": {"image": str(SAMPLE), "prompt": single_prompt},
+                "archive": {"prefix": TEST_PREFIX},
+                "options": FAST,
+            },
         )
         assert isinstance(single, FlowRun)
         # The yaml's daily cron, moved to fire soon; the scheduler (every 2 s here) creates
@@ -184,17 +199,20 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
         (daily_schedule,) = client.read_deployment_schedules(ids["daily"])
         fire_at = datetime.now(UTC) + timedelta(seconds=15)
         client.update_deployment_schedule(
-            ids["daily"], daily_schedule.id,
+            ids["daily"],
+            daily_schedule.id,
             schedule=IntervalSchedule(interval=timedelta(days=1), anchor_date=fire_at),
             parameters={"options": {**FAST, "budget_usd": "25"}},
         )
         # The example upstream flow, run here: writes its manifest, starts the batch and
         # waits for it (while the others run on the other worker).
-        run_a = request_videos(manifests["manifests/test-a.jsonl"], "test-a",
-                               prefix=TEST_PREFIX, options=FAST)
+        run_a = request_videos(
+            manifests["manifests/test-a.jsonl"], "test-a", prefix=TEST_PREFIX, options=FAST
+        )
 
-        batch_deployments = DeploymentFilter(id=DeploymentFilterId(
-            any_=[ids["daily"], ids["on-demand"], ids["single"]]))
+        batch_deployments = DeploymentFilter(
+            id=DeploymentFilterId(any_=[ids["daily"], ids["on-demand"], ids["single"]])
+        )
 
         def finished() -> list[FlowRun]:
             every = client.read_flow_runs(deployment_filter=batch_deployments)
@@ -204,7 +222,8 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
         done = finished()
         assert len(done) == 4, [(r.name, r.state_name) for r in done]
         assert all(r.state is not None and r.state.is_completed() for r in done), [
-            (r.name, r.state_name, r.state.message if r.state else "") for r in done]
+            (r.name, r.state_name, r.state.message if r.state else "") for r in done
+        ]
         scheduled = [r for r in done if r.deployment_id == ids["daily"]]
         assert len(scheduled) == 1 and scheduled[0].auto_scheduled  # created by the scheduler
         assert {UUID(run_a), run_b.id, single.id} <= {r.id for r in done}
@@ -215,14 +234,24 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
             assert submitted >= 1, f"worker {name} ran nothing"
 
         # Every video is in S3 exactly once: one object per distinct request.
-        mp4 = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-               for o in page.get("Contents", []) if o["Key"].endswith(".mp4")]
+        mp4 = [
+            o["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])
+            if o["Key"].endswith(".mp4")
+        ]
         assert len(mp4) == len(set(mp4)) == len(distinct) == 10
-        summaries = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])
-                     if "/batches/" in o["Key"]]
+        summaries = [
+            o["Key"]
+            for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+            if "/batches/" in o["Key"]
+        ]
         # The scheduled run took manifest and prefix from the yaml's parameters.
         assert sorted(k.split("/batches/")[0] for k in summaries) == [
-            "videos/daily", TEST_PREFIX, TEST_PREFIX]
+            "videos/daily",
+            TEST_PREFIX,
+            TEST_PREFIX,
+        ]
         archived: dict[str, set[str]] = {}
         for key in summaries:
             for line in s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines():
@@ -240,8 +269,7 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
         stats = httpx.get(f"{stack.emulator_url}/_emulator/stats", timeout=5).json()
         assert stats["submissions"] == len(distinct)
         assert stats["max_in_flight"] == IN_FLIGHT
-        assert client.read_global_concurrency_limit_by_name(
-            "wan-video-in-flight").active_slots == 0
+        assert client.read_global_concurrency_limit_by_name("wan-video-in-flight").active_slots == 0
 
         # Downstream: the wan.video.archived trigger started a catalog run per video (queued
         # on the `downstream` queue, which these workers do not poll).
@@ -249,8 +277,10 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
         catalog = DeploymentFilter(id=DeploymentFilterId(any_=[ids["on-archived"]]))
 
         def catalogued() -> set[str]:
-            return {r.parameters.get("s3_uri", "")
-                    for r in client.read_flow_runs(deployment_filter=catalog)}
+            return {
+                r.parameters.get("s3_uri", "")
+                for r in client.read_flow_runs(deployment_filter=catalog)
+            }
 
         _wait_until("a catalog run per video", lambda: catalogued() >= uris, 30, stack)
         assert catalogued() == uris

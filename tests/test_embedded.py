@@ -15,8 +15,7 @@ def test_workers_can_forbid_the_embedded_fallback(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("WAVESPEED_API_KEY", raising=False)
     monkeypatch.setenv("WAN_TASKS_BUCKET", "configured")
     monkeypatch.setenv("WAN_TASKS_NO_EMBEDDED", "1")
-    with pytest.raises(ConfigurationError, match="WAVESPEED_API_KEY not set"), \
-            embedded_defaults():
+    with pytest.raises(ConfigurationError, match="WAVESPEED_API_KEY not set"), embedded_defaults():
         pass
 
 

@@ -26,8 +26,9 @@ from wan_tasks.flows.generate import generate_batch
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.integration.limits import LimitSettings
 
-FAST = RunOptions(poll=PollPolicy(first_poll_after=0.3, min_interval=0.2, max_interval=0.5,
-                                  jitter=0.0))
+FAST = RunOptions(
+    poll=PollPolicy(first_poll_after=0.3, min_interval=0.2, max_interval=0.5, jitter=0.0)
+)
 
 
 def req(name: str, **kw: Any) -> I2VRequest:
@@ -89,8 +90,9 @@ def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
 
 
 def test_transient_faults_mid_wait_do_not_resubmit(make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack(faults={"script": {"result": ["503", "drop", "429", "500", "502"]},
-                               "retry_after_s": 0.2})
+    stack = make_stack(
+        faults={"script": {"result": ["503", "drop", "429", "500", "502"]}, "retry_after_s": 0.2}
+    )
     out = run_video(req("faults-mid-wait"), options=FAST)
     assert out.status == "archived"
     stats = stack.stats()
@@ -99,8 +101,9 @@ def test_transient_faults_mid_wait_do_not_resubmit(make_stack: Callable[..., Sta
 
 def test_identical_concurrent_requests_submit_once(stack: Stack, tmp_path: Path) -> None:
     row = {"image": str(SAMPLE), "prompt": "test identical twins", "seed": 5}
-    manifest = write_manifest(tmp_path / "twins.jsonl", [{**row, "id": f"twin-{i}"}
-                                                          for i in range(3)])
+    manifest = write_manifest(
+        tmp_path / "twins.jsonl", [{**row, "id": f"twin-{i}"} for i in range(3)]
+    )
     report = generate_batch(manifest, options=FAST)
     assert report.archived == 3
     assert len({o.s3_uri for o in report.outcomes}) == 1
@@ -108,14 +111,17 @@ def test_identical_concurrent_requests_submit_once(stack: Stack, tmp_path: Path)
 
 
 def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) -> None:
-    manifest = write_manifest(tmp_path / "mixed.jsonl", [
-        {"id": "good-1", "image": str(SAMPLE), "prompt": "test mixed 1"},
-        {"id": "bad-duration", "image": str(SAMPLE), "prompt": "test mixed 2", "duration": 6},
-        {"id": "good-2", "image": str(SAMPLE), "prompt": "test mixed 3", "duration": 8},
-        "{not json",
-        {"id": "unreachable", "image": "https://unreachable.invalid/x.png", "prompt": "t m 4"},
-        {"id": "good-3", "image": str(SAMPLE), "prompt": "test mixed 5"},
-    ])
+    manifest = write_manifest(
+        tmp_path / "mixed.jsonl",
+        [
+            {"id": "good-1", "image": str(SAMPLE), "prompt": "test mixed 1"},
+            {"id": "bad-duration", "image": str(SAMPLE), "prompt": "test mixed 2", "duration": 6},
+            {"id": "good-2", "image": str(SAMPLE), "prompt": "test mixed 3", "duration": 8},
+            "{not json",
+            {"id": "unreachable", "image": "https://unreachable.invalid/x.png", "prompt": "t m 4"},
+            {"id": "good-3", "image": str(SAMPLE), "prompt": "test mixed 5"},
+        ],
+    )
     with pytest.raises(BatchIncompleteError, match="3 of 6 videos did not land"):
         generate_batch(manifest, options=FAST)
     state = generate_batch(manifest, options=FAST, fail_on_item_error=False, return_state=True)
@@ -127,8 +133,11 @@ def test_batch_with_bad_items_archives_the_rest(stack: Stack, tmp_path: Path) ->
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
     assert sorted(a.key or "" for a in artifacts) == ["wan-videos", "wan-videos-sheets"]
     assert by_id["bad-duration"].status == "invalid"
     assert "duration" in (by_id["bad-duration"].error or "")
@@ -157,8 +166,9 @@ def test_in_flight_limit_holds(make_stack: Callable[..., Stack], tmp_path: Path)
 def test_budget_cap_refuses_the_rest(stack: Stack, tmp_path: Path) -> None:
     rows = [{"id": f"b{i}", "image": str(SAMPLE), "prompt": f"test budget {i}"} for i in range(4)]
     options = FAST.model_copy(update={"budget_usd": Decimal("0.25")})
-    report = generate_batch(write_manifest(tmp_path / "budget.jsonl", rows), options=options,
-                            fail_on_item_error=False)
+    report = generate_batch(
+        write_manifest(tmp_path / "budget.jsonl", rows), options=options, fail_on_item_error=False
+    )
     assert (report.archived, report.skipped) == (2, 2)
     assert report.new_spend_usd == Decimal("0.20")
     assert stack.stats()["submissions"] == 2
@@ -176,8 +186,10 @@ def test_permanent_failure_fails_fast_and_rerun_retries_it(
     make_stack: Callable[..., Stack], tmp_path: Path
 ) -> None:
     stack = make_stack(faults={"script": {"submit": ["fail:1403"]}})
-    manifest = write_manifest(tmp_path / "perm.jsonl", [
-        {"id": "only", "image": str(SAMPLE), "prompt": "test permanent failure"}])
+    manifest = write_manifest(
+        tmp_path / "perm.jsonl",
+        [{"id": "only", "image": str(SAMPLE), "prompt": "test permanent failure"}],
+    )
     first = generate_batch(manifest, options=FAST, fail_on_item_error=False)
     assert first.failed == 1 and first.outcomes[0].error_type == "TaskFailedError"
     assert "1403" in (first.outcomes[0].error or "")
@@ -230,8 +242,9 @@ def test_lanes_take_one_slot_each_for_many_videos(
     # release_after_s=0: a slot per video, the way to share a limit turn by turn.
     taken.clear()
     per_video = FAST.model_copy(update={"limits": LimitSettings(release_after_s=0)})
-    rows = [{"id": f"r{i}", "image": str(SAMPLE), "prompt": f"test lanes turn {i}"}
-            for i in range(4)]
+    rows = [
+        {"id": f"r{i}", "image": str(SAMPLE), "prompt": f"test lanes turn {i}"} for i in range(4)
+    ]
     report = generate_batch(write_manifest(tmp_path / "turns.jsonl", rows), options=per_video)
     assert report.archived == 4 and 4 <= len(taken) <= 4 + 2  # (+ a lane's last, empty turn)
 
@@ -241,12 +254,14 @@ def test_no_slot_no_spend(make_stack: Callable[..., Stack], tmp_path: Path) -> N
     from prefect.concurrency.sync import concurrency
 
     stack = make_stack(in_flight=1)
-    rows = [{"id": f"t{i}", "image": str(SAMPLE), "prompt": f"test no slot {i}"}
-            for i in range(3)]
+    rows = [{"id": f"t{i}", "image": str(SAMPLE), "prompt": f"test no slot {i}"} for i in range(3)]
     options = FAST.model_copy(update={"limits": LimitSettings(acquire_timeout_s=1.0)})
     with concurrency("wan-video-in-flight", occupy=1, strict=True):  # someone else holds it
-        report = generate_batch(write_manifest(tmp_path / "noslot.jsonl", rows),
-                                options=options, fail_on_item_error=False)
+        report = generate_batch(
+            write_manifest(tmp_path / "noslot.jsonl", rows),
+            options=options,
+            fail_on_item_error=False,
+        )
     assert report.failed == 3 and stack.stats()["submissions"] == 0
     for outcome in report.outcomes:
         assert outcome.error_type == "NoSlotError"
@@ -272,8 +287,9 @@ def test_first_poll_learns_the_inference_time(
     stack = make_stack(latency_s=0.4)
     learned = InferenceTimes()
     monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
-    slow_first = FAST.model_copy(update={"poll": FAST.poll.model_copy(
-        update={"first_poll_after": 120.0})})
+    slow_first = FAST.model_copy(
+        update={"poll": FAST.poll.model_copy(update={"first_poll_after": 120.0})}
+    )
     for s in (0.4, 0.4, 0.4):  # as if three videos had been seen in this process
         learned.record(MODEL_ID, 5, s)
     began = time.monotonic()
@@ -293,8 +309,9 @@ def test_credentials_from_a_saved_block(stack: Stack, monkeypatch: pytest.Monkey
 
     from wan_tasks.integration.blocks import WaveSpeedCredentials
 
-    WaveSpeedCredentials(api_key=SecretStr(stack.emulator.api_key),
-                         base_url=stack.emulator.base_url).save("team-key", overwrite=True)
+    WaveSpeedCredentials(
+        api_key=SecretStr(stack.emulator.api_key), base_url=stack.emulator.base_url
+    ).save("team-key", overwrite=True)
     monkeypatch.setenv("WAVESPEED_API_KEY", "not-the-key")  # the block's key must be used
     options = FAST.model_copy(update={"credentials_block": "team-key"})
     out = run_video(req("credentials-block"), options=options)

@@ -66,7 +66,7 @@ def test_a_vanished_image_fails_its_video_and_the_lane_goes_on(
 
 
 def test_a_lost_answer_on_a_resubmission_finds_that_attempts_task(
-    make_stack: Callable[..., Stack]
+    make_stack: Callable[..., Stack],
 ) -> None:
     """Attempt 0 fails with 5003; the answer to attempt 1's POST is lost. Reconciliation
     must find attempt 1's task (the same body), not attempt 0's failed one."""
@@ -88,7 +88,7 @@ def test_a_503_on_a_resubmission_sends_the_resubmission(make_stack: Callable[...
 
 
 def test_a_young_404_on_the_output_is_retried_not_paid_again(
-    make_stack: Callable[..., Stack]
+    make_stack: Callable[..., Stack],
 ) -> None:
     """A transient 404 on a seconds-old output is not an expired output, even where paying
     again for expired outputs is allowed."""
@@ -172,8 +172,9 @@ def test_a_long_history_is_searched_to_its_end(
     with WaveSpeedClient(emu.api_key, emu.base_url) as client:
         lost = derive_seed(req("deep-in-history"))
         payload = client.prepare(lost)
-        entry = ledger.record_intent(request_key(lost, service=client.service_id),
-                                     client.ops.model, payload)
+        entry = ledger.record_intent(
+            request_key(lost, service=client.service_id), client.ops.model, payload
+        )
         accepted = client.submit_payload(payload)  # the answer "never reached" the ledger
         for i in range(12):  # newer tasks push it to the third page
             client.submit_payload(client.prepare(derive_seed(req(f"newer-{i}"))))
@@ -188,7 +189,7 @@ def test_a_long_history_is_searched_to_its_end(
 
 
 def test_a_download_cut_short_without_content_length_is_never_archived(
-    make_stack: Callable[..., Stack]
+    make_stack: Callable[..., Stack],
 ) -> None:
     """Half the bytes, no Content-Length, a clean close: the body looks complete and its
     SHA-256 is fine, but it is not a whole MP4. It is refused and fetched again."""
@@ -214,7 +215,7 @@ def _forget_prefect_cache() -> None:
 
 
 def test_a_content_addressed_video_is_found_after_its_output_expired(
-    make_stack: Callable[..., Stack]
+    make_stack: Callable[..., Stack],
 ) -> None:
     """Archived under a key made of its SHA-256; re-run where the cache is gone and the
     service's output has expired: the ledger knows where it is; nothing is paid again."""

@@ -48,8 +48,9 @@ def test_an_early_poll_widens_the_margin_and_hits_narrow_it_slowly() -> None:
     assert times.first_poll_after(policy, MODEL, 5)[0] == 20.25 + 30.0  # bounded
 
 
-def test_seeded_from_the_accounts_history(make_emulator: Callable[..., Any],
-                                          make_client: Callable[..., Any]) -> None:
+def test_seeded_from_the_accounts_history(
+    make_emulator: Callable[..., Any], make_client: Callable[..., Any]
+) -> None:
     from tests.conftest import SAMPLE
 
     emu = make_emulator(latency_s=0.3)

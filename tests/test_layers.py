@@ -35,27 +35,67 @@ class Layer:
 
 
 LAYERS = [
-    Layer("base", ("wan_tasks.errors", "wan_tasks.redact", "wan_tasks.settings"), frozenset(),
-          ORCHESTRATION | AWS,
-          "the error tree, redaction, the settings"),
-    Layer("api", ("wan_tasks.api",), frozenset({"base"}), ORCHESTRATION | AWS,
-          "the WaveSpeed client"),
-    Layer("storage", ("wan_tasks.storage",), frozenset({"base"}), ORCHESTRATION,
-          "S3 places, archiving, contact sheets, embedded SeaweedFS"),
-    Layer("core", ("wan_tasks.core",), frozenset({"base", "api", "storage"}), ORCHESTRATION,
-          "never pay twice: identity, ledger, submit-once, budget, redaction, manifests"),
-    Layer("emulator", ("wan_tasks.emulator",), frozenset({"base", "api"}),
-          ORCHESTRATION | AWS, "the local WaveSpeed emulator"),
-    Layer("devstack", ("wan_tasks.devstack",), frozenset({"base", "api", "storage", "emulator"}),
-          ORCHESTRATION, "local services and the embedded defaults"),
-    Layer("integration", ("wan_tasks.integration",), frozenset({"base", "api", "storage", "core"}),
-          frozenset(), "Prefect tasks, blocks, limits, locks, per-process clients"),
-    Layer("flows", ("wan_tasks.flows",),
-          frozenset({"base", "api", "storage", "core", "devstack", "integration"}), frozenset(),
-          "the flows"),
-    Layer("cli", ("wan_tasks.cli",),
-          frozenset({"base", "api", "storage", "core", "emulator", "devstack", "integration",
-                     "flows"}), frozenset(), "the wan-video command"),
+    Layer(
+        "base",
+        ("wan_tasks.errors", "wan_tasks.redact", "wan_tasks.settings"),
+        frozenset(),
+        ORCHESTRATION | AWS,
+        "the error tree, redaction, the settings",
+    ),
+    Layer(
+        "api", ("wan_tasks.api",), frozenset({"base"}), ORCHESTRATION | AWS, "the WaveSpeed client"
+    ),
+    Layer(
+        "storage",
+        ("wan_tasks.storage",),
+        frozenset({"base"}),
+        ORCHESTRATION,
+        "S3 places, archiving, contact sheets, embedded SeaweedFS",
+    ),
+    Layer(
+        "core",
+        ("wan_tasks.core",),
+        frozenset({"base", "api", "storage"}),
+        ORCHESTRATION,
+        "never pay twice: identity, ledger, submit-once, budget, redaction, manifests",
+    ),
+    Layer(
+        "emulator",
+        ("wan_tasks.emulator",),
+        frozenset({"base", "api"}),
+        ORCHESTRATION | AWS,
+        "the local WaveSpeed emulator",
+    ),
+    Layer(
+        "devstack",
+        ("wan_tasks.devstack",),
+        frozenset({"base", "api", "storage", "emulator"}),
+        ORCHESTRATION,
+        "local services and the embedded defaults",
+    ),
+    Layer(
+        "integration",
+        ("wan_tasks.integration",),
+        frozenset({"base", "api", "storage", "core"}),
+        frozenset(),
+        "Prefect tasks, blocks, limits, locks, per-process clients",
+    ),
+    Layer(
+        "flows",
+        ("wan_tasks.flows",),
+        frozenset({"base", "api", "storage", "core", "devstack", "integration"}),
+        frozenset(),
+        "the flows",
+    ),
+    Layer(
+        "cli",
+        ("wan_tasks.cli",),
+        frozenset(
+            {"base", "api", "storage", "core", "emulator", "devstack", "integration", "flows"}
+        ),
+        frozenset(),
+        "the wan-video command",
+    ),
 ]
 
 

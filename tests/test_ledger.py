@@ -72,9 +72,7 @@ def test_ledger_reconnects_when_the_cache_is_gone(stack: Stack) -> None:
     assert stack.stats()["submissions"] == 1
 
 
-def test_expired_output_is_resubmitted_only_when_allowed(
-    make_stack: Callable[..., Stack]
-) -> None:
+def test_expired_output_is_resubmitted_only_when_allowed(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(faults={"script": {"download": ["expire", "expire"]}})
     # The emulator's `expire` stands in for a week-old output: a lifetime of 0 makes every
     # 404 an expired output (a younger one is retried: tests/test_hostile_runs.py).
@@ -92,8 +90,9 @@ def test_reconcile_picks_the_earliest_of_duplicates(stack: Stack, tmp_path: Path
     ledger = FileLedger(tmp_path)
     with client_for(stack) as client:
         payload = client.prepare(request)
-        entry = ledger.record_intent(request_key(request, service=client.service_id), MODEL_ID,
-                                     payload)
+        entry = ledger.record_intent(
+            request_key(request, service=client.service_id), MODEL_ID, payload
+        )
         first = client.submit_payload(payload)
         client.submit_payload(payload)
         other = dict(payload, prompt="something else")
@@ -105,15 +104,21 @@ def test_reconcile_picks_the_earliest_of_duplicates(stack: Stack, tmp_path: Path
 
 def test_fingerprint_ignores_echoed_defaults() -> None:
     sent = {"image": "https://x/a.png", "prompt": "p", "seed": 3}
-    echoed = {**sent, "duration": 5, "negative_prompt": "", "loras": [],
-              "high_noise_loras": [], "low_noise_loras": []}
+    echoed = {
+        **sent,
+        "duration": 5,
+        "negative_prompt": "",
+        "loras": [],
+        "high_noise_loras": [],
+        "low_noise_loras": [],
+    }
     assert input_fingerprint(sent) == input_fingerprint(echoed)
     assert input_fingerprint(sent) != input_fingerprint({**sent, "seed": 4})
     assert input_fingerprint({"prompt": "no image"}) is None
 
 
 def test_submit_refused_with_5xx_is_resubmitted_after_history_check(
-    make_stack: Callable[..., Stack]
+    make_stack: Callable[..., Stack],
 ) -> None:
     """A 503 on submit is ambiguous; once history confirms no task exists, it is sent again."""
     stack = make_stack(faults={"script": {"submit": ["503"]}})

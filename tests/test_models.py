@@ -32,8 +32,12 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("image ftp scheme", base(image="ftp://h/a.png"), "image", "http(s) URL or a local file"),
     ("image URL without host", base(image="https:///a.png"), "image", "no host"),
     ("image local file missing", base(image="/nonexistent/a.png"), "image", "does not exist"),
-    ("last_image bad scheme", base(last_image="data:image/png;base64,AAAA"), "last_image",
-     "http(s) URL"),
+    (
+        "last_image bad scheme",
+        base(last_image="data:image/png;base64,AAAA"),
+        "last_image",
+        "http(s) URL",
+    ),
     ("negative_prompt not a string", base(negative_prompt=3), "negative_prompt", "valid string"),
     ("duration 6", base(duration=6), "duration", "5 or 8"),
     ("duration as string", base(duration="5"), "duration", "5 or 8"),
@@ -44,16 +48,32 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("four loras", base(loras=[LORA] * 4), "loras", "at most 3"),
     ("four high-noise loras", base(high_noise_loras=[LORA] * 4), "high_noise_loras", "at most 3"),
     ("four low-noise loras", base(low_noise_loras=[LORA] * 4), "low_noise_loras", "at most 3"),
-    ("lora scale above 4", base(loras=[{"path": "p", "scale": 4.01}]), "loras.0.scale",
-     "less than or equal to 4"),
-    ("lora scale below 0", base(loras=[{"path": "p", "scale": -0.1}]), "loras.0.scale",
-     "greater than or equal to 0"),
-    ("lora scale NaN", base(loras=[{"path": "p", "scale": float("nan")}]), "loras.0.scale",
-     "finite"),
+    (
+        "lora scale above 4",
+        base(loras=[{"path": "p", "scale": 4.01}]),
+        "loras.0.scale",
+        "less than or equal to 4",
+    ),
+    (
+        "lora scale below 0",
+        base(loras=[{"path": "p", "scale": -0.1}]),
+        "loras.0.scale",
+        "greater than or equal to 0",
+    ),
+    (
+        "lora scale NaN",
+        base(loras=[{"path": "p", "scale": float("nan")}]),
+        "loras.0.scale",
+        "finite",
+    ),
     ("lora path missing", base(loras=[{"scale": 1.0}]), "loras.0.path", "Field required"),
     ("lora path blank", base(loras=[{"path": " ", "scale": 1.0}]), "loras.0.path", "blank"),
-    ("lora unknown field", base(loras=[{"path": "p", "scale": 1, "weight": 2}]),
-     "loras.0.weight", "Extra inputs"),
+    (
+        "lora unknown field",
+        base(loras=[{"path": "p", "scale": 1, "weight": 2}]),
+        "loras.0.weight",
+        "Extra inputs",
+    ),
     ("unknown field (typo)", base(negative_promt="blurry"), "negative_promt", "Extra inputs"),
 ]
 
@@ -100,10 +120,17 @@ def test_valid_request_defaults_and_payload() -> None:
     req = I2VRequest(image=URL, prompt="a cat")
     assert req.duration == 5 and req.seed == -1
     assert req.to_payload() == {"image": URL, "prompt": "a cat", "duration": 5, "seed": -1}
-    full = I2VRequest.model_validate(base(
-        last_image=URL, negative_prompt="blur", duration=8, seed=0, loras=[LORA],
-        high_noise_loras=[LORA] * 3, low_noise_loras=[{"path": "p", "scale": 0}],
-    ))
+    full = I2VRequest.model_validate(
+        base(
+            last_image=URL,
+            negative_prompt="blur",
+            duration=8,
+            seed=0,
+            loras=[LORA],
+            high_noise_loras=[LORA] * 3,
+            low_noise_loras=[{"path": "p", "scale": 0}],
+        )
+    )
     payload = full.to_payload()
     assert payload["loras"] == [LORA] and len(payload["high_noise_loras"]) == 3
     assert payload["low_noise_loras"] == [{"path": "p", "scale": 0.0}]
@@ -126,11 +153,17 @@ def test_price_per_duration() -> None:
 def test_status_terminality() -> None:
     terminal = {s for s in PredictionStatus if s.is_terminal}
     assert terminal == {"completed", "failed", "cancelled", "timeout", "deleted"}
-    p = Prediction.model_validate({
-        "id": "x", "status": "failed", "error": "boom", "code": 5003,
-        "created_at": "2026-11-25T09:00:00.123Z", "timings": {"inference": 12},
-        "new_field_from_service": 1,
-    })
+    p = Prediction.model_validate(
+        {
+            "id": "x",
+            "status": "failed",
+            "error": "boom",
+            "code": 5003,
+            "created_at": "2026-11-25T09:00:00.123Z",
+            "timings": {"inference": 12},
+            "new_field_from_service": 1,
+        }
+    )
     assert p.is_terminal and p.code == 5003 and p.inference_ms == 12
     assert p.model_extra == {"new_field_from_service": 1}
 
@@ -148,10 +181,8 @@ HOSTILE: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("case", "fields", "field", "words"), HOSTILE,
-                         ids=[h[0] for h in HOSTILE])
-def test_hostile_request_fields(case: str, fields: dict[str, Any], field: str,
-                                words: str) -> None:
+@pytest.mark.parametrize(("case", "fields", "field", "words"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_request_fields(case: str, fields: dict[str, Any], field: str, words: str) -> None:
     with pytest.raises(ValidationError) as caught:
         I2VRequest.model_validate(fields)
     errors = caught.value.errors()
@@ -159,8 +190,9 @@ def test_hostile_request_fields(case: str, fields: dict[str, Any], field: str,
     assert words in errors[0]["msg"], case
 
 
-def test_relative_file_name_with_a_colon_is_a_file(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_file_name_with_a_colon_is_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "shots").mkdir()
     (tmp_path / "shots" / "take:1.png").write_bytes(SAMPLE.read_bytes())
     (tmp_path / "take:2.png").write_bytes(SAMPLE.read_bytes())

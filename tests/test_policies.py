@@ -8,8 +8,9 @@ from wan_tasks.api.policies import PollPolicy, RetryPolicy, parse_retry_after
 
 
 def test_poll_schedule_first_at_expected_time_then_at_least_min_interval() -> None:
-    policy = PollPolicy(first_poll_after=10, min_interval=5, max_interval=30, multiplier=1.5,
-                        jitter=0.1)
+    policy = PollPolicy(
+        first_poll_after=10, min_interval=5, max_interval=30, multiplier=1.5, jitter=0.1
+    )
     for seed in range(50):
         delays = policy.delays(random.Random(seed))
         first = delays.next()

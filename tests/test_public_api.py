@@ -24,7 +24,8 @@ PRIVATE_EXCEPTIONS = {"BadBody", "Dropped", "_DuplicateKeyError", "_PortTaken"}
 
 def all_modules() -> list[str]:
     return sorted(
-        m.name for m in pkgutil.walk_packages(wan_tasks.__path__, "wan_tasks.")
+        m.name
+        for m in pkgutil.walk_packages(wan_tasks.__path__, "wan_tasks.")
         if not m.name.endswith("__main__")
     )
 
@@ -83,8 +84,9 @@ def test_importing_the_client_imports_neither_prefect_nor_boto3() -> None:
         from wan_tasks import WaveSpeedClient, I2VRequest, PollPolicy, WaveSpeedError
         print([m for m in ("prefect", "boto3", "botocore") if m in sys.modules])
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -102,17 +104,23 @@ sys.meta_path.insert(0, _Refuse())
 
 def run_without_prefect(emulator: Emulator, body: str) -> dict[str, object]:
     code = _NO_PREFECT + textwrap.dedent(body)
-    env = {"WAVESPEED_API_KEY": emulator.api_key, "WAVESPEED_BASE_URL": emulator.base_url,
-           "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=240)
+    env = {
+        "WAVESPEED_API_KEY": emulator.api_key,
+        "WAVESPEED_BASE_URL": emulator.base_url,
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
 def test_the_client_layer_submits_and_waits_without_prefect(emulator: Emulator) -> None:
-    result = run_without_prefect(emulator, """
+    result = run_without_prefect(
+        emulator,
+        """
         import json, sys
         try:
             import prefect  # noqa
@@ -129,14 +137,18 @@ def test_the_client_layer_submits_and_waits_without_prefect(emulator: Emulator) 
                                poll=PollPolicy(first_poll_after=0.2, min_interval=0.2))
         print(json.dumps({"status": str(done.status.value), "outputs": len(done.outputs),
                           "prefect": "prefect" in sys.modules}))
-    """)
+    """,
+    )
     assert result == {"status": "completed", "outputs": 1, "prefect": False}
     assert emulator.stats()["submissions"] == 1
 
 
-def test_the_core_submits_once_and_reconnects_without_prefect(emulator: Emulator,
-                                                              tmp_path: object) -> None:
-    result = run_without_prefect(emulator, f"""
+def test_the_core_submits_once_and_reconnects_without_prefect(
+    emulator: Emulator, tmp_path: object
+) -> None:
+    result = run_without_prefect(
+        emulator,
+        f"""
         import json, sys
         from pathlib import Path
         import wan_tasks
@@ -161,6 +173,7 @@ def test_the_core_submits_once_and_reconnects_without_prefect(emulator: Emulator
         print(json.dumps({{"same": first.prediction_id == again.prediction_id,
                           "reconciled": found.prediction_id == accepted.id,
                           "prefect": "prefect" in sys.modules}}))
-    """)
+    """,
+    )
     assert result == {"same": True, "reconciled": True, "prefect": False}
     assert emulator.stats()["submissions"] == 2  # "once" once, "crash window" once

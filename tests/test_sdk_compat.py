@@ -20,8 +20,10 @@ def test_official_sdk_uploads_and_runs_to_completion(emulator: Emulator) -> None
     image_url = client.upload(str(SAMPLE))  # the presigned /media/uploads + PUT flow
     assert image_url.startswith(emulator.base_url)
     result = client.run(
-        MODEL_ID, {"image": image_url, "prompt": "a lake", "duration": 5, "seed": 3},
-        timeout=60, poll_interval=0.2,
+        MODEL_ID,
+        {"image": image_url, "prompt": "a lake", "duration": 5, "seed": 3},
+        timeout=60,
+        poll_interval=0.2,
     )
     (url,) = result["outputs"]
     info = probe_mp4(httpx.get(url, timeout=10).content)
@@ -36,5 +38,9 @@ def test_official_sdk_sees_a_failed_task(make_emulator: type[Emulator]) -> None:
     emu = make_emulator(faults={"script": {"submit": ["fail:1200"]}})  # type: ignore[call-arg]
     client = Client(api_key=emu.api_key, base_url=emu.base_url, max_retries=0)
     with pytest.raises(RuntimeError, match="failed"):
-        client.run(MODEL_ID, {"image": f"{emu.base_url}/media/uploads/none", "prompt": "x"},
-                   timeout=30, poll_interval=0.2)
+        client.run(
+            MODEL_ID,
+            {"image": f"{emu.base_url}/media/uploads/none", "prompt": "x"},
+            timeout=30,
+            poll_interval=0.2,
+        )

@@ -18,15 +18,22 @@ KEY = "sk-live-SECRET-9f8e7d6c5b4a"
 
 
 def test_key_never_reaches_logs_or_errors(
-    make_emulator: Callable[..., Any], make_client: Callable[..., Any],
+    make_emulator: Callable[..., Any],
+    make_client: Callable[..., Any],
     all_logs: pytest.LogCaptureFixture,
 ) -> None:
-    emu = make_emulator(api_key=KEY, faults={"script": {
-        "result": ["503", "429"], "submit": ["fail:5003"], "download": ["expire"]}})
+    emu = make_emulator(
+        api_key=KEY,
+        faults={
+            "script": {"result": ["503", "429"], "submit": ["fail:5003"], "download": ["expire"]}
+        },
+    )
     client = make_client(emu)
     errors: list[BaseException] = []
-    for req in (I2VRequest(image=str(SAMPLE), prompt="x", seed=1),
-                I2VRequest(image=str(SAMPLE), prompt="x", seed=2)):
+    for req in (
+        I2VRequest(image=str(SAMPLE), prompt="x", seed=1),
+        I2VRequest(image=str(SAMPLE), prompt="x", seed=2),
+    ):
         try:
             done = client.run(req)
             with client.stream_output(done.outputs[0]):
@@ -71,8 +78,9 @@ def test_missing_key_is_a_clear_configuration_error(monkeypatch: pytest.MonkeyPa
         WaveSpeedClient()
 
 
-def test_the_scan_decodes_what_prefect_stores(prefect_server: None, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_scan_decodes_what_prefect_stores(
+    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A secret inside a persisted task result is base64 in a JSON record: a search of the
     raw bytes misses it, the decoding scan finds it."""
     from prefect import flow, task
@@ -81,8 +89,11 @@ def test_the_scan_decodes_what_prefect_stores(prefect_server: None, tmp_path: Pa
     needle = "needle-" + "7f3a9c" * 6
     LocalFileSystem(basepath=str(tmp_path / "results")).save("secret-scan", overwrite=True)
 
-    @task(persist_result=True, result_storage="local-file-system/secret-scan",
-          cache_key_fn=lambda *_: "secret-scan-probe")
+    @task(
+        persist_result=True,
+        result_storage="local-file-system/secret-scan",
+        cache_key_fn=lambda *_: "secret-scan-probe",
+    )
     def leak() -> dict[str, str]:
         return {"inside": needle}
 
@@ -99,11 +110,15 @@ def test_the_scan_decodes_what_prefect_stores(prefect_server: None, tmp_path: Pa
 def test_signed_urls_in_error_messages_are_scrubbed() -> None:
     from wan_tasks.errors import MediaAccessError, WanTasksError
 
-    signed = ("HTTPS://bucket.s3.amazonaws.com/a.png?X-Amz-Credential=AKIAEXAMPLE%2F2026"
-              "&X-Amz-Signature=" + "ab" * 32)
-    for err in (WanTasksError(f"could not fetch {signed}"),
-                MediaAccessError(f"1402 for {signed}", prediction_id="p1"),
-                WanTasksError("header was Authorization: Bearer sk-live-abcdef123456")):
+    signed = (
+        "HTTPS://bucket.s3.amazonaws.com/a.png?X-Amz-Credential=AKIAEXAMPLE%2F2026"
+        "&X-Amz-Signature=" + "ab" * 32
+    )
+    for err in (
+        WanTasksError(f"could not fetch {signed}"),
+        MediaAccessError(f"1402 for {signed}", prediction_id="p1"),
+        WanTasksError("header was Authorization: Bearer sk-live-abcdef123456"),
+    ):
         text = str(err) + repr(err) + pickle.dumps(err).hex()
         assert "ab" * 32 not in str(err) and "AKIAEXAMPLE" not in str(err)
         assert "sk-live-abcdef123456" not in text
@@ -111,7 +126,9 @@ def test_signed_urls_in_error_messages_are_scrubbed() -> None:
 
 
 def test_full_run_leaves_no_secret_anywhere(
-    make_stack: Callable[..., Any], s3_store: Any, tmp_path: Path,
+    make_stack: Callable[..., Any],
+    s3_store: Any,
+    tmp_path: Path,
     all_logs: pytest.LogCaptureFixture,
 ) -> None:
     """After flows ran (successes, a failed task, a lost submit answer), search every log,
@@ -127,10 +144,10 @@ def test_full_run_leaves_no_secret_anywhere(
     from tests.test_flows import FAST
     from wan_tasks.flows.generate import generate_batch
 
-    stack = make_stack(api_key=KEY, signed_outputs=True,
-                       faults={"script": {"submit": ["drop", "fail:1403"]}})
-    rows = [{"id": f"s{i}", "image": str(SAMPLE), "prompt": f"test secrets {i}"}
-            for i in range(3)]
+    stack = make_stack(
+        api_key=KEY, signed_outputs=True, faults={"script": {"submit": ["drop", "fail:1403"]}}
+    )
+    rows = [{"id": f"s{i}", "image": str(SAMPLE), "prompt": f"test secrets {i}"} for i in range(3)]
     manifest = tmp_path / "secrets.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
     report = generate_batch(str(manifest), options=FAST, fail_on_item_error=False)

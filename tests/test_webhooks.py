@@ -23,10 +23,14 @@ BODY = b'{"id":"abc","status":"completed","outputs":["https://cdn/x.mp4"]}'
 NOW = 1_780_000_000
 
 
-def headers(body: bytes = BODY, *, ts: int = NOW, wid: str = "msg_1",
-            secret: str = SECRET) -> dict[str, str]:
-    return {"webhook-id": wid, "webhook-timestamp": str(ts),
-            "webhook-signature": sign(secret, wid, ts, body)}
+def headers(
+    body: bytes = BODY, *, ts: int = NOW, wid: str = "msg_1", secret: str = SECRET
+) -> dict[str, str]:
+    return {
+        "webhook-id": wid,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, wid, ts, body),
+    }
 
 
 def test_vector_matches_an_independent_computation() -> None:
@@ -42,22 +46,39 @@ def test_valid_webhook_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("case", "hdrs", "body", "message"),
     [
-        ("forged signature", {**headers(), "webhook-signature": "v3," + "0" * 64}, BODY,
-         "does not match"),
+        (
+            "forged signature",
+            {**headers(), "webhook-signature": "v3," + "0" * 64},
+            BODY,
+            "does not match",
+        ),
         ("wrong secret", headers(secret="whsec_other"), BODY, "does not match"),
         ("tampered body", headers(), BODY.replace(b"completed", b"failed"), "does not match"),
         ("stale timestamp", headers(ts=NOW - 301), BODY, "stale"),
         ("future timestamp", headers(ts=NOW + 301), BODY, "stale"),
         ("missing header", {"webhook-id": "m", "webhook-timestamp": str(NOW)}, BODY, "missing"),
-        ("timestamp not a number", {**headers(), "webhook-timestamp": "soon"}, BODY,
-         "not an integer"),
-        ("standard-webhooks key handling", {
-            "webhook-id": "msg_1", "webhook-timestamp": str(NOW),
-            # Standard Webhooks base64-decodes the key; WaveSpeed does not.
-            "webhook-signature": "v3," + hmac.new(b"\xb5\xeb-\xb5\xeb\xad\xb9\xea\xdc\xd4",
-                                                  b"msg_1.1780000000." + BODY,
-                                                  hashlib.sha256).hexdigest()}, BODY,
-         "does not match"),
+        (
+            "timestamp not a number",
+            {**headers(), "webhook-timestamp": "soon"},
+            BODY,
+            "not an integer",
+        ),
+        (
+            "standard-webhooks key handling",
+            {
+                "webhook-id": "msg_1",
+                "webhook-timestamp": str(NOW),
+                # Standard Webhooks base64-decodes the key; WaveSpeed does not.
+                "webhook-signature": "v3,"
+                + hmac.new(
+                    b"\xb5\xeb-\xb5\xeb\xad\xb9\xea\xdc\xd4",
+                    b"msg_1.1780000000." + BODY,
+                    hashlib.sha256,
+                ).hexdigest(),
+            },
+            BODY,
+            "does not match",
+        ),
     ],
 )
 def test_rejections(case: str, hdrs: dict[str, str], body: bytes, message: str) -> None:
@@ -85,8 +106,9 @@ class _Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 try:
-                    outer.received.append(verify(secret, dict(self.headers), body,
-                                                 replay_guard=guard))
+                    outer.received.append(
+                        verify(secret, dict(self.headers), body, replay_guard=guard)
+                    )
                     self.send_response(204)
                 except WebhookVerificationError:
                     outer.rejected += 1
@@ -117,14 +139,18 @@ def receiver() -> Iterator[Callable[[str], _Receiver]]:
         r.server.server_close()
 
 
-def test_emulator_delivers_signed_webhooks(make_emulator: Callable[..., Any], make_client:
-                                           Callable[..., Any], receiver: Any) -> None:
+def test_emulator_delivers_signed_webhooks(
+    make_emulator: Callable[..., Any], make_client: Callable[..., Any], receiver: Any
+) -> None:
     emu = make_emulator()
     client = make_client(emu)
     import httpx
 
-    secret = httpx.get(f"{emu.base_url}/api/v3/webhook/secret", timeout=5,
-                       headers={"Authorization": f"Bearer {emu.api_key}"}).json()["data"]["secret"]
+    secret = httpx.get(
+        f"{emu.base_url}/api/v3/webhook/secret",
+        timeout=5,
+        headers={"Authorization": f"Bearer {emu.api_key}"},
+    ).json()["data"]["secret"]
     assert secret.startswith("whsec_")
     good = receiver(secret)
     sub = client.submit(I2VRequest(image=str(SAMPLE), prompt="p", seed=1), webhook=good.url)

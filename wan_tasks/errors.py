@@ -208,7 +208,10 @@ class TaskFailedError(WaveSpeedError):
         task_code: int | None = None,
     ) -> None:
         super().__init__(
-            message, prediction_id=prediction_id, status_code=status_code, task_code=task_code,
+            message,
+            prediction_id=prediction_id,
+            status_code=status_code,
+            task_code=task_code,
             retryable=task_code in self.RETRYABLE_CODES,
         )
 

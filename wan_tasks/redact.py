@@ -15,10 +15,32 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-_SECRET_PARTS = ("signature", "sig", "token", "key", "secret", "password", "credential",
-                 "auth", "policy")
-_SECRET_NAMES = frozenset({"x-amz-security-token", "x-goog-signature", "se", "sp", "sv",
-                           "expires", "x-amz-date", "x-amz-expires", "st", "hmac", "hdnts"})
+_SECRET_PARTS = (
+    "signature",
+    "sig",
+    "token",
+    "key",
+    "secret",
+    "password",
+    "credential",
+    "auth",
+    "policy",
+)
+_SECRET_NAMES = frozenset(
+    {
+        "x-amz-security-token",
+        "x-goog-signature",
+        "se",
+        "sp",
+        "sv",
+        "expires",
+        "x-amz-date",
+        "x-amz-expires",
+        "st",
+        "hmac",
+        "hdnts",
+    }
+)
 REDACTED = "REDACTED"
 
 # A URL anywhere in a text, whatever the case of its scheme, up to white space or a quote.

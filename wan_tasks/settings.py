@@ -62,18 +62,21 @@ class Settings(BaseSettings):
         None, validation_alias=ENV_BUCKET, description="archive bucket; none: the embedded store"
     )
     home: Path = Field(
-        Path("~/.wan-tasks"), validation_alias=ENV_HOME,
+        Path("~/.wan-tasks"),
+        validation_alias=ENV_HOME,
         description="where embedded services keep their data",
     )
     no_embedded: bool = Field(
-        False, validation_alias=ENV_NO_EMBEDDED,
+        False,
+        validation_alias=ENV_NO_EMBEDDED,
         description="refuse the emulator and embedded store (set it on production workers)",
     )
     emulator_key: SecretStr | None = Field(
         None, validation_alias=ENV_EMULATOR_KEY, description="the key a local emulator accepts"
     )
     s3_endpoint_url: str | None = Field(
-        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        None,
+        validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
         description="S3 endpoint (boto3's own setting, read here for path-style addressing)",
     )
     s3: S3Connection | None = Field(None, description="an explicit connection (overrides only)")
@@ -103,8 +106,10 @@ def override(**values: Any) -> Iterator[Settings]:
     unknown = set(values) - set(Settings.model_fields)
     if unknown:
         raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-    layer = {k: SecretStr(v) if isinstance(v, str) and k in _SECRET_FIELDS else v
-             for k, v in values.items()}
+    layer = {
+        k: SecretStr(v) if isinstance(v, str) and k in _SECRET_FIELDS else v
+        for k, v in values.items()
+    }
     with _lock:
         _overrides.append(layer)
     try:

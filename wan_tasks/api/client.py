@@ -50,8 +50,7 @@ class _RedactUrls(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                redact_text(str(a)) if isinstance(a, httpx.URL | str) else a
-                for a in record.args
+                redact_text(str(a)) if isinstance(a, httpx.URL | str) else a for a in record.args
             )
         return True
 

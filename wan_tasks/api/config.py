@@ -28,8 +28,11 @@ def resolve_api_key(api_key: SecretStr | str | None) -> SecretStr:
         value = api_key.get_secret_value()
     else:
         configured = settings.current().api_key
-        value = api_key if api_key is not None else (
-            configured.get_secret_value() if configured else "")
+        value = (
+            api_key
+            if api_key is not None
+            else (configured.get_secret_value() if configured else "")
+        )
     value = value.strip()
     if not value:
         raise ConfigurationError(

@@ -57,10 +57,13 @@ def run_demo(out_dir: Path) -> DemoResult:
             _download(outcome.contact_sheet_uri, sheet)
     info = probe_mp4(data)
     return DemoResult(
-        prediction_id=outcome.prediction_id, seed=outcome.seed or 0,
-        cost_usd=str(outcome.cost_usd), s3_uri=outcome.s3_uri,
-        sidecar_uri=outcome.sidecar_uri, video=video.resolve(),
+        prediction_id=outcome.prediction_id,
+        seed=outcome.seed or 0,
+        cost_usd=str(outcome.cost_usd),
+        s3_uri=outcome.s3_uri,
+        sidecar_uri=outcome.sidecar_uri,
+        video=video.resolve(),
         contact_sheet=sheet.resolve() if sheet else None,
         info=f"{info.width}x{info.height}, {info.frames} frames, {info.fps:g} fps, "
-             f"{info.duration_s:.2f} s, {info.codec}, sha256 verified",
+        f"{info.duration_s:.2f} s, {info.codec}, sha256 verified",
     )

@@ -77,17 +77,24 @@ def _positive(text: str) -> int:
     return value
 
 
-# fmt: off
 def cmd_emulator(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    api_key = args.api_key or os.environ.get("WAVESPEED_EMULATOR_KEY") or settings.pop(
-        "api_key", None
+    api_key = (
+        args.api_key or os.environ.get("WAVESPEED_EMULATOR_KEY") or settings.pop("api_key", None)
     )
     if not api_key:
         _out("error: --api-key (or WAVESPEED_EMULATOR_KEY) is required")
         return 2
-    for name in ("tier", "latency_s", "time_scale", "concurrency", "submits_per_minute",
-                 "rate_window_s", "sync_timeout_s", "output_ttl_s"):
+    for name in (
+        "tier",
+        "latency_s",
+        "time_scale",
+        "concurrency",
+        "submits_per_minute",
+        "rate_window_s",
+        "sync_timeout_s",
+        "output_ttl_s",
+    ):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -105,13 +112,14 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)  # SIGTERM stops it as cleanly as Ctrl-C
     per_minute = config.submits_per_minute or "no cap"
-    _out(f"WaveSpeed emulator on {emulator.base_url}, tier {config.tier}: "
-         f"{config.concurrency} tasks at once, {per_minute} video submissions a minute "
-         "(Ctrl-C to stop)")
+    _out(
+        f"WaveSpeed emulator on {emulator.base_url}, tier {config.tier}: "
+        f"{config.concurrency} tasks at once, {per_minute} video submissions a minute "
+        "(Ctrl-C to stop)"
+    )
     with contextlib.suppress(KeyboardInterrupt):
         emulator.serve_forever()
     return 0
-# fmt: on
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
@@ -595,25 +603,50 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--api-key", help="the key clients must send (or WAVESPEED_EMULATOR_KEY)")
     emu.add_argument("--config", help="JSON file with EmulatorConfig fields (faults etc.)")
     emu.add_argument(
-        "--tier", choices=("test", "bronze", "silver", "gold", "ultra"),
+        "--tier",
+        choices=("test", "bronze", "silver", "gold", "ultra"),
         help="account tier caps, tasks at once / video submissions a minute: bronze 2/2, "
-             "silver 300/500, gold 3000/3000, ultra 10000/5000; default: test (3 at once, "
-             "no per-minute cap, keeps tests fast)",
+        "silver 300/500, gold 3000/3000, ultra 10000/5000; default: test (3 at once, "
+        "no per-minute cap, keeps tests fast)",
     )
-    emu.add_argument("--latency-s", dest="latency_s", type=float,
-                     help="emulated inference time of a task (default 4)")
-    emu.add_argument("--time-scale", dest="time_scale", type=float,
-                     help="multiplies every emulated delay, the minute included (default 1)")
+    emu.add_argument(
+        "--latency-s",
+        dest="latency_s",
+        type=float,
+        help="emulated inference time of a task (default 4)",
+    )
+    emu.add_argument(
+        "--time-scale",
+        dest="time_scale",
+        type=float,
+        help="multiplies every emulated delay, the minute included (default 1)",
+    )
     emu.add_argument("--concurrency", type=int, help="tasks at once (overrides the tier)")
-    emu.add_argument("--submits-per-minute", dest="submits_per_minute", type=int,
-                     help="video submissions a minute (overrides the tier)")
-    emu.add_argument("--rate-window-s", dest="rate_window_s", type=float,
-                     help="length of the per-minute window in seconds (default 60)")
-    emu.add_argument("--sync-timeout-s", dest="sync_timeout_s", type=float,
-                     help="enable_sync_mode waits this long, then answers 5004 (default 90)")
+    emu.add_argument(
+        "--submits-per-minute",
+        dest="submits_per_minute",
+        type=int,
+        help="video submissions a minute (overrides the tier)",
+    )
+    emu.add_argument(
+        "--rate-window-s",
+        dest="rate_window_s",
+        type=float,
+        help="length of the per-minute window in seconds (default 60)",
+    )
+    emu.add_argument(
+        "--sync-timeout-s",
+        dest="sync_timeout_s",
+        type=float,
+        help="enable_sync_mode waits this long, then answers 5004 (default 90)",
+    )
     emu.add_argument("--output-ttl-s", dest="output_ttl_s", type=float)
-    emu.add_argument("--render-once", dest="render_once", action="store_true",
-                     help="render each distinct input once and reuse the MP4")
+    emu.add_argument(
+        "--render-once",
+        dest="render_once",
+        action="store_true",
+        help="render each distinct input once and reuse the MP4",
+    )
     emu.set_defaults(func=cmd_emulator)
     return parser
 

@@ -31,15 +31,17 @@ KEY_VERSION = "wan-i2v-v1"
 # old hash for new bytes: the key holds the inode and the change time too, which every write or
 # replacement moves (unlike mtime and size, which `cp -p` or `touch -r` keep).
 @lru_cache(maxsize=4096)
-def _content_hash(path: str, device: int, inode: int, size: int, mtime_ns: int,
-                  ctime_ns: int) -> str:
+def _content_hash(
+    path: str, device: int, inode: int, size: int, mtime_ns: int, ctime_ns: int
+) -> str:
     return file_sha256(Path(path))
 
 
 def content_hash(path: Path) -> str:
     st = os.stat(path)
-    return _content_hash(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                         st.st_ctime_ns)
+    return _content_hash(
+        str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    )
 
 
 def normalised_body(request: I2VRequest) -> dict[str, object]:

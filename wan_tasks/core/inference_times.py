@@ -29,8 +29,9 @@ Key = tuple[str, int]
 class InferenceTimes:
     """Recent inference times per (model, duration); thread-safe."""
 
-    def __init__(self, keep: int = 20, min_samples: int = 3, quantile: float = 0.8,
-                 max_extra_s: float = 30.0) -> None:
+    def __init__(
+        self, keep: int = 20, min_samples: int = 3, quantile: float = 0.8, max_extra_s: float = 30.0
+    ) -> None:
         self._keep, self._min_samples, self._quantile = keep, min_samples, quantile
         self._max_extra = max_extra_s
         self._seen: dict[Key, deque[float]] = {}
@@ -45,8 +46,7 @@ class InferenceTimes:
             if seconds > 0:
                 self._seen.setdefault(key, deque(maxlen=self._keep)).append(seconds)
             extra = self._extra.get(key, 0.0)
-            self._extra[key] = (min(self._max_extra, max(0.5, 2 * extra)) if early
-                                else extra * 0.95)
+            self._extra[key] = min(self._max_extra, max(0.5, 2 * extra)) if early else extra * 0.95
 
     def expected(self, model: str, duration: int) -> float | None:
         """The upper quantile of recent inference times, once there are enough of them."""
@@ -61,8 +61,7 @@ class InferenceTimes:
         with self._lock:
             return model in self._seeded or any(k[0] == model for k in self._seen)
 
-    def first_poll_after(self, policy: PollPolicy, model: str, duration: int
-                         ) -> tuple[float, bool]:
+    def first_poll_after(self, policy: PollPolicy, model: str, duration: int) -> tuple[float, bool]:
         """Seconds after the submit to poll first under `policy`, and whether that was aimed
         from what was seen (False: the policy's fixed `first_poll_after`)."""
         expected = self.expected(model, duration) if policy.learn_first_poll else None
@@ -72,14 +71,21 @@ class InferenceTimes:
             extra = self._extra.get((model, duration), 0.0)
         return expected + policy.first_poll_margin + extra, True
 
-    def seed_from_history(self, client: WaveSpeedClient, model: str, *,
-                          within: timedelta = timedelta(days=1), limit: int = 50) -> int:
+    def seed_from_history(
+        self,
+        client: WaveSpeedClient,
+        model: str,
+        *,
+        within: timedelta = timedelta(days=1),
+        limit: int = 50,
+    ) -> int:
         """Learn from the account's recent completed tasks of `model` (one history call).
         Best effort: a history that cannot be read only means the first wave is not aimed."""
         since = (datetime.now(UTC) - within).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         try:
-            page = client.history(model=model, status="completed", created_after=since,
-                                  page_size=limit)
+            page = client.history(
+                model=model, status="completed", created_after=since, page_size=limit
+            )
         except (WaveSpeedError, httpx.HTTPError) as exc:
             logger.debug("no inference times from history: %s", exc)
             return 0

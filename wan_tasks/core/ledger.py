@@ -96,16 +96,29 @@ class Ledger(ABC):
     def write(self, entry: LedgerEntry) -> None: ...
 
     def record_intent(
-        self, request_key: str, model: str, payload: dict[str, Any], *, item_id: str = "",
-        seed: int | None = None, flow_run_id: str | None = None,
+        self,
+        request_key: str,
+        model: str,
+        payload: dict[str, Any],
+        *,
+        item_id: str = "",
+        seed: int | None = None,
+        flow_run_id: str | None = None,
     ) -> LedgerEntry:
         fingerprint = input_fingerprint(payload)
         if fingerprint is None:
             raise ValueError("cannot fingerprint the submit body")
         entry = LedgerEntry(
-            request_key=request_key, model=model, intent_at=datetime.now(UTC),
-            input_fingerprint=fingerprint, payload=redact_payload(payload), item_id=item_id,
-            seed=seed, flow_run_id=flow_run_id, host=socket.gethostname(), pid=os.getpid(),
+            request_key=request_key,
+            model=model,
+            intent_at=datetime.now(UTC),
+            input_fingerprint=fingerprint,
+            payload=redact_payload(payload),
+            item_id=item_id,
+            seed=seed,
+            flow_run_id=flow_run_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
         )
         self.write(entry)
         return entry
@@ -176,7 +189,9 @@ class S3Ledger(Ledger):
 
         body = entry.model_dump_json(indent=2).encode()
         self.s3.put_object(
-            Bucket=self.bucket, Key=self._key(entry.request_key), Body=body,
+            Bucket=self.bucket,
+            Key=self._key(entry.request_key),
+            Body=body,
             ContentType="application/json",
             ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
         )
@@ -199,8 +214,12 @@ def _preference(prediction: Prediction) -> int:
 
 
 def reconcile(
-    client: WaveSpeedClient, entry: LedgerEntry, *, settle_s: float = 0.0,
-    exclude: Collection[str] = (), max_pages: int = MAX_HISTORY_PAGES,
+    client: WaveSpeedClient,
+    entry: LedgerEntry,
+    *,
+    settle_s: float = 0.0,
+    exclude: Collection[str] = (),
+    max_pages: int = MAX_HISTORY_PAGES,
 ) -> Prediction | None:
     """Find the task an intent created, through the service's history.
 
@@ -219,15 +238,23 @@ def reconcile(
     matches: list[Prediction] = []
     seen: set[str] = set()
     for page in range(1, max_pages + 1):
-        result = client.history(created_after=after, created_before=before, model=entry.model,
-                                page=page, page_size=HISTORY_PAGE_SIZE)
+        result = client.history(
+            created_after=after,
+            created_before=before,
+            model=entry.model,
+            page=page,
+            page_size=HISTORY_PAGE_SIZE,
+        )
         fresh = [item for item in result.items if item.id not in seen]
         if not fresh:  # an empty page (or one repeating the last): the window is covered
             break
         for item in fresh:
             seen.add(item.id)
-            if (item.id not in exclude and item.input is not None
-                    and input_fingerprint(item.input) == entry.input_fingerprint):
+            if (
+                item.id not in exclude
+                and item.input is not None
+                and input_fingerprint(item.input) == entry.input_fingerprint
+            ):
                 matches.append(item)
     else:
         raise SubmissionUncertainError(
@@ -240,7 +267,12 @@ def reconcile(
     latest = datetime.max.replace(tzinfo=UTC)
     matches.sort(key=lambda p: (_preference(p), p.created_at or latest))
     if len(matches) > 1:
-        logger.warning("request %s matches %d tasks in history (%s): using %s (%s)",
-                       entry.request_key[:12], len(matches), ", ".join(m.id for m in matches),
-                       matches[0].id, matches[0].status.value)
+        logger.warning(
+            "request %s matches %d tasks in history (%s): using %s (%s)",
+            entry.request_key[:12],
+            len(matches),
+            ", ".join(m.id for m in matches),
+            matches[0].id,
+            matches[0].status.value,
+        )
     return matches[0]

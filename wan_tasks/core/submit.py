@@ -86,14 +86,28 @@ def submit_once(
     key = request_key(request, service=service, model=model, attempt=attempt)
     name = item_id or key[:12]
 
-    def submitted(prediction_id: str, payload: dict[str, Any], at: datetime,
-                  run: str | None, archived: ArchivedAt | None = None) -> SubmittedVideo:
+    def submitted(
+        prediction_id: str,
+        payload: dict[str, Any],
+        at: datetime,
+        run: str | None,
+        archived: ArchivedAt | None = None,
+    ) -> SubmittedVideo:
         return SubmittedVideo(
-            request_key=key, prediction_id=prediction_id, model=model, service_id=service,
+            request_key=key,
+            prediction_id=prediction_id,
+            model=model,
+            service_id=service,
             redacted_request=redact_payload(request.model_dump(mode="json")),
-            redacted_payload=redact_payload(payload), seed=request.seed,
-            duration=request.duration, cost_usd=request.cost_usd, submitted_at=at,
-            item_id=item_id, attempt=attempt, flow_run_id=run, archived=archived,
+            redacted_payload=redact_payload(payload),
+            seed=request.seed,
+            duration=request.duration,
+            cost_usd=request.cost_usd,
+            submitted_at=at,
+            item_id=item_id,
+            attempt=attempt,
+            flow_run_id=run,
+            archived=archived,
         )
 
     previous = _read(ledger, client, request, key, attempt, log) if ledger else None
@@ -101,24 +115,40 @@ def submit_once(
     others = _other_attempts(ledger, request, service, model, attempt) if ledger else set()
     if ledger is not None and previous is not None:
         if previous.prediction_id:
-            log.info("%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
-                     name, previous.prediction_id)
-            return submitted(previous.prediction_id, previous.payload,
-                             previous.submitted_at or previous.intent_at, previous.flow_run_id,
-                             previous.archived)
+            log.info(
+                "%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
+                name,
+                previous.prediction_id,
+            )
+            return submitted(
+                previous.prediction_id,
+                previous.payload,
+                previous.submitted_at or previous.intent_at,
+                previous.flow_run_id,
+                previous.archived,
+            )
         # A fresh intent may belong to a submit the history does not show yet.
         age = (datetime.now(UTC) - previous.intent_at).total_seconds()
-        found = reconcile(client, previous, exclude=others,
-                          settle_s=max(0.0, min(sum(settle_s) - age, 15.0)))
+        found = reconcile(
+            client, previous, exclude=others, settle_s=max(0.0, min(sum(settle_s) - age, 15.0))
+        )
         if found is not None:
-            log.warning("%s: found prediction %s in the service's history for an unfinished "
-                        "submit (%s pid %d); reconnecting", name, found.id, previous.host,
-                        previous.pid)
+            log.warning(
+                "%s: found prediction %s in the service's history for an unfinished "
+                "submit (%s pid %d); reconnecting",
+                name,
+                found.id,
+                previous.host,
+                previous.pid,
+            )
             ledger.record_prediction(previous, found.id)
-            return submitted(found.id, previous.payload, previous.intent_at,
-                             previous.flow_run_id)
-        log.info("%s: an earlier submit (%s pid %d) never reached the service; submitting",
-                 name, previous.host, previous.pid)
+            return submitted(found.id, previous.payload, previous.intent_at, previous.flow_run_id)
+        log.info(
+            "%s: an earlier submit (%s pid %d) never reached the service; submitting",
+            name,
+            previous.host,
+            previous.pid,
+        )
 
     payload = client.prepare(request)
     if before_post is not None:
@@ -126,9 +156,13 @@ def submit_once(
     if budget is not None:
         budget.reserve(key, request.cost_usd)
     try:
-        entry = ledger.record_intent(key, model, payload, item_id=item_id,
-                                     seed=request.seed, flow_run_id=run_id
-                                     ) if ledger else None
+        entry = (
+            ledger.record_intent(
+                key, model, payload, item_id=item_id, seed=request.seed, flow_run_id=run_id
+            )
+            if ledger
+            else None
+        )
         prediction = client.submit_payload(payload)
     except SubmissionUncertainError:
         # The task may exist and be billed: look for it before giving up; keep the budget.
@@ -137,8 +171,9 @@ def submit_once(
         for settle in settle_s:
             found = reconcile(client, entry, settle_s=settle, exclude=others)
             if found is not None:
-                log.warning("%s: submit answer lost; found prediction %s in history",
-                            name, found.id)
+                log.warning(
+                    "%s: submit answer lost; found prediction %s in history", name, found.id
+                )
                 ledger.record_prediction(entry, found.id)
                 return submitted(found.id, payload, entry.intent_at, run_id)
         # The history, given time to settle, holds no such task: the service never took it.
@@ -156,14 +191,24 @@ def submit_once(
         raise
     if ledger is not None and entry is not None:
         ledger.record_prediction(entry, prediction.id)
-    log.info("submitted %s: prediction %s, seed %d, $%s", name, prediction.id, request.seed,
-             request.cost_usd)
+    log.info(
+        "submitted %s: prediction %s, seed %d, $%s",
+        name,
+        prediction.id,
+        request.seed,
+        request.cost_usd,
+    )
     return submitted(prediction.id, payload, datetime.now(UTC), run_id)
 
 
-def _read(ledger: Ledger, client: WaveSpeedClient, request: I2VRequest, key: str,
-          attempt: int, log: logging.Logger | logging.LoggerAdapter[logging.Logger]
-          ) -> LedgerEntry | None:
+def _read(
+    ledger: Ledger,
+    client: WaveSpeedClient,
+    request: I2VRequest,
+    key: str,
+    attempt: int,
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> LedgerEntry | None:
     """The ledger's entry for `key`; else one an older release wrote under the key without
     the service, trusted only when this service knows its prediction (an entry of another
     service or account, or one whose prediction is gone, is not ours to reconnect to)."""
@@ -177,15 +222,19 @@ def _read(ledger: Ledger, client: WaveSpeedClient, request: I2VRequest, key: str
         client.get_prediction(old.prediction_id)
     except WaveSpeedError:
         return None
-    log.info("%s: reconnecting to prediction %s recorded by an older release",
-             old.item_id or key[:12], old.prediction_id)
+    log.info(
+        "%s: reconnecting to prediction %s recorded by an older release",
+        old.item_id or key[:12],
+        old.prediction_id,
+    )
     moved = old.model_copy(update={"request_key": key})
     ledger.write(moved)
     return moved
 
 
-def _other_attempts(ledger: Ledger, request: I2VRequest, service: str, model: str,
-                    attempt: int) -> set[str]:
+def _other_attempts(
+    ledger: Ledger, request: I2VRequest, service: str, model: str, attempt: int
+) -> set[str]:
     ids = set()
     for other in range(attempt):
         entry = ledger.read(request_key(request, service=service, model=model, attempt=other))

@@ -76,8 +76,11 @@ def env_overrides(values: dict[str, str | None]) -> Iterator[None]:
 
 @contextmanager
 def embedded_defaults(
-    *, emulator_settings: dict[str, Any] | None = None, home: Path | None = None,
-    s3: bool = True, emulator: bool = True,
+    *,
+    emulator_settings: dict[str, Any] | None = None,
+    home: Path | None = None,
+    s3: bool = True,
+    emulator: bool = True,
 ) -> Iterator[EmbeddedServices]:
     """Start the emulator and/or SeaweedFS where the environment configures nothing.
     `s3=False` / `emulator=False`: the caller names its own store (a bucket or an S3 block) or
@@ -102,8 +105,9 @@ def embedded_defaults(
         need_emulator = emulator and config.api_key is None
         need_s3 = s3 and not config.bucket
         if (need_emulator or need_s3) and config.no_embedded:
-            missing = [n for n, need in ((ENV_API_KEY, need_emulator), (ENV_BUCKET, need_s3))
-                       if need]
+            missing = [
+                n for n, need in ((ENV_API_KEY, need_emulator), (ENV_BUCKET, need_s3)) if need
+            ]
             raise ConfigurationError(
                 f"{' and '.join(missing)} not set, and {ENV_NO_EMBEDDED} forbids the local "
                 "emulator and embedded store: configure this worker's environment"
@@ -120,8 +124,9 @@ def embedded_defaults(
                 emu = stack.enter_context(run_emulator(EMBEDDED_EMULATOR_KEY, **options))
                 values.update(api_key=emu.api_key, base_url=emu.base_url)
                 emulator_url = emu.base_url
-                logger.info("no WAVESPEED_API_KEY: using the local emulator at %s (free)",
-                            emu.base_url)
+                logger.info(
+                    "no WAVESPEED_API_KEY: using the local emulator at %s (free)", emu.base_url
+                )
             if need_s3:
                 from wan_tasks.storage.seaweed import SeaweedFS
 
@@ -129,15 +134,19 @@ def embedded_defaults(
                 weed = stack.enter_context(SeaweedFS(data, buckets=[EMBEDDED_BUCKET]))
                 end = weed.endpoint
                 values.update(
-                    bucket=EMBEDDED_BUCKET, s3_endpoint_url=end.endpoint_url,
-                    s3=S3Connection(endpoint_url=end.endpoint_url,
-                                    access_key_id=end.access_key_id,
-                                    secret_access_key=end.secret_access_key,
-                                    region=end.region),
+                    bucket=EMBEDDED_BUCKET,
+                    s3_endpoint_url=end.endpoint_url,
+                    s3=S3Connection(
+                        endpoint_url=end.endpoint_url,
+                        access_key_id=end.access_key_id,
+                        secret_access_key=end.secret_access_key,
+                        region=end.region,
+                    ),
                 )
                 s3_url = end.endpoint_url
-                logger.info("no WAN_TASKS_BUCKET: archiving to embedded SeaweedFS at %s (%s)",
-                            s3_url, data)
+                logger.info(
+                    "no WAN_TASKS_BUCKET: archiving to embedded SeaweedFS at %s (%s)", s3_url, data
+                )
             now = stack.enter_context(settings.override(**values))
             _current = EmbeddedServices(emulator_url, s3_url, now.bucket or "")
             yield _current

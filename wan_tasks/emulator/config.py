@@ -59,9 +59,7 @@ Shape = Literal["extra_fields", "nanos", "code0", "execution_time"]
 SHAPES: tuple[str, ...] = get_args(Shape)
 Tier = Literal["test", "bronze", "silver", "gold", "ultra"]
 # What a fault does to a request; see the module docstring for the parameterised ones.
-FAULT_KINDS = (
-    "429", "500", "502", "503", "slow", "drop", "truncate", "truncate_unsized", "expire"
-)
+FAULT_KINDS = ("429", "500", "502", "503", "slow", "drop", "truncate", "truncate_unsized", "expire")
 FAULT_PREFIXES = ("fail:", "end:", "status=", "shape:", "error_code:", "envelope_error:")
 
 # WaveSpeed's documented account tiers: (tasks processed at once, video submissions a minute).
@@ -178,7 +176,8 @@ class EmulatorConfig(BaseModel):
         False, description="render each distinct input once; later tasks reuse the MP4"
     )
     signed_outputs: bool = Field(
-        False, description="output URLs carry Expires and Signature, as a CDN's do; a download "
+        False,
+        description="output URLs carry Expires and Signature, as a CDN's do; a download "
         "without a valid signature answers 403",
     )
     balance: Decimal = Decimal("1000.00")

@@ -347,16 +347,17 @@ class Engine:
         except ValueError:
             return False
         given = query.get("Signature", [""])[0]
-        return expires >= time.time() and hmac.compare_digest(
-            given, self._sign(task_id, expires))
+        return expires >= time.time() and hmac.compare_digest(given, self._sign(task_id, expires))
 
     def output(self, task_id: str) -> bytes | str:
         """The MP4, or why not: "not found" (no such task or no output) or "expired".
         A completed task's output stays downloadable after DELETE until it expires."""
         with self.lock:
             task = self.tasks.get(task_id)
-            if task is None or task.finished is None or (
-                task.output is None and task.render_job is None
+            if (
+                task is None
+                or task.finished is None
+                or (task.output is None and task.render_job is None)
             ):
                 return "not found"
             if time.time() - task.finished > self.scaled(self.config.output_ttl_s):

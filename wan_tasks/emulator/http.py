@@ -260,8 +260,7 @@ class Handler(BaseHTTPRequestHandler):
 
         # Public (no auth): what the CDN and the presigned upload URL serve.
         if path.startswith("/media/outputs/") and method in ("GET", "HEAD"):
-            return self._download(path.removeprefix("/media/outputs/").removesuffix(".mp4"),
-                                  query)
+            return self._download(path.removeprefix("/media/outputs/").removesuffix(".mp4"), query)
         if path.startswith("/media/uploads/") and method in ("GET", "HEAD"):
             return self._serve_upload(path.removeprefix("/media/uploads/"))
         if path.startswith("/upload/") and method == "PUT":

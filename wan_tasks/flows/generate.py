@@ -41,8 +41,11 @@ def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
             "outside a configured environment to use the embedded store."
         )
     return ArchiveTarget(
-        bucket=bucket, prefix=options.prefix, key_template=options.key_template,
-        presign_expiry_s=options.presign_expiry_s, contact_sheet=options.contact_sheet,
+        bucket=bucket,
+        prefix=options.prefix,
+        key_template=options.key_template,
+        presign_expiry_s=options.presign_expiry_s,
+        contact_sheet=options.contact_sheet,
         s3_block=options.s3_block,
     )
 
@@ -66,17 +69,24 @@ async def generate_video(
     return await asyncio.to_thread(_generate_video, request, variant, archive, options)
 
 
-def _generate_video(request: I2VRequest, variant: str, archive: ArchiveOptions | None,
-                    options: RunOptions | None) -> VideoOutcome:
+def _generate_video(
+    request: I2VRequest, variant: str, archive: ArchiveOptions | None, options: RunOptions | None
+) -> VideoOutcome:
     archive, options = archive or ArchiveOptions(), options or RunOptions()
-    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
-                           emulator=not options.credentials_block) as services:
+    with embedded_defaults(
+        s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
+    ) as services:
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
         job = VideoJob(request=request, variant=variant, item_id="video")
         (outcome,) = Producer(target, options, Budget(options.budget_usd)).run([job])
-        publish_artifacts([outcome], title="Video", target=target, key=options.artifact_key,
-                          embedded_store=services.s3_endpoint)
+        publish_artifacts(
+            [outcome],
+            title="Video",
+            target=target,
+            key=options.artifact_key,
+            embedded_store=services.s3_endpoint,
+        )
     if outcome.status != "archived":
         raise VideoFailedError(f"{outcome.error_type}: {outcome.error}")
     return outcome
@@ -86,8 +96,12 @@ def _limits_for_emulator(services: EmbeddedServices, options: RunOptions) -> Non
     """Against the embedded emulator, create missing limits to match it; against the real
     service they must exist (`wan-video limits`), and a missing one fails the run."""
     if services.emulator_url:
-        ensure_limits(EMULATOR_CONCURRENCY, 600 if options.limits.per_minute else None,
-                      names=options.limits, only_missing=True)
+        ensure_limits(
+            EMULATOR_CONCURRENCY,
+            600 if options.limits.per_minute else None,
+            names=options.limits,
+            only_missing=True,
+        )
 
 
 def load_manifest(location: str, s3_block: str | None = None) -> list[ManifestItem]:
@@ -119,29 +133,52 @@ def generate_batch(
     """
     archive, options = archive or ArchiveOptions(), options or RunOptions()
     log = get_run_logger()
-    with embedded_defaults(s3=not (archive.bucket or archive.s3_block),
-                           emulator=not options.credentials_block) as services:
+    with embedded_defaults(
+        s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
+    ) as services:
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
         items = load_manifest(manifest, archive.s3_block)
-        jobs = [VideoJob(request=i.request, item_id=i.item_id, variant=i.variant, row=i.row)
-                for i in items if i.request is not None]
-        invalid = [VideoOutcome(item_id=i.item_id, status="invalid", row=i.row,
-                                error_type="InvalidManifestRow", error=i.error)
-                   for i in items if i.request is None]
+        jobs = [
+            VideoJob(request=i.request, item_id=i.item_id, variant=i.variant, row=i.row)
+            for i in items
+            if i.request is not None
+        ]
+        invalid = [
+            VideoOutcome(
+                item_id=i.item_id,
+                status="invalid",
+                row=i.row,
+                error_type="InvalidManifestRow",
+                error=i.error,
+            )
+            for i in items
+            if i.request is None
+        ]
         for bad in invalid:
             log.warning("not submitted: %s", bad.error)
         budget = Budget(options.budget_usd)
         producer = Producer(target, options, budget, batch=_batch_name(manifest))
-        outcomes = sorted(producer.run(jobs) + invalid,
-                          key=lambda o: (o.row or 0, o.item_id))
+        outcomes = sorted(producer.run(jobs) + invalid, key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
-        publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}", target=target,
-                          key=options.artifact_key, embedded_store=services.s3_endpoint)
-    log.info("batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; "
-             "summary %s", manifest, report.archived, report.failed, report.invalid,
-             report.skipped, report.new_spend_usd, report.summary_uri)
+        publish_artifacts(
+            outcomes,
+            title=f"Batch {Path(manifest).name}",
+            target=target,
+            key=options.artifact_key,
+            embedded_store=services.s3_endpoint,
+        )
+    log.info(
+        "batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; summary %s",
+        manifest,
+        report.archived,
+        report.failed,
+        report.invalid,
+        report.skipped,
+        report.new_spend_usd,
+        report.summary_uri,
+    )
     if fail_on_item_error and report.archived < report.total:
         error = BatchIncompleteError(
             f"{report.total - report.archived} of {report.total} videos did not land "
@@ -158,10 +195,15 @@ def _report(manifest: str, outcomes: list[VideoOutcome], spent: Decimal) -> Batc
         return sum(1 for o in outcomes if o.status == status)
 
     return BatchReport(
-        manifest=manifest, total=len(outcomes), archived=count("archived"),
-        failed=count("failed"), invalid=count("invalid"), skipped=count("skipped"),
+        manifest=manifest,
+        total=len(outcomes),
+        archived=count("archived"),
+        failed=count("failed"),
+        invalid=count("invalid"),
+        skipped=count("skipped"),
         cost_usd=sum((o.cost_usd for o in outcomes if o.status == "archived"), Decimal("0")),
-        new_spend_usd=spent, outcomes=outcomes,
+        new_spend_usd=spent,
+        outcomes=outcomes,
     )
 
 
@@ -173,5 +215,3 @@ def _batch_name(manifest: str) -> str:
 def _run_label() -> str:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{flow_run.name or 'local'}"
-
-

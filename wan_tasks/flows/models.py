@@ -54,13 +54,21 @@ class BatchReport(BaseModel):
     outcomes: list[VideoOutcome] = Field(default_factory=list)
 
 
-def archived_outcome(job: VideoJob, submitted: SubmittedVideo, archived: ArchiveResult
-                     ) -> VideoOutcome:
+def archived_outcome(
+    job: VideoJob, submitted: SubmittedVideo, archived: ArchiveResult
+) -> VideoOutcome:
     return VideoOutcome(
-        item_id=job.item_id, status="archived", row=job.row,
+        item_id=job.item_id,
+        status="archived",
+        row=job.row,
         prediction_id=submitted.prediction_id,
-        seed=submitted.seed, cost_usd=submitted.cost_usd, s3_uri=archived.s3_uri,
-        sidecar_uri=archived.sidecar_uri, presigned_url=archived.presigned_url,
-        contact_sheet_uri=archived.contact_sheet_uri, sha256=archived.sha256,
-        size=archived.size, already_archived=archived.already_archived,
+        seed=submitted.seed,
+        cost_usd=submitted.cost_usd,
+        s3_uri=archived.s3_uri,
+        sidecar_uri=archived.sidecar_uri,
+        presigned_url=archived.presigned_url,
+        contact_sheet_uri=archived.contact_sheet_uri,
+        sha256=archived.sha256,
+        size=archived.size,
+        already_archived=archived.already_archived,
     )

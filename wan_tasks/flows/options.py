@@ -26,11 +26,26 @@ class ArchiveOptions(BaseModel):
         None, description="a saved prefect-aws S3Bucket block (bucket and credentials)"
     )
     prefix: str = "videos"
-    key_template: str = Field(DEFAULT_TEMPLATE, description="fields: " + ", ".join(
-        ["prefix", "model_slug", "date", "prediction_id", "seed", "sha256", "item_id",
-         "duration"]))
+    key_template: str = Field(
+        DEFAULT_TEMPLATE,
+        description="fields: "
+        + ", ".join(
+            [
+                "prefix",
+                "model_slug",
+                "date",
+                "prediction_id",
+                "seed",
+                "sha256",
+                "item_id",
+                "duration",
+            ]
+        ),
+    )
     presign_expiry_s: int = Field(
-        3600, ge=60, le=7 * 24 * 3600,
+        3600,
+        ge=60,
+        le=7 * 24 * 3600,
         description="lifetime of the links in the results and artifacts (default 1 h)",
     )
     contact_sheet: bool = True
@@ -50,7 +65,9 @@ class RunOptions(BaseModel):
     wait_timeout_s: float = Field(1800.0, gt=0)
     poll: PollPolicy = Field(default_factory=PollPolicy)
     max_attempts: int = Field(
-        2, ge=1, le=5,
+        2,
+        ge=1,
+        le=5,
         description="submissions per video when the service fails a task with 5000/5003/5004",
     )
     budget_usd: Decimal | None = Field(None, ge=0, description="cap on new spend per flow run")
@@ -60,7 +77,9 @@ class RunOptions(BaseModel):
     )
     ledger_prefix: str = Field(DEFAULT_LEDGER_PREFIX, min_length=1)
     artifact_key: str = Field(
-        DEFAULT_ARTIFACT_KEY, pattern=ARTIFACT_KEY_PATTERN, max_length=200,
+        DEFAULT_ARTIFACT_KEY,
+        pattern=ARTIFACT_KEY_PATTERN,
+        max_length=200,
         description="key of the run's table artifact (the contact sheets: {key}-sheets); one "
         "per deployment keeps each one's history apart. Lowercase letters, digits, dashes",
     )
@@ -69,7 +88,8 @@ class RunOptions(BaseModel):
         description="pay again for a video whose output expired (7 days) before it was archived",
     )
     output_lifetime_s: float = Field(
-        7 * 24 * 3600.0, ge=0,
+        7 * 24 * 3600.0,
+        ge=0,
         description="how long the service keeps outputs; a 404 on a younger one is retried, "
         "never taken for an expired output",
     )

@@ -66,9 +66,13 @@ def in_flight_slot(limits: LimitSettings) -> AbstractContextManager[Any]:
     # strict: a missing limit fails loudly instead of throttling nothing. A failed lease
     # renewal does not abort the lane: its videos are paid for, and the slot is re-counted
     # by the server when the lease expires.
-    return concurrency(limits.in_flight, occupy=1, strict=True,
-                       timeout_seconds=limits.acquire_timeout_s,
-                       raise_on_lease_renewal_failure=False)
+    return concurrency(
+        limits.in_flight,
+        occupy=1,
+        strict=True,
+        timeout_seconds=limits.acquire_timeout_s,
+        raise_on_lease_renewal_failure=False,
+    )
 
 
 @dataclass
@@ -84,8 +88,9 @@ class _Video:
 class Producer:
     """Makes and archives the videos of one flow run."""
 
-    def __init__(self, target: ArchiveTarget, options: RunOptions, budget: Budget,
-                 batch: str | None = None) -> None:
+    def __init__(
+        self, target: ArchiveTarget, options: RunOptions, budget: Budget, batch: str | None = None
+    ) -> None:
         self.target, self.options, self.budget = target, options, budget
         self.batch = batch
         self.ledger = target.at(options.ledger_prefix) if options.ledger else None
@@ -114,9 +119,14 @@ class Producer:
         opts = self.options
         while True:
             submitted = submit_i2v(
-                video.request, variant=video.job.variant, attempt=video.attempt,
-                item_id=video.job.item_id, credentials_block=opts.credentials_block,
-                budget=self.budget, rate_limit_name=opts.limits.per_minute, ledger=self.ledger,
+                video.request,
+                variant=video.job.variant,
+                attempt=video.attempt,
+                item_id=video.job.item_id,
+                credentials_block=opts.credentials_block,
+                budget=self.budget,
+                rate_limit_name=opts.limits.per_minute,
+                ledger=self.ledger,
             )
             if submitted.archived is not None:
                 # The ledger knows where this request's video landed: nothing to wait for
@@ -125,7 +135,9 @@ class Producer:
             fresh = submitted.flow_run_id == self.this_run
             try:
                 prediction = wait_for_prediction(
-                    submitted, timeout_s=opts.wait_timeout_s, poll=opts.poll,
+                    submitted,
+                    timeout_s=opts.wait_timeout_s,
+                    poll=opts.poll,
                     credentials_block=opts.credentials_block,
                 )
             except TaskFailedError as exc:
@@ -137,16 +149,20 @@ class Producer:
             video.new_submissions += fresh
             return submitted, prediction
 
-    def archive(self, video: _Video, submitted: SubmittedVideo, prediction: Prediction | None
-                ) -> VideoOutcome:
+    def archive(
+        self, video: _Video, submitted: SubmittedVideo, prediction: Prediction | None
+    ) -> VideoOutcome:
         """Archive outside the slot; an output that expired before it was archived is made
         again only when the options allow paying for it twice."""
         while True:
             try:
                 with self.tags(video.job):
                     archived = archive_to_s3(
-                        submitted, prediction, self.target,
-                        credentials_block=self.options.credentials_block, ledger=self.ledger,
+                        submitted,
+                        prediction,
+                        self.target,
+                        credentials_block=self.options.credentials_block,
+                        ledger=self.ledger,
                         output_lifetime_s=self.options.output_lifetime_s,
                     )
                 return archived_outcome(video.job, submitted, archived)
@@ -164,8 +180,11 @@ class Producer:
         if video.new_submissions >= self.options.max_attempts:
             raise cause
         video.attempt += 1
-        get_run_logger().warning("%s: resubmitting as attempt %d (a new, paid task)",
-                                 video.job.item_id or "video", video.attempt + 1)
+        get_run_logger().warning(
+            "%s: resubmitting as attempt %d (a new, paid task)",
+            video.job.item_id or "video",
+            video.attempt + 1,
+        )
 
     # -- many videos -----------------------------------------------------------------------
 
@@ -187,31 +206,48 @@ class Producer:
         results: dict[int, Future[VideoOutcome]] = {}
         lane_errors: list[BaseException] = []
         # progress: a line in the run's log (batches) and the CLI's live display.
-        self.progress = Progress(len(jobs), spend=lambda: self.budget.spent,
-                                 log=get_run_logger() if len(jobs) > 1 else None)
-        with self.progress, \
-                ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers, \
-                ThreadPoolExecutor(lanes, "wan-lane") as lane_pool:
+        self.progress = Progress(
+            len(jobs),
+            spend=lambda: self.budget.spent,
+            log=get_run_logger() if len(jobs) > 1 else None,
+        )
+        with (
+            self.progress,
+            ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers,
+            ThreadPoolExecutor(lanes, "wan-lane") as lane_pool,
+        ):
             running = [
-                lane_pool.submit(contextvars.copy_context().run, self._lane, pending,
-                                 archivers, results, lane_errors)
+                lane_pool.submit(
+                    contextvars.copy_context().run,
+                    self._lane,
+                    pending,
+                    archivers,
+                    results,
+                    lane_errors,
+                )
                 for _ in range(lanes)
             ]
             for lane in running:
                 lane.result()
         # Jobs no lane could take (every slot acquisition failed or timed out).
         cause = lane_errors[0] if lane_errors else RuntimeError("no lane ran")
-        return [results[i].result() if i in results else failed_outcome(job, cause)
-                for i, job in enumerate(jobs)]
+        return [
+            results[i].result() if i in results else failed_outcome(job, cause)
+            for i, job in enumerate(jobs)
+        ]
 
     def lane_count(self, jobs: int) -> int:
         name = self.options.limits.in_flight
         size = read_limit(name) if name else DEFAULT_LANES
         return max(1, min(size, jobs, MAX_LANES))
 
-    def _lane(self, pending: queue.Queue[tuple[int, VideoJob]], archivers: ThreadPoolExecutor,
-              results: dict[int, Future[VideoOutcome]], lane_errors: list[BaseException]
-              ) -> None:
+    def _lane(
+        self,
+        pending: queue.Queue[tuple[int, VideoJob]],
+        archivers: ThreadPoolExecutor,
+        results: dict[int, Future[VideoOutcome]],
+        lane_errors: list[BaseException],
+    ) -> None:
         """Hold one in-flight slot and make video after video until none is left, giving the
         slot back for a new turn every `release_after_s` so flows sharing the limit (a one-off
         video beside a long batch) get slots too.
@@ -227,11 +263,13 @@ class Producer:
                 slot.__enter__()
             except Exception as exc:  # a timeout, or a limit deleted mid-run
                 logger.warning("a lane could not take an in-flight slot: %s", exc)
-                lane_errors.append(NoSlotError(
-                    f"limits.in_flight: no slot of {limits.in_flight!r} could be taken "
-                    f"(acquire_timeout_s={limits.acquire_timeout_s}): {type(exc).__name__}: "
-                    f"{exc}. Nothing was submitted for this video; re-run when slots are free."
-                ))
+                lane_errors.append(
+                    NoSlotError(
+                        f"limits.in_flight: no slot of {limits.in_flight!r} could be taken "
+                        f"(acquire_timeout_s={limits.acquire_timeout_s}): {type(exc).__name__}: "
+                        f"{exc}. Nothing was submitted for this video; re-run when slots are free."
+                    )
+                )
                 return
             try:
                 held_since = time.monotonic()
@@ -241,8 +279,7 @@ class Producer:
                     except queue.Empty:
                         return
                     results[index] = self._make_one(job, archivers)
-                    if (release_after is not None
-                            and time.monotonic() - held_since >= release_after):
+                    if release_after is not None and time.monotonic() - held_since >= release_after:
                         break
             finally:
                 try:
@@ -259,11 +296,13 @@ class Producer:
         except Exception as exc:
             self.progress.finished(ok=False)
             return _done(failed_outcome(job, exc))
-        return archivers.submit(contextvars.copy_context().run, self._archive_or_report,
-                                video, submitted, prediction)
+        return archivers.submit(
+            contextvars.copy_context().run, self._archive_or_report, video, submitted, prediction
+        )
 
-    def _archive_or_report(self, video: _Video, submitted: SubmittedVideo,
-                           prediction: Prediction | None) -> VideoOutcome:
+    def _archive_or_report(
+        self, video: _Video, submitted: SubmittedVideo, prediction: Prediction | None
+    ) -> VideoOutcome:
         try:
             outcome = self.archive(video, submitted, prediction)
         except Exception as exc:
@@ -274,10 +313,12 @@ class Producer:
 
 def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
     return VideoOutcome(
-        item_id=job.item_id, row=job.row,
+        item_id=job.item_id,
+        row=job.row,
         status="skipped" if isinstance(exc, BudgetExceededError) else "failed",
         prediction_id=getattr(exc, "prediction_id", None),
-        error_type=type(exc).__name__, error=str(exc),
+        error_type=type(exc).__name__,
+        error=str(exc),
     )
 
 
@@ -285,4 +326,3 @@ def _done(outcome: VideoOutcome) -> Future[VideoOutcome]:
     future: Future[VideoOutcome] = Future()
     future.set_result(outcome)
     return future
-

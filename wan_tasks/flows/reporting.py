@@ -26,13 +26,23 @@ def write_summary(
 ) -> str:
     """One JSON line per item at {prefix}/batches/{manifest}/{label}.jsonl; returns its URI."""
     stem = sanitise_segment(Path(manifest).stem)
-    key = "/".join(p for p in (sanitise_prefix(target.prefix), "batches", stem,
-                               f"{sanitise_segment(label)}.jsonl") if p)
+    key = "/".join(
+        p
+        for p in (
+            sanitise_prefix(target.prefix),
+            "batches",
+            stem,
+            f"{sanitise_segment(label)}.jsonl",
+        )
+        if p
+    )
     # A summary outlives any presigned link (and a link is a bearer credential while it
     # lives): rows keep the s3:// URIs, never the signed links; errors are already scrubbed.
     body = b"".join(
         json.dumps(o.model_dump(mode="json", exclude={"presigned_url"}), sort_keys=True).encode()
-        + b"\n" for o in outcomes)
+        + b"\n"
+        for o in outcomes
+    )
     import base64
 
     s3_client(target.s3_block).put_object(

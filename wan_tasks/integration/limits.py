@@ -29,7 +29,8 @@ class LimitSettings(BaseModel):
 
     in_flight: str | None = Field(DEFAULT_IN_FLIGHT_LIMIT, min_length=1)
     per_minute: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description=f"a rate limit taken per submit (opt-in; e.g. {DEFAULT_RATE_LIMIT!r}, "
         "created with `wan-video limits --per-minute N`)",
     )
@@ -37,7 +38,8 @@ class LimitSettings(BaseModel):
         None, gt=0, description="give up waiting for a slot after this long (None: wait)"
     )
     release_after_s: float | None = Field(
-        60.0, ge=0,
+        60.0,
+        ge=0,
         description="a flow run keeps a slot for video after video; after holding it this "
         "long it gives it back (between videos) and queues again, so other flows sharing the "
         "limit get turns. None: keep it until the run has no more videos; 0: one per video",

@@ -37,8 +37,9 @@ def _alive(pid: int) -> bool:
 
 
 class CrashSafeFileLockManager(FileSystemLockManager):
-    def __init__(self, lock_files_directory: Path,
-                 hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S) -> None:
+    def __init__(
+        self, lock_files_directory: Path, hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S
+    ) -> None:
         super().__init__(lock_files_directory)
         self.hold_timeout = hold_timeout
         self._host = socket.gethostname()
@@ -75,26 +76,45 @@ class CrashSafeFileLockManager(FileSystemLockManager):
             return False
         return True
 
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
-        got = super().acquire_lock(key, holder, acquire_timeout,
-                                   hold_timeout if hold_timeout is not None else self.hold_timeout)
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        got = super().acquire_lock(
+            key,
+            holder,
+            acquire_timeout,
+            hold_timeout if hold_timeout is not None else self.hold_timeout,
+        )
         if got:
             self._stamp(key)
         return got
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
+    async def aacquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
         got = await super().aacquire_lock(
-            key, holder, acquire_timeout,
-            hold_timeout if hold_timeout is not None else self.hold_timeout)
+            key,
+            holder,
+            acquire_timeout,
+            hold_timeout if hold_timeout is not None else self.hold_timeout,
+        )
         if got:
             self._stamp(key)
         return got
 
     def __eq__(self, other: Any) -> bool:  # cache policies compare lock managers
-        return (isinstance(other, CrashSafeFileLockManager)
-                and other.lock_files_directory == self.lock_files_directory)
+        return (
+            isinstance(other, CrashSafeFileLockManager)
+            and other.lock_files_directory == self.lock_files_directory
+        )
 
     def __hash__(self) -> int:
         return hash(self.lock_files_directory)

@@ -26,6 +26,7 @@ _lock = threading.Lock()
 _wavespeed: dict[tuple[str, ...], WaveSpeedClient] = {}
 _s3: dict[tuple[str, ...], Any] = {}
 
+
 def _fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
@@ -38,7 +39,8 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
 
         # _sync: also called from async flows' worker threads (see s3_bucket_block).
         creds: WaveSpeedCredentials = WaveSpeedCredentials.load(  # type: ignore[call-arg,assignment]
-            credentials_block, _sync=True)
+            credentials_block, _sync=True
+        )
         api_key, base_url = creds.api_key.get_secret_value(), creds.base_url
     else:
         config = settings.current()
@@ -104,12 +106,20 @@ def s3_client(block: str | None = None) -> S3Client:
 
     # boto3 resolves its own chain from the environment: the client is per distinct setting.
     config = settings.current()
-    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_REGION",
-             "AWS_DEFAULT_REGION", "AWS_PROFILE")
-    ident = (*(os.environ.get(n, "") for n in names),
-             _fingerprint(os.environ.get("AWS_SECRET_ACCESS_KEY", "")),
-             config.s3.model_dump_json() if config.s3 else "",
-             _fingerprint(config.s3.secret_access_key.get_secret_value()) if config.s3 else "")
+    names = (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_PROFILE",
+    )
+    ident = (
+        *(os.environ.get(n, "") for n in names),
+        _fingerprint(os.environ.get("AWS_SECRET_ACCESS_KEY", "")),
+        config.s3.model_dump_json() if config.s3 else "",
+        _fingerprint(config.s3.secret_access_key.get_secret_value()) if config.s3 else "",
+    )
     with _lock:
         client = _s3.get(ident)
         if client is None:

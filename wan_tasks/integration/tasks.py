@@ -123,9 +123,12 @@ def _locks_dir() -> Path:
 def _submit_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     request = derive_seed(params["request"], params.get("variant") or "")
     client = wavespeed_client(params.get("credentials_block"))
-    return "wan-submit-" + request_key(request, service=client.service_id,
-                                       model=client.ops.model,
-                                       attempt=int(params.get("attempt") or 0))
+    return "wan-submit-" + request_key(
+        request,
+        service=client.service_id,
+        model=client.ops.model,
+        attempt=int(params.get("attempt") or 0),
+    )
 
 
 def _wait_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
@@ -244,9 +247,14 @@ def submit_i2v(
             rate_limit(rate_limit_name, strict=True)
 
     return submit_once(
-        wavespeed_client(credentials_block), request, attempt=attempt, item_id=item_id,
-        ledger=open_ledger(ledger) if ledger else None, budget=budget,
-        run_id=str(flow_run.id) if flow_run.id else None, before_post=hook,
+        wavespeed_client(credentials_block),
+        request,
+        attempt=attempt,
+        item_id=item_id,
+        ledger=open_ledger(ledger) if ledger else None,
+        budget=budget,
+        run_id=str(flow_run.id) if flow_run.id else None,
+        before_post=hook,
         log=get_run_logger(),
     )
 
@@ -318,8 +326,9 @@ def wait_for_prediction(
         stop_notices()
     # Not seen by the first poll: it missed by at least one interval.
     early = aimed and time.monotonic() - polled_at > max(policy.min_interval / 2, 1.0)
-    INFERENCE_TIMES.record(submitted.model, submitted.duration,
-                           (prediction.inference_ms or 0) / 1000, early=early)
+    INFERENCE_TIMES.record(
+        submitted.model, submitted.duration, (prediction.inference_ms or 0) / 1000, early=early
+    )
     # The result is persisted: signed output URLs are bearer credentials, so the stored copy
     # keeps them scrubbed and the archive step asks the service for live ones.
     return prediction.model_copy(update={"outputs": [redact_url(u) for u in prediction.outputs]})
@@ -380,24 +389,38 @@ def archive_to_s3(
     if result is None and prediction is None:
         raise ArchiveError(
             f"prediction {submitted.prediction_id}: the ledger's archived copy is gone from "
-            f"s3://{target.bucket}; re-run to fetch the output again", retryable=False)
+            f"s3://{target.bucket}; re-run to fetch the output again",
+            retryable=False,
+        )
     if result is None and prediction is not None:
-        result = _download_and_archive(archiver, submitted, prediction, credentials_block,
-                                       output_lifetime_s)
+        result = _download_and_archive(
+            archiver, submitted, prediction, credentials_block, output_lifetime_s
+        )
     assert result is not None
     if book is not None:
-        book.record_archived(submitted.request_key, ArchivedAt(
-            bucket=result.bucket, key=result.key, sha256=result.sha256, size=result.size))
-    log.info("%s %s (%d bytes)", "found" if result.already_archived else "archived",
-             result.s3_uri, result.size)
+        book.record_archived(
+            submitted.request_key,
+            ArchivedAt(
+                bucket=result.bucket, key=result.key, sha256=result.sha256, size=result.size
+            ),
+        )
+    log.info(
+        "%s %s (%d bytes)",
+        "found" if result.already_archived else "archived",
+        result.s3_uri,
+        result.size,
+    )
     emit_event(
         event=ARCHIVED_EVENT,
         resource={"prefect.resource.id": result.s3_uri, "prefect.resource.name": result.key},
         payload={
-            "s3_uri": result.s3_uri, "sidecar_uri": result.sidecar_uri,
-            "sha256": result.sha256, "size": result.size,
+            "s3_uri": result.s3_uri,
+            "sidecar_uri": result.sidecar_uri,
+            "sha256": result.sha256,
+            "size": result.size,
             "prediction_id": submitted.prediction_id,
-            "item_id": submitted.item_id, "already_archived": result.already_archived,
+            "item_id": submitted.item_id,
+            "already_archived": result.already_archived,
         },
     )
     if not result.already_archived:
@@ -407,13 +430,20 @@ def archive_to_s3(
 
 
 def _download_and_archive(
-    archiver: S3Archiver, submitted: SubmittedVideo, prediction: Prediction,
-    credentials_block: str | None, output_lifetime_s: float,
+    archiver: S3Archiver,
+    submitted: SubmittedVideo,
+    prediction: Prediction,
+    credentials_block: str | None,
+    output_lifetime_s: float,
 ) -> ArchiveResult:
     fields = KeyFields(
-        prediction_id=prediction.id, model=submitted.model,
-        created_at=prediction.created_at or submitted.submitted_at, seed=submitted.seed,
-        duration=submitted.duration, prefix=archiver.target.prefix, item_id=submitted.item_id,
+        prediction_id=prediction.id,
+        model=submitted.model,
+        created_at=prediction.created_at or submitted.submitted_at,
+        seed=submitted.seed,
+        duration=submitted.duration,
+        prefix=archiver.target.prefix,
+        item_id=submitted.item_id,
     )
     result = archiver.find_archived(fields)
     if result is not None:
@@ -426,15 +456,17 @@ def _download_and_archive(
     if is_redacted(url):  # the stored result's copy: fetch the live (signed) URL
         live = client.get_prediction(prediction.id).outputs
         if not live:
-            raise ArchiveError(f"prediction {prediction.id} no longer lists its output",
-                               retryable=True)
+            raise ArchiveError(
+                f"prediction {prediction.id} no longer lists its output", retryable=True
+            )
         url = live[0]
     try:
         with client.stream_output(url) as response:
             length = response.headers.get("content-length")
             return archiver.archive(
-                checked_mp4(response.iter_bytes(1024 * 1024),
-                            f"the output of prediction {prediction.id}"),
+                checked_mp4(
+                    response.iter_bytes(1024 * 1024), f"the output of prediction {prediction.id}"
+                ),
                 fields,
                 metadata=_object_metadata(submitted, prediction),
                 sidecar=_sidecar(submitted, prediction),
@@ -454,7 +486,8 @@ def _download_and_archive(
         raise OutputExpiredError(
             f"the output of prediction {prediction.id} is gone ({exc.message}); outputs "
             f"live {output_lifetime_s / 86400:g} days on the service. Resubmit to make it again.",
-            prediction_id=prediction.id, status_code=exc.status_code,
+            prediction_id=prediction.id,
+            status_code=exc.status_code,
         ) from None
     except httpx.RemoteProtocolError as exc:
         raise ArchiveError(
@@ -490,26 +523,40 @@ def emit_asset_materialized(result: ArchiveResult, submitted: SubmittedVideo) ->
         "prefect.resource.name": submitted.item_id or result.key,
         "prefect.asset.description": f"Wan 2.2 video ({submitted.model}): {prompt}"[:2500],
     }
-    related = [{"prefect.resource.id": submitted.model,
-                "prefect.resource.role": "asset-materialized-by"}]
+    related = [
+        {"prefect.resource.id": submitted.model, "prefect.resource.role": "asset-materialized-by"}
+    ]
     image = submitted.redacted_request.get("image")
     if isinstance(image, str) and image.startswith(("s3://", "https://", "http://")):
-        related.insert(0, {"prefect.resource.id": asset_key(image),
-                           "prefect.resource.role": "asset"})
+        related.insert(
+            0, {"prefect.resource.id": asset_key(image), "prefect.resource.role": "asset"}
+        )
     emit_event(
-        event=ASSET_MATERIALIZED_EVENT, resource=resource, related=related,
+        event=ASSET_MATERIALIZED_EVENT,
+        resource=resource,
+        related=related,
         payload={
-            "s3_uri": result.s3_uri, "sidecar_uri": result.sidecar_uri,
-            "prompt": prompt, "seed": submitted.seed, "cost_usd": str(submitted.cost_usd),
-            "sha256": result.sha256, "size": result.size, "model": submitted.model,
-            "prediction_id": submitted.prediction_id, "item_id": submitted.item_id,
+            "s3_uri": result.s3_uri,
+            "sidecar_uri": result.sidecar_uri,
+            "prompt": prompt,
+            "seed": submitted.seed,
+            "cost_usd": str(submitted.cost_usd),
+            "sha256": result.sha256,
+            "size": result.size,
+            "model": submitted.model,
+            "prediction_id": submitted.prediction_id,
+            "item_id": submitted.item_id,
         },
     )
 
 
 def _object_metadata(submitted: SubmittedVideo, prediction: Prediction) -> dict[str, str]:
-    meta = {"prediction-id": prediction.id, "model": submitted.model,
-            "seed": str(submitted.seed), "request-key": submitted.request_key}
+    meta = {
+        "prediction-id": prediction.id,
+        "model": submitted.model,
+        "seed": str(submitted.seed),
+        "request-key": submitted.request_key,
+    }
     if submitted.item_id:
         meta["item-id"] = submitted.item_id
     return meta
@@ -560,9 +607,13 @@ def _still_running_notices(submitted: SubmittedVideo) -> Callable[[], None]:
             if done.wait(STILL_RUNNING_EVERY_S - age % STILL_RUNNING_EVERY_S):
                 return
             age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
-            log.info("%s (%s): still running after %.0f s%s", submitted.prediction_id,
-                     submitted.item_id or "video", age,
-                     f"; typical {typical:.0f} s" if typical else "")
+            log.info(
+                "%s (%s): still running after %.0f s%s",
+                submitted.prediction_id,
+                submitted.item_id or "video",
+                age,
+                f"; typical {typical:.0f} s" if typical else "",
+            )
 
     threading.Thread(target=notices, name="wan-wait-notice", daemon=True).start()
     return done.set

@@ -177,9 +177,15 @@ class S3Archiver:
         that died between the video and its sidecar)."""
         if self.head(self.sidecar_key(result.key)) is None:
             logger.warning("%s had no sidecar; writing it", result.s3_uri)
-            self._put_sidecar(result.key, {**sidecar, "sha256": result.sha256,
-                                            "size": result.size,
-                                            "contact_sheet_uri": result.contact_sheet_uri})
+            self._put_sidecar(
+                result.key,
+                {
+                    **sidecar,
+                    "sha256": result.sha256,
+                    "size": result.size,
+                    "contact_sheet_uri": result.contact_sheet_uri,
+                },
+            )
 
     def archive(
         self,
@@ -203,8 +209,13 @@ class S3Archiver:
             return self._finish(key, sha, size, created, sidecar, spool)
 
     def _archive_content_addressed(
-        self, chunks: Iterable[bytes], fields: KeyFields, *, metadata: dict[str, str],
-        sidecar: dict[str, Any], expected_size: int | None,
+        self,
+        chunks: Iterable[bytes],
+        fields: KeyFields,
+        *,
+        metadata: dict[str, str],
+        sidecar: dict[str, Any],
+        expected_size: int | None,
     ) -> ArchiveResult:
         # The key depends on the hash: land the bytes on local disk first, then upload.
         with tempfile.TemporaryFile(prefix="wan-archive-") as disk:
@@ -221,8 +232,9 @@ class S3Archiver:
                 KeyFields(**{**fields.__dict__, "sha256": sha}),
             )
             disk.seek(0)
-            _, _, created = self._upload(key, iter(lambda: disk.read(MiB), b""), metadata,
-                                         None, size)
+            _, _, created = self._upload(
+                key, iter(lambda: disk.read(MiB), b""), metadata, None, size
+            )
             disk.seek(0)
             return self._finish(key, sha, size, created, sidecar, disk)
 
@@ -242,8 +254,12 @@ class S3Archiver:
             )
 
     def _upload(
-        self, key: str, chunks: Iterable[bytes], metadata: dict[str, str],
-        spool: IO[bytes] | None, expected_size: int | None,
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        metadata: dict[str, str],
+        spool: IO[bytes] | None,
+        expected_size: int | None,
     ) -> tuple[str, int, bool]:
         """Upload; returns (sha256, size, created). created=False: the key already existed."""
         digest = hashlib.sha256()
@@ -286,8 +302,13 @@ class S3Archiver:
     def _put(self, key: str, body: bytes, metadata: dict[str, str], sha: str) -> bool:
         try:
             self.s3.put_object(
-                Bucket=self.target.bucket, Key=key, Body=body, ContentType="video/mp4",
-                Metadata=metadata, ChecksumSHA256=_b64(bytes.fromhex(sha)), IfNoneMatch="*",
+                Bucket=self.target.bucket,
+                Key=key,
+                Body=body,
+                ContentType="video/mp4",
+                Metadata=metadata,
+                ChecksumSHA256=_b64(bytes.fromhex(sha)),
+                IfNoneMatch="*",
             )
         except ClientError as exc:
             if _is_precondition_failed(exc):
@@ -296,7 +317,12 @@ class S3Archiver:
         return True
 
     def _finish(
-        self, key: str, sha: str, size: int, created: bool, sidecar: dict[str, Any],
+        self,
+        key: str,
+        sha: str,
+        size: int,
+        created: bool,
+        sidecar: dict[str, Any],
         spool: IO[bytes] | None,
     ) -> ArchiveResult:
         head = self.head(key)
@@ -311,16 +337,25 @@ class S3Archiver:
             if created:
                 raise ArchiveError(
                     f"{self.uri(key)} verification failed: stored {head['ContentLength']} bytes "
-                    f"sha256 {stored_sha}, expected {size} bytes sha256 {sha}", retryable=True)
+                    f"sha256 {stored_sha}, expected {size} bytes sha256 {sha}",
+                    retryable=True,
+                )
             raise ArchiveError(
                 f"{self.uri(key)} already holds a different object (sha256 {stored_sha}); "
                 "refusing to overwrite it. Use a key_template with {prediction_id} or {sha256}.",
-                retryable=False)
+                retryable=False,
+            )
         sheet_uri = self._contact_sheet(key, spool) if created else None
-        self._put_sidecar(key, {**sidecar, "sha256": sha, "size": size,
-                                 "contact_sheet_uri": sheet_uri})
-        logger.info("archived %s (%d bytes, sha256 %s)%s", self.uri(key), size, sha[:12],
-                    "" if created else " (already there)")
+        self._put_sidecar(
+            key, {**sidecar, "sha256": sha, "size": size, "contact_sheet_uri": sheet_uri}
+        )
+        logger.info(
+            "archived %s (%d bytes, sha256 %s)%s",
+            self.uri(key),
+            size,
+            sha[:12],
+            "" if created else " (already there)",
+        )
         return self._result(key, sha, size, already=not created, sheet_uri=sheet_uri)
 
     def _tag_if_same(self, key: str, sha: str, head: dict[str, Any]) -> str | None:
@@ -331,9 +366,12 @@ class S3Archiver:
         if digest.hexdigest() != sha:
             return None
         self.s3.copy_object(
-            Bucket=self.target.bucket, Key=key, ContentType="video/mp4",
+            Bucket=self.target.bucket,
+            Key=key,
+            ContentType="video/mp4",
             CopySource={"Bucket": self.target.bucket, "Key": key},
-            Metadata={**head.get("Metadata", {}), "sha256": sha}, MetadataDirective="REPLACE",
+            Metadata={**head.get("Metadata", {}), "sha256": sha},
+            MetadataDirective="REPLACE",
         )
         return sha
 
@@ -356,32 +394,46 @@ class S3Archiver:
                 return None
         sheet_key = self.sheet_key(key)
         self.s3.put_object(
-            Bucket=self.target.bucket, Key=sheet_key, Body=sheet, ContentType="image/jpeg",
+            Bucket=self.target.bucket,
+            Key=sheet_key,
+            Body=sheet,
+            ContentType="image/jpeg",
             ChecksumSHA256=_b64(hashlib.sha256(sheet).digest()),
         )
         return self.uri(sheet_key)
 
     def _put_sidecar(self, key: str, sidecar: dict[str, Any]) -> None:
-        body = json.dumps({**sidecar, "s3_uri": self.uri(key)}, indent=2, sort_keys=True,
-                          default=str).encode()
+        body = json.dumps(
+            {**sidecar, "s3_uri": self.uri(key)}, indent=2, sort_keys=True, default=str
+        ).encode()
         try:
             self.s3.put_object(
-                Bucket=self.target.bucket, Key=self.sidecar_key(key), Body=body,
+                Bucket=self.target.bucket,
+                Key=self.sidecar_key(key),
+                Body=body,
                 ContentType="application/json",
-                ChecksumSHA256=_b64(hashlib.sha256(body).digest()), IfNoneMatch="*",
+                ChecksumSHA256=_b64(hashlib.sha256(body).digest()),
+                IfNoneMatch="*",
             )
         except ClientError as exc:
             if not _is_precondition_failed(exc):
                 raise  # 412: the first archiving run's sidecar stays
 
-    def _result(self, key: str, sha: str, size: int, *, already: bool,
-                sheet_uri: str | None = None) -> ArchiveResult:
+    def _result(
+        self, key: str, sha: str, size: int, *, already: bool, sheet_uri: str | None = None
+    ) -> ArchiveResult:
         if sheet_uri is None and already and self.head(self.sheet_key(key)) is not None:
             sheet_uri = self.uri(self.sheet_key(key))
         return ArchiveResult(
-            bucket=self.target.bucket, key=key, s3_uri=self.uri(key),
-            sidecar_uri=self.uri(self.sidecar_key(key)), presigned_url=self.presign(key),
-            sha256=sha, size=size, already_archived=already, contact_sheet_uri=sheet_uri,
+            bucket=self.target.bucket,
+            key=key,
+            s3_uri=self.uri(key),
+            sidecar_uri=self.uri(self.sidecar_key(key)),
+            presigned_url=self.presign(key),
+            sha256=sha,
+            size=size,
+            already_archived=already,
+            contact_sheet_uri=sheet_uri,
         )
 
 
@@ -431,7 +483,10 @@ class _Multipart:
         # it with an in-place copy once the last part is in.
         self._metadata = metadata
         created = self._s3.create_multipart_upload(
-            Bucket=self._bucket, Key=key, ContentType="video/mp4", Metadata=metadata,
+            Bucket=self._bucket,
+            Key=key,
+            ContentType="video/mp4",
+            Metadata=metadata,
             ChecksumAlgorithm="SHA256",
         )
         self._upload_id = created["UploadId"]
@@ -449,8 +504,12 @@ class _Multipart:
     def _part(self, number: int, data: bytes) -> dict[str, Any]:
         checksum = _b64(hashlib.sha256(data).digest())
         answer = self._s3.upload_part(
-            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number,
-            Body=data, ChecksumSHA256=checksum,
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=data,
+            ChecksumSHA256=checksum,
         )
         return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
 
@@ -459,7 +518,9 @@ class _Multipart:
         self._pool.shutdown()
         try:
             self._s3.complete_multipart_upload(
-                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
                 IfNoneMatch="*",
             )
@@ -471,9 +532,12 @@ class _Multipart:
         if metadata != self._metadata:
             # The file's sha256 is known only now: set it with an in-place metadata copy.
             self._s3.copy_object(
-                Bucket=self._bucket, Key=self._key, ContentType="video/mp4",
+                Bucket=self._bucket,
+                Key=self._key,
+                ContentType="video/mp4",
                 CopySource={"Bucket": self._bucket, "Key": self._key},
-                Metadata=metadata, MetadataDirective="REPLACE",
+                Metadata=metadata,
+                MetadataDirective="REPLACE",
             )
         return True
 

@@ -39,7 +39,7 @@ class Mp4Structure:
                 return  # the next box starts beyond this chunk (inside the media)
             large = len(self._header) >= 8 and self._header[:4] == b"\0\0\0\1"
             need = 16 if large else 8
-            self._header += chunk[at:at + need - len(self._header)]
+            self._header += chunk[at : at + need - len(self._header)]
             if len(self._header) < 8:
                 return  # the rest of the header is in the next chunk
             if self._header[:4] == b"\0\0\0\1" and len(self._header) < 16:
@@ -68,8 +68,10 @@ class Mp4Structure:
         if self.size == 0:
             return "no bytes"
         if not self._to_end and (self._header or self._next != self.size):
-            return (f"it ends at byte {self.size} inside a box that runs to byte "
-                    f"{max(self._next, self.size + 1)}")
+            return (
+                f"it ends at byte {self.size} inside a box that runs to byte "
+                f"{max(self._next, self.size + 1)}"
+            )
         missing = REQUIRED_BOXES - set(self.boxes)
         if missing:
             names = ", ".join(sorted(b.decode() for b in missing))
@@ -79,8 +81,9 @@ class Mp4Structure:
     def check(self, what: str = "the download") -> None:
         problem = self.problem()
         if problem:
-            raise ArchiveError(f"{what} is not a whole MP4 ({problem}); not archived",
-                               retryable=True)
+            raise ArchiveError(
+                f"{what} is not a whole MP4 ({problem}); not archived", retryable=True
+            )
 
 
 def checked_mp4(chunks: Iterable[bytes], what: str = "the download") -> Iterator[bytes]:

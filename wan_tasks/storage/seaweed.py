@@ -361,9 +361,12 @@ class SeaweedFS:
         try:
             answer = httpx.get(f"http://{_HOST}:{self._ports['master']}/dir/status", timeout=2)
             topology = answer.json()["Topology"]
-            nodes = [node for dc in topology.get("DataCenters") or []
-                     for rack in dc.get("Racks") or []
-                     for node in rack.get("DataNodes") or []]
+            nodes = [
+                node
+                for dc in topology.get("DataCenters") or []
+                for rack in dc.get("Racks") or []
+                for node in rack.get("DataNodes") or []
+            ]
             reported = sum(int(node.get("Volumes", 0)) for node in nodes)
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return False
