@@ -37,6 +37,7 @@ so a caller can reconnect instead of paying again. Messages never contain the AP
     │   └── SeaweedError               the embedded SeaweedFS could not start
     ├── LocalServiceError              a dev-stack process did not start or died
     └── RunIncompleteError             a flow run did not land every video
+        ├── RunCancelledError          the run was cancelled (videos not started)
         ├── VideoFailedError           the one video of `generate-video`
         └── BatchIncompleteError       some videos of a batch
 """
@@ -283,6 +284,10 @@ class RunIncompleteError(WanTasksError, RuntimeError):
     """A flow run did not land every video it was given; the message says which and why."""
 
 
+class RunCancelledError(RunIncompleteError):
+    """The flow run was cancelled: the videos it had not started were not submitted."""
+
+
 class VideoFailedError(RunIncompleteError):
     """The video was not made or not archived; the message carries the typed reason."""
 
@@ -310,6 +315,7 @@ __all__ = [
     "NoSlotError",
     "OutputExpiredError",
     "RateLimitedError",
+    "RunCancelledError",
     "RunIncompleteError",
     "SeaweedError",
     "StorageError",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
 from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.budget import Budget
@@ -179,6 +180,13 @@ def generate_batch(
         report.new_spend_usd,
         report.summary_uri,
     )
+    if producer.cancelled:
+        # The run ends Cancelled, as asked, with its report (what landed, what was kept in
+        # flight, what was never started) in the summary; a re-run completes the rest.
+        return Cancelled(  # type: ignore[return-value]
+            message=f"cancelled: {report.archived} of {report.total} videos archived; "
+            f"see {report.summary_uri}. Re-run to complete the rest."
+        )
     if fail_on_item_error and report.archived < report.total:
         error = BatchIncompleteError(
             f"{report.total - report.archived} of {report.total} videos did not land "

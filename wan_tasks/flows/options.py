@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wan_tasks.api.policies import PollPolicy
 from wan_tasks.core.ledger import DEFAULT_LEDGER_PREFIX
+from wan_tasks.flows.cancel import OnCancel
 from wan_tasks.integration.limits import LimitSettings
 from wan_tasks.storage.keys import DEFAULT_TEMPLATE, validate_template
 
@@ -86,6 +87,12 @@ class RunOptions(BaseModel):
     allow_resubmit_expired: bool = Field(
         False,
         description="pay again for a video whose output expired (7 days) before it was archived",
+    )
+    on_cancel: OnCancel = Field(
+        "detach",
+        description="when the flow run is cancelled: 'detach' keeps predictions already paid "
+        "for (archived when done, or by the next run through the ledger); 'cancel_remote' "
+        "cancels them at the service",
     )
     output_lifetime_s: float = Field(
         7 * 24 * 3600.0,

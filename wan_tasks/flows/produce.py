@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -36,12 +37,15 @@ from wan_tasks.errors import (
     MissingLimitError,
     NoSlotError,
     OutputExpiredError,
+    RunCancelledError,
     TaskFailedError,
 )
+from wan_tasks.flows.cancel import CancelWatch
 from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.flows.progress import Progress
 from wan_tasks.integration.limits import LimitSettings, read_limit
+from wan_tasks.integration.runtime import wavespeed_client
 from wan_tasks.integration.tasks import (
     archive_to_s3,
     learn_inference_times,
@@ -96,6 +100,32 @@ class Producer:
         self.ledger = target.at(options.ledger_prefix) if options.ledger else None
         self.this_run = str(flow_run.id) if flow_run.id else None
         self.progress = Progress(0)  # progress: replaced per run()
+        self.cancel = CancelWatch(None, self._on_cancel)
+        # Submitted and not yet finished, by prediction id: what a cancellation acts on.
+        self._in_flight: dict[str, SubmittedVideo] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.stopped.is_set()
+
+    def _on_cancel(self) -> None:
+        with self._lock:
+            in_flight = list(self._in_flight)
+        if self.options.on_cancel == "detach":
+            logger.warning(
+                "cancelled with %d prediction(s) in flight, kept: they are in the ledger and "
+                "are archived when done (by this run, or by the next run of the same input)",
+                len(in_flight),
+            )
+            return
+        client = wavespeed_client(self.options.credentials_block)
+        for prediction_id in in_flight:
+            try:
+                client.cancel(prediction_id)
+                logger.warning("cancelled prediction %s at the service", prediction_id)
+            except Exception as exc:
+                logger.warning("could not cancel prediction %s: %s", prediction_id, exc)
 
     # -- one video -------------------------------------------------------------------------
 
@@ -133,6 +163,10 @@ class Producer:
                 # (the prediction itself may be gone); the archive step finds it there.
                 return submitted, None
             fresh = submitted.flow_run_id == self.this_run
+            with self._lock:
+                self._in_flight[submitted.prediction_id] = submitted
+            if self.cancelled and self.options.on_cancel == "cancel_remote":
+                self._on_cancel()  # submitted while the cancellation was being handled
             try:
                 prediction = wait_for_prediction(
                     submitted,
@@ -146,6 +180,9 @@ class Producer:
                     raise
                 self._next_attempt(video, exc)
                 continue
+            finally:
+                with self._lock:
+                    self._in_flight.pop(submitted.prediction_id, None)
             video.new_submissions += fresh
             return submitted, prediction
 
@@ -177,7 +214,8 @@ class Producer:
                 submitted, prediction = self.make(video)
 
     def _next_attempt(self, video: _Video, cause: Exception) -> None:
-        if video.new_submissions >= self.options.max_attempts:
+        # A cancelled run pays for no new attempt (a re-run may).
+        if video.new_submissions >= self.options.max_attempts or self.cancelled:
             raise cause
         video.attempt += 1
         get_run_logger().warning(
@@ -211,7 +249,9 @@ class Producer:
             spend=lambda: self.budget.spent,
             log=get_run_logger() if len(jobs) > 1 else None,
         )
+        self.cancel = CancelWatch(self.this_run, self._on_cancel)
         with (
+            self.cancel,
             self.progress,
             ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers,
             ThreadPoolExecutor(lanes, "wan-lane") as lane_pool,
@@ -227,10 +267,21 @@ class Producer:
                 )
                 for _ in range(lanes)
             ]
-            for lane in running:
-                lane.result()
-        # Jobs no lane could take (every slot acquisition failed or timed out).
-        cause = lane_errors[0] if lane_errors else RuntimeError("no lane ran")
+            try:
+                for lane in running:
+                    lane.result()
+            except BaseException as exc:  # a termination signal, Ctrl-C: as a cancellation
+                self.cancel.trigger(f"the run is ending ({type(exc).__name__})")
+                raise
+        # Jobs no lane took: the run was cancelled, or every slot acquisition failed.
+        cause: BaseException
+        if self.cancelled:
+            cause = RunCancelledError(
+                "not started: the flow run was cancelled; nothing was paid for this video. "
+                "Re-run to make it."
+            )
+        else:
+            cause = lane_errors[0] if lane_errors else RuntimeError("no lane ran")
         return [
             results[i].result() if i in results else failed_outcome(job, cause)
             for i, job in enumerate(jobs)
@@ -274,6 +325,8 @@ class Producer:
             try:
                 held_since = time.monotonic()
                 while True:  # at least one video per turn
+                    if self.cancelled:
+                        return
                     try:
                         index, job = pending.get_nowait()
                     except queue.Empty:
@@ -315,7 +368,7 @@ def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
     return VideoOutcome(
         item_id=job.item_id,
         row=job.row,
-        status="skipped" if isinstance(exc, BudgetExceededError) else "failed",
+        status="skipped" if isinstance(exc, BudgetExceededError | RunCancelledError) else "failed",
         prediction_id=getattr(exc, "prediction_id", None),
         error_type=type(exc).__name__,
         error=str(exc),
