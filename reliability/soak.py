@@ -3,8 +3,9 @@ store that throttles and restarts mid-run. Then one re-run, as an operator would
 
 Faults: 429 with Retry-After, 500/502/503, slow answers past the client's timeout, submits that
 create the task and drop the connection, task failures with retryable (5xxx) and permanent
-(1403, 1200) codes, expired and truncated downloads; S3 503 SlowDown and a full restart of the
-S3 server while videos are being archived.
+(1403, 1200) codes, 404s on young outputs, downloads truncated with and without
+Content-Length, history pages capped at 5 rows; S3 503 SlowDown and a full restart of the S3
+server while videos are being archived.
 
     python -m reliability.soak --videos 200
 """
@@ -40,8 +41,14 @@ FAULTS: dict[str, Any] = {
         "task_permanent_failure": 0.02,
         "download_expired": 0.01,
         "download_truncated": 0.03,
+        # This round's classes: a body cut short with no Content-Length (looks complete).
+        # (Lost answers on resubmissions come from submit_drop meeting 5xxx resubmissions;
+        # download_expired hits young outputs, which must be retried, never paid again.)
+        "download_truncated_unsized": 0.03,
     },
 }
+# History pages far smaller than asked for: reconciliation must page to the end.
+HISTORY_PAGE_CAP = 5
 
 
 def _child(
@@ -67,7 +74,11 @@ def run(
     with (
         prefect_api(workdir),
         EmulatorProcess(
-            latency_s=latency, concurrency=in_flight * 2, api_key="soak-key", faults=FAULTS
+            latency_s=latency,
+            concurrency=in_flight * 2,
+            api_key="soak-key",
+            faults=FAULTS,
+            history_page_cap=HISTORY_PAGE_CAP,
         ) as emu,
         SeaweedFS(workdir / "seaweedfs", buckets=[BUCKET]) as weed,
         S3FaultProxy(weed.endpoint.endpoint_url, throttle=0.03, seed=5) as proxy,

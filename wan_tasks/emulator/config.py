@@ -89,6 +89,9 @@ class FaultRates(BaseModel):
     task_permanent_failure: float = Field(0.0, ge=0, le=1, description="fails with 1403/1200")
     download_expired: float = Field(0.0, ge=0, le=1, description="output download answers 404")
     download_truncated: float = Field(0.0, ge=0, le=1, description="download cut off half way")
+    download_truncated_unsized: float = Field(
+        0.0, ge=0, le=1, description="half the bytes with no Content-Length, then a clean close"
+    )
 
 
 class FaultPlan(BaseModel):
@@ -226,6 +229,8 @@ class FaultDecider:
                     return "expire"
                 if roll() < r.download_truncated:
                     return "truncate"
+                if roll() < r.download_truncated_unsized:
+                    return "truncate_unsized"
                 return None
             if roll() < r.rate_limit:
                 return "429"
