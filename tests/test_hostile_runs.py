@@ -126,17 +126,32 @@ def test_a_refused_intent_write_releases_the_budget(
 
 
 def test_the_emulator_and_the_real_service_never_share_an_identity(
-    make_stack: Callable[..., Stack], make_emulator: Callable[..., object]
+    make_stack: Callable[..., Stack],
 ) -> None:
     """A free run on one service (or account) and the same request on another must not
     reconnect to each other's predictions: each is submitted to its own service."""
-    first = make_stack()
+    first = make_stack(api_key="account-one")
     run_video(req("two-services", seed=5), options=FAST)
-    second = make_stack()  # another service: a new base URL and key, same bucket and ledger
+    second = make_stack(api_key="account-two")  # another account; same bucket and ledger
     out = run_video(req("two-services", seed=5), options=FAST)
     assert out.status == "archived"
     assert first.stats()["submissions"] == 1
     assert second.stats()["submissions"] == 1
+
+
+def test_service_identity_names_host_and_account_not_a_local_port() -> None:
+    from pydantic import SecretStr
+
+    from wan_tasks.api.config import service_fingerprint
+
+    key = SecretStr("k1")
+    real = service_fingerprint("https://api.wavespeed.ai", key)
+    local = service_fingerprint("http://127.0.0.1:8700", key)
+    assert real != local  # the emulator is never the real service
+    assert real != service_fingerprint("https://api.wavespeed.ai", SecretStr("k2"))
+    # A local emulator restarted on another port is the same (free) account.
+    assert local == service_fingerprint("http://127.0.0.1:9911", key)
+    assert "k1" not in real
 
 
 def test_an_image_replaced_in_place_is_a_new_request(stack: Stack, tmp_path: Path) -> None:
