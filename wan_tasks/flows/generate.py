@@ -131,9 +131,12 @@ def generate_batch(
         for bad in invalid:
             log.warning("not submitted: %s", bad.error)
         budget = Budget(options.budget_usd)
+        waited = _rate_limited_wait(options) if jobs else 0.0
         outcomes = sorted(Producer(target, options, budget).run(jobs) + invalid,
                           key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
+        if jobs:
+            report.rate_limit_wait_s = round(_rate_limited_wait(options) - waited, 3)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
         publish_artifacts(outcomes, title=f"Batch {Path(manifest).name}",
                           s3_block=target.s3_block)
@@ -159,6 +162,14 @@ def _report(manifest: str, outcomes: list[VideoOutcome], spent: Decimal) -> Batc
         cost_usd=sum((o.cost_usd for o in outcomes if o.status == "archived"), Decimal("0")),
         new_spend_usd=spent, outcomes=outcomes,
     )
+
+
+def _rate_limited_wait(options: RunOptions) -> float:
+    """What the process's shared client has slept on 429s so far (other flows running in
+    this process at the same time add theirs)."""
+    from wan_tasks.integration.runtime import wavespeed_client
+
+    return wavespeed_client(options.credentials_block).rate_limited_wait_s
 
 
 def _run_label() -> str:
