@@ -231,10 +231,10 @@ def _check_service(report: CheckReport, credentials_block: str | None,
         report.add("key", "ok", f"{base_url} accepts the key")
         cheapest = min(prices.values()) if prices else Decimal("0")
         if balance < cheapest:
-            report.add("balance", "warn", f"${balance}: below one video (${cheapest}); "
+            report.add("balance", "warn", f"{_usd(balance)}: below one video ({_usd(cheapest)}); "
                        "submissions will be refused until the account is topped up")
         else:
-            report.add("balance", "ok", f"${balance}")
+            report.add("balance", "ok", _usd(balance))
         if _check_model(report, api, model):
             _check_prices(report, api, model, prices)
         else:
@@ -249,6 +249,12 @@ def _client(key: SecretStr, base_url: str, timeout_s: float) -> WaveSpeedClient:
     # Few, short retries: a check should answer in seconds, not sleep out a long Retry-After.
     return WaveSpeedClient(key, base_url, timeouts=Timeouts(read=timeout_s),
                            retry=RetryPolicy(max_attempts=2, backoff=0.5, max_retry_after=10))
+
+
+def _usd(amount: Decimal) -> str:
+    """Dollars as people write them ($0.10, not $0.1), never rounding a real difference."""
+    cents = amount.quantize(Decimal("0.01"))
+    return f"${cents}" if cents == amount else f"${amount}"
 
 
 def _why(exc: BaseException) -> str:
@@ -303,12 +309,12 @@ def _check_prices(report: CheckReport, api: _Api, model: str,
                        f"{_why(exc)}")
             return
         if price != expected:
-            mismatches.append(f"a {duration} s video: the service says ${price}, "
-                              f"{_PRICE_TABLE} says ${expected}")
+            mismatches.append(f"a {duration} s video: the service says {_usd(price)}, "
+                              f"{_PRICE_TABLE} says {_usd(expected)}")
         else:
-            note = (f" (discounted: ${discounted})"
+            note = (f" (discounted: {_usd(discounted)})"
                     if discounted is not None and discounted != price else "")
-            seen.append(f"{duration} s ${price}{note}")
+            seen.append(f"{duration} s {_usd(price)}{note}")
     if mismatches:
         report.add("price", "warn", "price mismatch: " + "; ".join(mismatches)
                    + ". Budgets and cost reports use the table: update it before a batch.")
@@ -426,6 +432,18 @@ def _check_s3(report: CheckReport, bucket: str | None, s3_block: str | None,
     key = f"{prefix.strip('/') or 'videos'}/.wan-video-check/{uuid.uuid4().hex}"
     where = f"s3://{bucket}/{key}"
     try:
+        # Some stores (SeaweedFS) create a missing bucket on the first write; the archive's
+        # must exist. A writer without ListBucket gets 403 here: the write still tells.
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "?"))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            report.add("s3", "fail", f"bucket {bucket!r} does not exist (NoSuchBucket)")
+            return bucket
+    except BotoCoreError as exc:
+        report.add("s3", "fail", f"cannot reach the bucket {bucket!r}: {_why(exc)}")
+        return bucket
+    try:
         # Conditional, as the archive writes: a store that ignores If-None-Match could
         # overwrite a video; one that refuses it (501) breaks every archive.
         s3.put_object(Bucket=bucket, Key=key, Body=b"wan-video check probe\n",
@@ -477,10 +495,10 @@ def _check_spend(report: CheckReport, credentials_block: str | None, bucket: str
                    "task is refunded automatically, within about 3 hours)")
         return
     after = _balance(key, base_url, timeout_s)
-    change = (f"; balance ${before} -> ${after}"
+    change = (f"; balance {_usd(before)} -> {_usd(after)}"
               if before is not None and after is not None else "")
     report.add("spend", "ok", f"one 5 s video end to end: prediction {outcome.prediction_id}, "
-               f"cost ${outcome.cost_usd}, archived at {outcome.s3_uri}{change}")
+               f"cost {_usd(outcome.cost_usd)}, archived at {outcome.s3_uri}{change}")
 
 
 def _balance(key: SecretStr, base_url: str, timeout_s: float) -> Decimal | None:
