@@ -42,13 +42,20 @@ def test_tiers_are_the_documented_ones() -> None:
 
 
 @pytest.mark.parametrize("tier", ALL_TIERS)
-def test_default_check_passes_and_spends_nothing(make_stack: Callable[..., Stack],
-                                                 tier: str) -> None:
+def test_default_check_passes_and_spends_nothing(
+    make_stack: Callable[..., Stack], tier: str
+) -> None:
     stack = tier_stack(make_stack, tier)
     report = check_account(tier=tier)
     statuses = {r.name: r.status for r in report.results}
-    assert statuses == {"key": "ok", "balance": "ok", "model": "ok", "price": "ok",
-                        "limits": "ok", "s3": "ok"}, report.lines()
+    assert statuses == {
+        "key": "ok",
+        "balance": "ok",
+        "model": "ok",
+        "price": "ok",
+        "limits": "ok",
+        "s3": "ok",
+    }, report.lines()
     assert report.exit_code == 0 and report.base_url == stack.emulator.base_url
     assert "$1000" in report.result("balance").message
     assert "$0.10" in report.result("price").message
@@ -59,8 +66,9 @@ def test_default_check_passes_and_spends_nothing(make_stack: Callable[..., Stack
 
 
 @pytest.mark.parametrize("tier", ALL_TIERS)
-def test_wrong_key_fails_naming_the_first_top_up(make_stack: Callable[..., Stack],
-                                                 tier: str) -> None:
+def test_wrong_key_fails_naming_the_first_top_up(
+    make_stack: Callable[..., Stack], tier: str
+) -> None:
     stack = tier_stack(make_stack, tier)
     wrong = "wrong-key-0123456789abcdef"
     with settings.override(api_key=wrong):
@@ -97,9 +105,10 @@ def test_in_flight_above_bronze_concurrency_warns(make_stack: Callable[..., Stac
     assert check_account().result("limits").status == "skip"  # no tier: nothing to compare
 
 
-def test_per_minute_warning_uses_the_history(make_stack: Callable[..., Stack],
-                                             make_client: Callable[..., WaveSpeedClient],
-                                             ) -> None:
+def test_per_minute_warning_uses_the_history(
+    make_stack: Callable[..., Stack],
+    make_client: Callable[..., WaveSpeedClient],
+) -> None:
     """Fast tasks in the account's history: 2 at once submit far more than 2 a minute."""
     stack = make_stack(in_flight=2, latency_s=0.3)
     client = make_client(stack.emulator)
@@ -120,15 +129,15 @@ def test_per_minute_warning_uses_the_history(make_stack: Callable[..., Stack],
     assert over.status == "warn" and "is 5, above the bronze tier's 2" in over.message
 
 
-def test_missing_in_flight_limit_fails(stack: Stack) -> None:
-    report = check_account(tier="bronze", limits=LimitSettings(in_flight="check-no-such-limit"))
+@pytest.mark.parametrize("tier", ["bronze", None])
+def test_missing_in_flight_limit_fails(stack: Stack, tier: str | None) -> None:
+    report = check_account(tier=tier, limits=LimitSettings(in_flight="check-no-such-limit"))
     assert report.result("limits").status == "fail"
     assert "check-no-such-limit" in report.result("limits").message
     assert report.exit_code == 1
 
 
-def test_s3_probe_fails_on_a_missing_bucket(stack: Stack, monkeypatch: pytest.MonkeyPatch
-                                            ) -> None:
+def test_s3_probe_fails_on_a_missing_bucket(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"wan-check-missing-{uuid.uuid4().hex[:8]}"
     missing = check_account(bucket=name).result("s3")
     assert missing.status == "fail" and "NoSuchBucket" in missing.message, missing.message
@@ -145,15 +154,19 @@ def test_spend_makes_exactly_one_submission(make_stack: Callable[..., Stack]) ->
     assert spend.status == "ok", report.lines()
     stats = stack.stats()
     assert stats["submissions"] == 1 and stats["completed"] == 1
-    assert "cost $0.10" in spend.message and "balance $1000" in spend.message
+    assert "cost $0.10" in spend.message
+    assert "balance $1000.00 -> $999.90" in spend.message
     uri = spend.message.split("archived at ")[1].split(";")[0]
     data, _ = stack.object(uri)
     assert uri.startswith(f"s3://{TEST_BUCKET}/videos/") and data[4:8] == b"ftyp"
     assert report.exit_code == 0
 
 
-def test_cli_check_exit_codes(make_stack: Callable[..., Stack], capsys: pytest.CaptureFixture[str],
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_check_exit_codes(
+    make_stack: Callable[..., Stack],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     stack = tier_stack(make_stack, "bronze", in_flight=3)
     assert main(["check", "--tier", "bronze"]) == 0  # warnings only
     out = capsys.readouterr().out

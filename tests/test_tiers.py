@@ -19,8 +19,9 @@ from wan_tasks.flows.options import RunOptions
 
 SCALE = 0.04
 WINDOW_S = 60 * SCALE
-FAST = RunOptions(poll=PollPolicy(first_poll_after=0.1, min_interval=0.1, max_interval=0.3,
-                                  jitter=0.0))
+FAST = RunOptions(
+    poll=PollPolicy(first_poll_after=0.1, min_interval=0.1, max_interval=0.3, jitter=0.0)
+)
 
 
 def test_client_waits_out_a_submit_429_and_counts_it(
@@ -42,9 +43,13 @@ def test_bronze_batch_of_ten_completes_without_duplicates(
 ) -> None:
     stack = make_stack(in_flight=2, tier="bronze", concurrency=2, time_scale=SCALE)
     manifest = tmp_path / "bronze.jsonl"
-    manifest.write_text("".join(
-        json.dumps({"id": f"bronze-{i}", "image": str(SAMPLE), "prompt": f"bronze tier {i}"})
-        + "\n" for i in range(10)))
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"bronze-{i}", "image": str(SAMPLE), "prompt": f"bronze tier {i}"})
+            + "\n"
+            for i in range(10)
+        )
+    )
     report = generate_batch(str(manifest), options=FAST)
     assert report.archived == 10 and report.failed == 0, [o.error for o in report.outcomes]
     stats = stack.stats()

@@ -5,8 +5,9 @@ block) whether the key authenticates, what the balance is, whether the model exi
 what the project's price table (`PRICE_USD`) says, compares the account tier's caps with the
 Prefect limits the flows take slots from, and writes and deletes a probe object in the archive
 bucket (conditionally, `If-None-Match: *`, as the archive writes). None of that submits a task
-or uploads a file: only with `spend=True` does it make one real 5 s video end to end, and only
-when every other check passed. Each check's result is ok, warn, fail or skip (it could not be
+or uploads a file: only with `spend=True` does it make one real 5 s video end to end (the
+flows' own submit, wait and archive tasks, in a `wan-video-check` flow run), and only when
+every other check passed. Each check's result is ok, warn, fail or skip (it could not be
 run because an earlier one failed, or was not asked for); warnings alone still pass.
 
 The tier is an input: the API does not say which tier an account is on.
@@ -14,16 +15,17 @@ The tier is an input: the API does not say which tier an account is on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+from prefect import flow
 from pydantic import BaseModel, Field, SecretStr
 
 from wan_tasks import settings
@@ -34,6 +36,7 @@ from wan_tasks.api.operations import Timeouts
 from wan_tasks.api.policies import RetryPolicy
 from wan_tasks.api.protocol import API_PREFIX, envelope_data
 from wan_tasks.core.inference_times import InferenceTimes
+from wan_tasks.core.ledger import DEFAULT_LEDGER_PREFIX
 from wan_tasks.errors import (
     AuthenticationError,
     MissingLimitError,
@@ -41,6 +44,7 @@ from wan_tasks.errors import (
     WaveSpeedError,
 )
 from wan_tasks.integration.limits import DEFAULT_RATE_LIMIT, LimitSettings, read_limit
+from wan_tasks.storage.archive import ArchiveTarget
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +121,7 @@ class CheckReport(BaseModel):
     def lines(self) -> list[str]:
         """For people: one line per check, then the verdict."""
         out = [f"[{r.status:^4}] {r.name:<8} {r.message}" for r in self.results]
-        verdict = (f"{len(self.failed)} check(s) failed" if self.failed
-                   else "all checks passed")
+        verdict = f"{len(self.failed)} check(s) failed" if self.failed else "all checks passed"
         if self.warnings:
             verdict += f", {len(self.warnings)} warning(s)"
         return [*out, verdict]
@@ -133,7 +136,9 @@ class _Api:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         response = self._http.request(
-            method, f"{self.base_url}{API_PREFIX}{path}", json=body,
+            method,
+            f"{self.base_url}{API_PREFIX}{path}",
+            json=body,
             headers={"Authorization": f"Bearer {self._key.get_secret_value()}"},
         )
         return envelope_data(response, operation=f"{method} {API_PREFIX}{path}")
@@ -147,7 +152,8 @@ def _credentials(credentials_block: str | None) -> tuple[SecretStr, str]:
         from wan_tasks.integration.blocks import WaveSpeedCredentials
 
         creds: WaveSpeedCredentials = WaveSpeedCredentials.load(  # type: ignore[call-arg,assignment]
-            credentials_block, _sync=True)
+            credentials_block, _sync=True
+        )
         return resolve_api_key(creds.api_key), resolve_base_url(creds.base_url)
     return resolve_api_key(None), resolve_base_url(None)
 
@@ -166,8 +172,8 @@ def check_account(
     default_inference_s: float = DEFAULT_INFERENCE_S,
     timeout_s: float = 20.0,
 ) -> CheckReport:
-    """Run every check; see the module docstring. Synchronous (with `spend`, it runs the
-    `generate-video` flow with `asyncio.run`): call it from synchronous code.
+    """Run every check; see the module docstring. With `spend`, the video is made by the
+    `wan-video-check` flow (the flows' own submit, wait and archive tasks).
 
     Args:
         credentials_block: a saved `WaveSpeedCredentials` block; None: the settings.
@@ -183,23 +189,35 @@ def check_account(
     limits = limits or LimitSettings()
     report = CheckReport(tier=tier)
     api_ok = _check_service(report, credentials_block, prices, model, timeout_s)
-    _check_limits(report, credentials_block, tier, limits, model, default_inference_s,
-                  timeout_s, history=api_ok)
+    _check_limits(
+        report,
+        credentials_block,
+        tier,
+        limits,
+        model,
+        default_inference_s,
+        timeout_s,
+        history=api_ok,
+    )
     bucket = _check_s3(report, bucket, s3_block, prefix)
     if spend:
         if report.failed:
             report.add("spend", "skip", "not spent: fix the failed checks first")
         else:
-            _check_spend(report, credentials_block, bucket, s3_block, prefix, limits,
-                         timeout_s)
+            _check_spend(report, credentials_block, bucket, s3_block, prefix, limits, timeout_s)
     return report
 
 
 # -- the service: key, balance, model, price -----------------------------------------------
 
 
-def _check_service(report: CheckReport, credentials_block: str | None,
-                   prices: Mapping[int, Decimal], model: str, timeout_s: float) -> bool:
+def _check_service(
+    report: CheckReport,
+    credentials_block: str | None,
+    prices: Mapping[int, Decimal],
+    model: str,
+    timeout_s: float,
+) -> bool:
     try:
         key, base_url = _credentials(credentials_block)
     except (WanTasksError, ValueError) as exc:
@@ -215,11 +233,16 @@ def _check_service(report: CheckReport, credentials_block: str | None,
             balance = client.balance()
         except AuthenticationError as exc:
             code = exc.status_code or 401
-            report.add("key", "fail", (
-                f"{base_url} refused the key (HTTP {code}). A WaveSpeed key works only after "
-                "the account's first top-up: until then a new key answers 401 however valid "
-                "it looks. Top up once, then run the check again; otherwise check "
-                "WAVESPEED_API_KEY (or the credentials block)."))
+            report.add(
+                "key",
+                "fail",
+                (
+                    f"{base_url} refused the key (HTTP {code}). A WaveSpeed key works only after "
+                    "the account's first top-up: until then a new key answers 401 however valid "
+                    "it looks. Top up once, then run the check again; otherwise check "
+                    "WAVESPEED_API_KEY (or the credentials block)."
+                ),
+            )
             for name in ("balance", "model", "price"):
                 report.add(name, "skip", "not checked: the key was refused")
             return False
@@ -231,8 +254,12 @@ def _check_service(report: CheckReport, credentials_block: str | None,
         report.add("key", "ok", f"{base_url} accepts the key")
         cheapest = min(prices.values()) if prices else Decimal("0")
         if balance < cheapest:
-            report.add("balance", "warn", f"{_usd(balance)}: below one video ({_usd(cheapest)}); "
-                       "submissions will be refused until the account is topped up")
+            report.add(
+                "balance",
+                "warn",
+                f"{_usd(balance)}: below one video ({_usd(cheapest)}); "
+                "submissions will be refused until the account is topped up",
+            )
         else:
             report.add("balance", "ok", _usd(balance))
         if _check_model(report, api, model):
@@ -247,8 +274,12 @@ def _check_service(report: CheckReport, credentials_block: str | None,
 
 def _client(key: SecretStr, base_url: str, timeout_s: float) -> WaveSpeedClient:
     # Few, short retries: a check should answer in seconds, not sleep out a long Retry-After.
-    return WaveSpeedClient(key, base_url, timeouts=Timeouts(read=timeout_s),
-                           retry=RetryPolicy(max_attempts=2, backoff=0.5, max_retry_after=10))
+    return WaveSpeedClient(
+        key,
+        base_url,
+        timeouts=Timeouts(read=timeout_s),
+        retry=RetryPolicy(max_attempts=2, backoff=0.5, max_retry_after=10),
+    )
 
 
 def _usd(amount: Decimal) -> str:
@@ -271,8 +302,12 @@ def _check_model(report: CheckReport, api: _Api, model: str) -> bool:
         data = data.get("items") or data.get("models") or []
     entries = [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
     if not any(e.get("model_id") == model for e in entries):
-        report.add("model", "fail", f"{model} is not in the service's catalogue "
-                   f"({len(entries)} models listed): check the model id")
+        report.add(
+            "model",
+            "fail",
+            f"{model} is not in the service's catalogue "
+            f"({len(entries)} models listed): check the model id",
+        )
         return False
     report.add("model", "ok", f"{model} is listed")
     return True
@@ -298,26 +333,38 @@ def _quoted_price(api: _Api, model: str, duration: int) -> tuple[Decimal, Decima
         raise ValueError(f"unreadable price {str(listed)[:40]!r} for {duration} s") from None
 
 
-def _check_prices(report: CheckReport, api: _Api, model: str,
-                  prices: Mapping[int, Decimal]) -> None:
+def _check_prices(
+    report: CheckReport, api: _Api, model: str, prices: Mapping[int, Decimal]
+) -> None:
     mismatches, seen = [], []
     for duration, expected in sorted(prices.items()):
         try:
             price, discounted = _quoted_price(api, model, duration)
         except (WaveSpeedError, httpx.HTTPError, ValueError) as exc:
-            report.add("price", "warn", f"could not read the price of a {duration} s video: "
-                       f"{_why(exc)}")
+            report.add(
+                "price", "warn", f"could not read the price of a {duration} s video: {_why(exc)}"
+            )
             return
         if price != expected:
-            mismatches.append(f"a {duration} s video: the service says {_usd(price)}, "
-                              f"{_PRICE_TABLE} says {_usd(expected)}")
+            mismatches.append(
+                f"a {duration} s video: the service says {_usd(price)}, "
+                f"{_PRICE_TABLE} says {_usd(expected)}"
+            )
         else:
-            note = (f" (discounted: {_usd(discounted)})"
-                    if discounted is not None and discounted != price else "")
+            note = (
+                f" (discounted: {_usd(discounted)})"
+                if discounted is not None and discounted != price
+                else ""
+            )
             seen.append(f"{duration} s {_usd(price)}{note}")
     if mismatches:
-        report.add("price", "warn", "price mismatch: " + "; ".join(mismatches)
-                   + ". Budgets and cost reports use the table: update it before a batch.")
+        report.add(
+            "price",
+            "warn",
+            "price mismatch: "
+            + "; ".join(mismatches)
+            + ". Budgets and cost reports use the table: update it before a batch.",
+        )
     else:
         report.add("price", "ok", ", ".join(seen) + ", as the project expects")
 
@@ -325,45 +372,75 @@ def _check_prices(report: CheckReport, api: _Api, model: str,
 # -- the tier against the Prefect limits ---------------------------------------------------
 
 
-def _check_limits(report: CheckReport, credentials_block: str | None, tier: Tier | None,
-                  limits: LimitSettings, model: str, default_inference_s: float,
-                  timeout_s: float, *, history: bool) -> None:
-    if tier is None:
-        report.add("limits", "skip", "no tier given (--tier bronze|silver|gold|ultra): the "
-                   "API does not say which tier an account is on")
-        return
-    caps = TIERS[tier]
+def _check_limits(
+    report: CheckReport,
+    credentials_block: str | None,
+    tier: Tier | None,
+    limits: LimitSettings,
+    model: str,
+    default_inference_s: float,
+    timeout_s: float,
+    *,
+    history: bool,
+) -> None:
+    caps = TIERS[tier] if tier is not None else None
     try:
         in_flight = read_limit(limits.in_flight) if limits.in_flight else None
         per_minute = read_limit(limits.per_minute) if limits.per_minute else None
     except MissingLimitError as exc:
-        report.add("limits", "fail", f"{exc} (the {tier} tier runs {caps.concurrent} tasks at "
-                   f"once, {caps.videos_per_minute} video submissions a minute)")
+        report.add(
+            "limits",
+            "fail",
+            str(exc)
+            + (
+                f" (the {tier} tier runs {caps.concurrent} tasks at once, "
+                f"{caps.videos_per_minute} video submissions a minute)"
+                if caps
+                else ""
+            ),
+        )
         return
     except Exception as exc:  # the Prefect server: unreachable, misconfigured
-        report.add("limits", "fail", f"could not read the limits from the Prefect server: "
-                   f"{type(exc).__name__}: {exc}")
+        report.add(
+            "limits",
+            "fail",
+            f"could not read the limits from the Prefect server: {type(exc).__name__}: {exc}",
+        )
+        return
+    if tier is None or caps is None:
+        report.add(
+            "limits",
+            "skip",
+            f"in flight {in_flight}, per minute {per_minute}; no tier "
+            "given (--tier bronze|silver|gold|ultra), the API does not say which tier "
+            "an account is on: not compared",
+        )
         return
     problems: list[str] = []
     lanes = in_flight if in_flight is not None else _LANES_WITHOUT_LIMIT
     if in_flight is None:
         if lanes > caps.concurrent:
-            problems.append(f"no in-flight limit: a batch runs up to {lanes} videos at once, "
-                            f"above the {tier} tier's {caps.concurrent} concurrent tasks")
+            problems.append(
+                f"no in-flight limit: a batch runs up to {lanes} videos at once, "
+                f"above the {tier} tier's {caps.concurrent} concurrent tasks"
+            )
     elif in_flight > caps.concurrent:
         problems.append(
             f"the in-flight limit {limits.in_flight!r} is {in_flight}, above the {tier} "
             f"tier's {caps.concurrent} concurrent tasks: the rest queue on the service, and "
             f"their queueing counts against the wait timeout; set it with "
-            f"`wan-video limits --in-flight {caps.concurrent}`")
-    typical, source = _typical_inference(credentials_block, model, default_inference_s,
-                                         timeout_s, history=history)
+            f"`wan-video limits --in-flight {caps.concurrent}`"
+        )
+    typical, source = _typical_inference(
+        credentials_block, model, default_inference_s, timeout_s, history=history
+    )
     if per_minute is not None:
         if per_minute > caps.videos_per_minute:
             problems.append(
                 f"the per-minute limit {limits.per_minute!r} is {per_minute}, above the "
                 f"{tier} tier's {caps.videos_per_minute} video submissions a minute: the "
-                "service will answer 429 (retried, never paid twice, but slower)")
+                "service will answer 429 (retried, never paid twice, but slower)"
+            )
     else:
         rate = lanes * 60.0 / typical
         if caps.videos_per_minute < rate:
@@ -373,19 +450,23 @@ def _check_limits(report: CheckReport, credentials_block: str | None, tier: Tier
                 f"{tier} tier's {caps.videos_per_minute}: the service will answer 429 "
                 f"(retried safely, but lanes sit idle). Create one with `wan-video limits "
                 f"--per-minute {caps.videos_per_minute}` and run with `--rate-limit "
-                f"{limits.per_minute or DEFAULT_RATE_LIMIT}`")
-    summary = (f"{tier}: {caps.concurrent} at once, {caps.videos_per_minute} a minute; "
-               f"in flight {in_flight if in_flight is not None else 'unlimited'}, per minute "
-               f"{per_minute if per_minute is not None else 'no limit'}, typical inference "
-               f"~{typical:.0f} s ({source})")
+                f"{limits.per_minute or DEFAULT_RATE_LIMIT}`"
+            )
+    summary = (
+        f"{tier}: {caps.concurrent} at once, {caps.videos_per_minute} a minute; "
+        f"in flight {in_flight if in_flight is not None else 'unlimited'}, per minute "
+        f"{per_minute if per_minute is not None else 'no limit'}, typical inference "
+        f"~{typical:.0f} s ({source})"
+    )
     if problems:
         report.add("limits", "warn", "; ".join(problems) + f". ({summary})")
     else:
         report.add("limits", "ok", summary)
 
 
-def _typical_inference(credentials_block: str | None, model: str, default_s: float,
-                       timeout_s: float, *, history: bool) -> tuple[float, str]:
+def _typical_inference(
+    credentials_block: str | None, model: str, default_s: float, timeout_s: float, *, history: bool
+) -> tuple[float, str]:
     """The median inference time of the account's recent 5 s videos (one history call), or
     the default when there are too few of them."""
     if history:
@@ -405,8 +486,9 @@ def _typical_inference(credentials_block: str | None, model: str, default_s: flo
 # -- the archive bucket ----------------------------------------------------------------------
 
 
-def _check_s3(report: CheckReport, bucket: str | None, s3_block: str | None,
-              prefix: str) -> str | None:
+def _check_s3(
+    report: CheckReport, bucket: str | None, s3_block: str | None, prefix: str
+) -> str | None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from wan_tasks.integration.runtime import s3_bucket_block, s3_client
@@ -414,8 +496,12 @@ def _check_s3(report: CheckReport, bucket: str | None, s3_block: str | None,
     if not s3_block:
         bucket = bucket or settings.current().bucket
         if not bucket:
-            report.add("s3", "warn", "no bucket configured (WAN_TASKS_BUCKET, --bucket or "
-                       "--s3-block): the flows would archive to the embedded local store")
+            report.add(
+                "s3",
+                "warn",
+                "no bucket configured (WAN_TASKS_BUCKET, --bucket or "
+                "--s3-block): the flows would archive to the embedded local store",
+            )
             return None
     try:
         if s3_block:
@@ -446,13 +532,21 @@ def _check_s3(report: CheckReport, bucket: str | None, s3_block: str | None,
     try:
         # Conditional, as the archive writes: a store that ignores If-None-Match could
         # overwrite a video; one that refuses it (501) breaks every archive.
-        s3.put_object(Bucket=bucket, Key=key, Body=b"wan-video check probe\n",
-                      ContentType="text/plain", IfNoneMatch="*")
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=b"wan-video check probe\n",
+            ContentType="text/plain",
+            IfNoneMatch="*",
+        )
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
-        hint = (" (the store does not support conditional writes, If-None-Match: *, which "
-                "the archive relies on never to overwrite a video)"
-                if code in ("NotImplemented", "501") else "")
+        hint = (
+            " (the store does not support conditional writes, If-None-Match: *, which "
+            "the archive relies on never to overwrite a video)"
+            if code in ("NotImplemented", "501")
+            else ""
+        )
         report.add("s3", "fail", f"cannot write {where}: {code}: {exc}{hint}")
         return bucket
     except BotoCoreError as exc:
@@ -461,44 +555,107 @@ def _check_s3(report: CheckReport, bucket: str | None, s3_block: str | None,
     try:
         s3.delete_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as exc:
-        report.add("s3", "warn", f"wrote {where} but could not delete it ({_why(exc)}): "
-                   "archiving works; remove the probe by hand")
+        report.add(
+            "s3",
+            "warn",
+            f"wrote {where} but could not delete it ({_why(exc)}): "
+            "archiving works; remove the probe by hand",
+        )
         return bucket
-    report.add("s3", "ok", f"s3://{bucket}/{prefix} is writable (conditional write and "
-               "delete of a probe object)")
+    report.add(
+        "s3",
+        "ok",
+        f"s3://{bucket}/{prefix} is writable (conditional write and delete of a probe object)",
+    )
     return bucket
 
 
 # -- one real video ----------------------------------------------------------------------------
 
 
-def _check_spend(report: CheckReport, credentials_block: str | None, bucket: str | None,
-                 s3_block: str | None, prefix: str, limits: LimitSettings,
-                 timeout_s: float) -> None:
-    from wan_tasks.flows.generate import generate_video
-    from wan_tasks.flows.options import ArchiveOptions, RunOptions
-
+def _check_spend(
+    report: CheckReport,
+    credentials_block: str | None,
+    bucket: str | None,
+    s3_block: str | None,
+    prefix: str,
+    limits: LimitSettings,
+    timeout_s: float,
+) -> None:
+    if not bucket:
+        report.add("spend", "fail", "not spent: no bucket to archive the test video to")
+        return
     key, base_url = _credentials(credentials_block)
     before = _balance(key, base_url, timeout_s)
-    request = I2VRequest(image=str(SAMPLE_IMAGE), duration=5,
-                         prompt="wan-video check: slow drift over a lake at sunset")
+    target = ArchiveTarget(bucket=bucket, prefix=prefix, s3_block=s3_block)
     try:
-        # A fresh variant: a new video each time, never a reconnect to an earlier check's.
-        outcome = asyncio.run(generate_video(
-            request, variant=f"wan-video-check-{uuid.uuid4().hex[:12]}",
-            archive=ArchiveOptions(bucket=bucket, s3_block=s3_block, prefix=prefix),
-            options=RunOptions(credentials_block=credentials_block, limits=limits,
-                               max_attempts=1),
-        ))
+        archived, cost = spend_one_video(target, credentials_block, limits)
     except Exception as exc:
-        report.add("spend", "fail", f"the test video did not land: {_why(exc)} (a failed "
-                   "task is refunded automatically, within about 3 hours)")
+        report.add(
+            "spend",
+            "fail",
+            f"the test video did not land: {_why(exc)} (a failed task is refunded "
+            "automatically, within about 3 hours)",
+        )
         return
     after = _balance(key, base_url, timeout_s)
-    change = (f"; balance {_usd(before)} -> {_usd(after)}"
-              if before is not None and after is not None else "")
-    report.add("spend", "ok", f"one 5 s video end to end: prediction {outcome.prediction_id}, "
-               f"cost {_usd(outcome.cost_usd)}, archived at {outcome.s3_uri}{change}")
+    change = (
+        f"; balance {_usd(before)} -> {_usd(after)}"
+        if before is not None and after is not None
+        else ""
+    )
+    report.add(
+        "spend",
+        "ok",
+        f"one 5 s video end to end: prediction {archived.prediction_id}, "
+        f"cost {_usd(cost)}, archived at {archived.s3_uri}{change}",
+    )
+
+
+@dataclass(frozen=True)
+class _Archived:
+    prediction_id: str
+    s3_uri: str
+
+
+@flow(name="wan-video-check")
+def spend_one_video(
+    target: ArchiveTarget, credentials_block: str | None, limits: LimitSettings
+) -> tuple[_Archived, Decimal]:
+    """One real 5 s video of the bundled image: submit, wait and archive, the same tasks the
+    flows run, inside an in-flight slot. Returns where it landed and what it cost."""
+    from prefect.concurrency.sync import concurrency
+
+    from wan_tasks.integration.tasks import archive_to_s3, submit_i2v, wait_for_prediction
+
+    request = I2VRequest(
+        image=str(SAMPLE_IMAGE),
+        duration=5,
+        prompt="wan-video check: slow drift over a lake at sunset",
+    )
+    # A fresh variant: a new video each time, never a reconnect to an earlier check's.
+    variant = f"wan-video-check-{uuid.uuid4().hex[:12]}"
+    ledger = target.at(DEFAULT_LEDGER_PREFIX)
+    slot = (
+        concurrency(
+            limits.in_flight, occupy=1, strict=True, timeout_seconds=limits.acquire_timeout_s
+        )
+        if limits.in_flight
+        else nullcontext()
+    )
+    with slot:
+        submitted = submit_i2v(
+            request,
+            variant=variant,
+            item_id="wan-video-check",
+            credentials_block=credentials_block,
+            ledger=ledger,
+        )
+        prediction = wait_for_prediction(submitted, credentials_block=credentials_block)
+    result = archive_to_s3(
+        submitted, prediction, target, credentials_block=credentials_block, ledger=ledger
+    )
+    return _Archived(submitted.prediction_id, result.s3_uri), submitted.cost_usd
 
 
 def _balance(key: SecretStr, base_url: str, timeout_s: float) -> Decimal | None:
