@@ -91,6 +91,11 @@ class _Base:
     def base_url(self) -> str:
         return self.ops.base_url
 
+    @property
+    def rate_limited_wait_s(self) -> float:
+        """Seconds this client has slept on the service's 429s (Retry-After), all calls."""
+        return self.ops.rate_limited_wait_s
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.ops.model!r})"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -149,6 +150,21 @@ class Operations:
         self._clock = clock
         self._now = now or (lambda: datetime.now(UTC))
         self._rng = rng or random.Random()
+        # Seconds slept on the service's 429s, by every call of this client (thread-safe):
+        # what a run spent waiting on the account's rate limit.
+        self._rate_limited_wait_s = 0.0
+        self._wait_lock = threading.Lock()
+
+    @property
+    def rate_limited_wait_s(self) -> float:
+        with self._wait_lock:
+            return self._rate_limited_wait_s
+
+    def _backoff(self, error: WaveSpeedError, delay: float) -> Sleep:
+        if isinstance(error, RateLimitedError):
+            with self._wait_lock:
+                self._rate_limited_wait_s += delay
+        return Sleep(delay)
 
     def __repr__(self) -> str:
         return f"Operations(base_url={self.base_url!r}, model={self.model!r})"
@@ -211,7 +227,7 @@ class Operations:
                 self.retry.max_attempts,
                 delay,
             )
-            yield Sleep(delay)
+            yield self._backoff(error, delay)
 
     def _prediction_call(
         self,
@@ -365,7 +381,7 @@ class Operations:
                 raise error
             delay = self.retry.delay(attempt, retry_after, self._rng)
             logger.warning("%s refused (%s); retrying in %.1fs", op, error, delay)
-            yield Sleep(delay)
+            yield self._backoff(error, delay)
 
     def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Operation[Submission]:
         payload = yield from self.prepare(request)

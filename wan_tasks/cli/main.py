@@ -446,6 +446,32 @@ def cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from wan_tasks.api.models import PRICE_USD
+    from wan_tasks.integration.check import check_account
+    from wan_tasks.integration.limits import LimitSettings
+
+    names = LimitSettings(in_flight=args.in_flight_name, per_minute=args.per_minute_name)
+    if args.spend:
+        _out(
+            f"--spend: one real 5 s video (${PRICE_USD[5]} on the real service) once every "
+            "other check has passed"
+        )
+    report = check_account(
+        credentials_block=args.credentials_block,
+        tier=args.tier,
+        bucket=args.bucket,
+        s3_block=args.s3_block,
+        prefix=args.prefix,
+        limits=names,
+        spend=args.spend,
+    )
+    _out(f"wan-video check: {report.base_url or 'no service'}")
+    for line in report.lines():
+        _out(line)
+    return report.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wan_tasks.cli.demo import run_demo
 
@@ -596,6 +622,37 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--per-minute-name", default="wan-video-submits-per-minute")
     lim.add_argument("--reset", action="store_true", help="free stuck in-flight slots")
     lim.set_defaults(func=cmd_limits)
+
+    chk = sub.add_parser(
+        "check",
+        help="before you spend: key, balance, model and price, "
+        "tier vs limits, S3 write; nothing is submitted unless --spend",
+    )
+    chk.add_argument(
+        "--tier",
+        choices=("bronze", "silver", "gold", "ultra"),
+        help="the account's tier (the API does not say): compared with the limits",
+    )
+    chk.add_argument("--bucket", help="archive bucket to probe (default $WAN_TASKS_BUCKET)")
+    chk.add_argument("--s3-block", dest="s3_block", help="a saved prefect-aws S3Bucket block")
+    chk.add_argument("--prefix", default="videos", help="where the probe object goes")
+    chk.add_argument(
+        "--credentials-block",
+        dest="credentials_block",
+        help="saved WaveSpeedCredentials block (default: WAVESPEED_API_KEY)",
+    )
+    chk.add_argument("--in-flight-name", default="wan-video-in-flight")
+    chk.add_argument(
+        "--per-minute-name",
+        default=None,
+        help="the per-minute limit the flows take (--rate-limit), if any",
+    )
+    chk.add_argument(
+        "--spend",
+        action="store_true",
+        help="also make one real 5 s video end to end and print its cost",
+    )
+    chk.set_defaults(func=cmd_check)
 
     emu = sub.add_parser("emulator", help="run the local WaveSpeed API emulator")
     emu.add_argument("--host", default="127.0.0.1")

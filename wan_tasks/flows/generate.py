@@ -159,9 +159,12 @@ def generate_batch(
         for bad in invalid:
             log.warning("not submitted: %s", bad.error)
         budget = Budget(options.budget_usd)
+        waited = _rate_limited_wait(options) if jobs else 0.0
         producer = Producer(target, options, budget, batch=_batch_name(manifest))
         outcomes = sorted(producer.run(jobs) + invalid, key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
+        if jobs:
+            report.rate_limit_wait_s = round(_rate_limited_wait(options) - waited, 3)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
         publish_artifacts(
             outcomes,
@@ -218,6 +221,14 @@ def _report(manifest: str, outcomes: list[VideoOutcome], spent: Decimal) -> Batc
 def _batch_name(manifest: str) -> str:
     """The manifest's file name, for tags: `prompts.jsonl` of a path or an s3:// URI."""
     return manifest.rstrip("/").rsplit("/", 1)[-1] or manifest
+
+
+def _rate_limited_wait(options: RunOptions) -> float:
+    """What the process's shared client has slept on 429s so far (other flows running in
+    this process at the same time add theirs)."""
+    from wan_tasks.integration.runtime import wavespeed_client
+
+    return wavespeed_client(options.credentials_block).rate_limited_wait_s
 
 
 def _run_label() -> str:

@@ -51,6 +51,9 @@ class BatchReport(BaseModel):
     cost_usd: Decimal = Field(description="what the archived videos cost when made")
     new_spend_usd: Decimal = Field(description="what this run submitted (re-runs: 0)")
     summary_uri: str | None = None
+    rate_limit_wait_s: float = Field(
+        0.0, description="seconds slept on the service's 429s (Retry-After), summed over lanes"
+    )
     outcomes: list[VideoOutcome] = Field(default_factory=list)
 
 
