@@ -243,3 +243,27 @@ def test_a_content_addressed_video_is_found_after_its_output_expired(
     again = run_video(req("content-addressed", seed=4), archive=archive, options=paying)
     assert again.status == "archived" and again.s3_uri == first.s3_uri
     assert stack.stats()["submissions"] == 1
+
+
+def test_failed_tasks_are_reported_as_refunds_due_and_still_count_as_spent(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """One task fails for good (1403), one fails with 5003 and is made again: three paid
+    submissions, two of them failed tasks the service refunds later. The report says so, and
+    until then the budget counts them (conservative)."""
+    from tests.test_flows import write_manifest
+    from wan_tasks.flows.generate import generate_batch
+
+    stack = make_stack(faults={"script": {"submit": ["fail:1403", "fail:5003"]}})
+    rows = [
+        {"id": f"refund{i}", "image": uploaded(stack), "prompt": f"refund {i}"} for i in range(2)
+    ]
+    report = generate_batch(
+        write_manifest(tmp_path / "refunds.jsonl", rows),
+        options=FAST,
+        fail_on_item_error=False,
+    )
+    assert stack.stats()["submissions"] == 3
+    assert (report.archived, report.failed) == (1, 1)
+    assert report.new_spend_usd == Decimal("0.30")
+    assert report.refund_expected_usd == Decimal("0.20")

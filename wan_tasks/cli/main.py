@@ -366,6 +366,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         f"{report.archived}/{report.total} archived, new spend ${report.new_spend_usd}; "
         f"summary {report.summary_uri}"
     )
+    if report.refund_expected_usd:
+        _out(
+            f"  of which ${report.refund_expected_usd} paid for tasks the service failed; "
+            "it refunds failed tasks (within about 3 h)"
+        )
     if services.s3_endpoint:
         _out(
             "the embedded store stopped with this command"

@@ -163,6 +163,7 @@ def generate_batch(
         producer = Producer(target, options, budget, batch=_batch_name(manifest))
         outcomes = sorted(producer.run(jobs) + invalid, key=lambda o: (o.row or 0, o.item_id))
         report = _report(manifest, outcomes, budget.spent)
+        report.refund_expected_usd = producer.refund_expected
         if jobs:
             report.rate_limit_wait_s = round(_rate_limited_wait(options) - waited, 3)
         report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
@@ -172,6 +173,7 @@ def generate_batch(
             target=target,
             key=options.artifact_key,
             embedded_store=services.s3_endpoint,
+            refund_expected=producer.refund_expected,
         )
     log.info(
         "batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; summary %s",
@@ -183,6 +185,12 @@ def generate_batch(
         report.new_spend_usd,
         report.summary_uri,
     )
+    if report.refund_expected_usd:
+        log.info(
+            "of the new spend, $%s paid for tasks the service failed: it refunds failed tasks "
+            "(within about 3 h); the budget counts them as spent until then",
+            report.refund_expected_usd,
+        )
     if producer.cancelled:
         # The run ends Cancelled, as asked, with its report (what landed, what was kept in
         # flight, what was never started) in the summary; a re-run completes the rest.

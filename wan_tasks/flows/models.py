@@ -49,7 +49,15 @@ class BatchReport(BaseModel):
     invalid: int
     skipped: int
     cost_usd: Decimal = Field(description="what the archived videos cost when made")
-    new_spend_usd: Decimal = Field(description="what this run submitted (re-runs: 0)")
+    new_spend_usd: Decimal = Field(
+        description="what this run submitted (re-runs: 0), failed tasks included: the budget "
+        "counts them until they are refunded"
+    )
+    refund_expected_usd: Decimal = Field(
+        Decimal("0"),
+        description="of new_spend_usd, what went to tasks the service failed; it refunds failed "
+        "tasks (within about 3 h), so the charge that stays is new_spend_usd minus this",
+    )
     summary_uri: str | None = None
     rate_limit_wait_s: float = Field(
         0.0, description="seconds slept on the service's 429s (Retry-After), summed over lanes"

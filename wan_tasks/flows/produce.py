@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from prefect import get_run_logger, tags
@@ -104,6 +105,8 @@ class Producer:
         # Submitted and not yet finished, by prediction id: what a cancellation acts on.
         self._in_flight: dict[str, SubmittedVideo] = {}
         self._lock = threading.Lock()
+        # What this run paid for tasks the service then failed (refunded by the service later).
+        self.refund_expected = Decimal("0")
 
     @property
     def cancelled(self) -> bool:
@@ -176,6 +179,11 @@ class Producer:
                 )
             except TaskFailedError as exc:
                 video.new_submissions += fresh
+                if fresh:
+                    # Paid now; the service refunds failed tasks (its guide: within about
+                    # 3 h). Counted as spent (the budget too) until then, and reported.
+                    with self._lock:
+                        self.refund_expected += submitted.cost_usd
                 if fresh and not exc.retryable:
                     raise
                 self._next_attempt(video, exc)

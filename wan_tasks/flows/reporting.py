@@ -123,6 +123,7 @@ def publish_artifacts(
     target: ArchiveTarget,
     key: str = DEFAULT_ARTIFACT_KEY,
     embedded_store: str | None = None,
+    refund_expected: Decimal = Decimal("0"),
 ) -> None:
     """A table of the videos (short links, the reason for each one that did not land, the
     links' lifetime) and a page with each video's contact sheet, under `key` and
@@ -172,6 +173,12 @@ def publish_artifacts(
         for s in ("archived", "failed", "invalid", "skipped")
     }
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    refunds = (
+        f"; ${refund_expected} paid for tasks the service failed, refunded by it (within about "
+        "3 h; counted as spent until then)"
+        if refund_expected
+        else ""
+    )
     if embedded_store:
         where = (
             f"links point at the embedded store ({embedded_store}) and work only while it "
@@ -184,10 +191,10 @@ def publish_artifacts(
     create_table_artifact(  # type: ignore[call-arg]
         key=key,
         table=rows,
-        description=f"{title}: {summary}; total cost ${total}; {where}",
+        description=f"{title}: {summary}; total cost ${total}{refunds}; {where}",
         _sync=True,
     )
-    lines = [f"# {title}", "", f"{summary}. Total cost **${total}**. Links: {where}.", ""]
+    lines = [f"# {title}", "", f"{summary}. Total cost **${total}**{refunds}. Links: {where}.", ""]
     for o in outcomes:
         if o.status != "archived":
             lines.append(f"- **{o.item_id}** {o.status}: {_cell(o.error, 300)}")
