@@ -220,6 +220,15 @@ def test_a_download_cut_short_without_content_length_is_never_archived(
     assert stack.stats()["downloads"] >= 2 and stack.stats()["submissions"] == 1
 
 
+def test_an_output_behind_a_redirect_is_archived(make_stack: Callable[..., Stack]) -> None:
+    """A CDN answering 302 for the output: followed (with no Authorization header), not a
+    failure for good."""
+    stack = make_stack(faults={"script": {"download": ["redirect"]}}, signed_outputs=True)
+    out = run_video(req("redirected"), options=FAST)
+    assert out.status == "archived"
+    assert stack.stats()["downloads"] == 2 and stack.stats()["submissions"] == 1
+
+
 def _forget_prefect_cache() -> None:
     """What a new worker (another Prefect home, no shared result storage) starts with."""
     from prefect.settings import get_current_settings

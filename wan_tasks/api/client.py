@@ -225,7 +225,9 @@ class WaveSpeedClient(_Base):
     @contextmanager
     def stream_output(self, url: str) -> Iterator[httpx.Response]:
         """Stream an output file; raises the typed error for a non-200 answer."""
-        response = self._http.send(self._download_request(url), stream=True)
+        # A CDN may redirect; the request carries no Authorization header to leak, and httpx
+        # drops it across origins anyway.
+        response = self._http.send(self._download_request(url), stream=True, follow_redirects=True)
         try:
             if response.status_code != 200:
                 response.read()
@@ -369,7 +371,9 @@ class AsyncWaveSpeedClient(_Base):
 
     @asynccontextmanager
     async def stream_output(self, url: str) -> AsyncIterator[httpx.Response]:
-        response = await self._http.send(self._download_request(url), stream=True)
+        response = await self._http.send(
+            self._download_request(url), stream=True, follow_redirects=True
+        )
         try:
             if response.status_code != 200:
                 await response.aread()

@@ -12,7 +12,8 @@ Faults come in three families, all set through `FaultPlan` (in `EmulatorConfig.f
   - ``"slow"``: answer after `slow_s` real seconds. ``"drop"``: close without answering (on
     submit: after the task was created and billed). On downloads: ``"truncate"`` (half the
     bytes of a declared length), ``"truncate_unsized"`` (half the bytes with no Content-Length,
-    then the connection closes: the body looks complete), ``"expire"``.
+    then the connection closes: the body looks complete), ``"expire"``, ``"redirect"`` (302 to
+    the same object).
   - ``"fail:CODE"`` (submit): the task fails with task code CODE (1200, 1400, 1401, 1402,
     1403, 1405, 5000, 5003, 5004, or any int).
   - ``"end:cancelled"`` / ``"end:timeout"`` (submit): the task ends with that status
@@ -59,7 +60,18 @@ Shape = Literal["extra_fields", "nanos", "code0", "execution_time"]
 SHAPES: tuple[str, ...] = get_args(Shape)
 Tier = Literal["test", "bronze", "silver", "gold", "ultra"]
 # What a fault does to a request; see the module docstring for the parameterised ones.
-FAULT_KINDS = ("429", "500", "502", "503", "slow", "drop", "truncate", "truncate_unsized", "expire")
+FAULT_KINDS = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "slow",
+    "drop",
+    "truncate",
+    "truncate_unsized",
+    "expire",
+    "redirect",
+)
 FAULT_PREFIXES = ("fail:", "end:", "status=", "shape:", "error_code:", "envelope_error:")
 
 # WaveSpeed's documented account tiers: (tasks processed at once, video submissions a minute).

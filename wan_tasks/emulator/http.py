@@ -581,6 +581,12 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.engine.signature_ok(task_id, query):
             return self._error(403, "signature missing, invalid or expired")
         fault = self._fault("download")
+        if fault == "redirect":  # as a CDN may: to the same object, its query kept
+            self.send_response(302)
+            self.send_header("Location", self.path + ("&" if "?" in self.path else "?") + "via=1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         data = self.server.engine.output(task_id)
         if fault == "expire" or data == "expired":
             return self._error(404, "output expired")
