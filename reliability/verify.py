@@ -78,16 +78,21 @@ def account(
     # Every task the service holds, grouped by item (prompt and seed are unique per item in
     # these suites; input URLs are not, since each attempt uploads its image again).
     groups: dict[tuple[str, int], list[str]] = {}
+    # Paged until an empty page: a short page is not the end when the service caps page_size
+    # below what was asked (the soak caps it at 5).
     page_no = 1
+    seen: set[str] = set()
     while True:
         page = client.history(page=page_no, page_size=100)
-        for item in page.items:
+        fresh = [item for item in page.items if item.id not in seen]
+        if not fresh:
+            break
+        for item in fresh:
+            seen.add(item.id)
             inp = item.input or {}
             groups.setdefault((str(inp.get("prompt")), int(inp.get("seed", -1))), []).append(
                 item.status.value
             )
-        if len(page.items) < 100:
-            break
         page_no += 1
     acc.submissions = sum(len(v) for v in groups.values())
     acc.distinct_inputs = len(groups)
