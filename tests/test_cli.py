@@ -377,10 +377,18 @@ def test_a_long_wait_logs_that_it_is_still_running(
     from tests.conftest import run_video
     from tests.test_flows import FAST
     from wan_tasks import I2VRequest
+    from wan_tasks.api.models import MODEL_ID
+    from wan_tasks.core.inference_times import InferenceTimes
     from wan_tasks.integration import tasks
 
     make_stack(latency_s=2.0)
     monkeypatch.setattr(tasks, "STILL_RUNNING_EVERY_S", 0.5)
+    # Learned times aim the first poll just after 2 s: the notices must come during that
+    # sleep too (for a real task it is most of the wait), not only once polling starts.
+    learned = InferenceTimes()
+    for _ in range(3):
+        learned.record(MODEL_ID, 5, 2.0)
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
     caplog.set_level(logging.INFO)
     out = run_video(I2VRequest(image=str(SAMPLE), prompt="test still running"), options=FAST)
     assert out.status == "archived"

@@ -304,11 +304,12 @@ def wait_for_prediction(
     first, aimed = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
     age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
     aimed = aimed and 0 <= age < first
-    if 0 <= age < first:
-        time.sleep(first - age)
-    polled_at = time.monotonic()
-    stop_notices = _still_running_notices(submitted)  # progress: "still running after 40 s"
+    # progress: "still running after 40 s", also during the (often long) sleep to the first poll
+    stop_notices = _still_running_notices(submitted)
     try:
+        if 0 <= age < first:
+            time.sleep(first - age)
+        polled_at = time.monotonic()
         prediction = client.wait(submitted.prediction_id, timeout=timeout_s, poll=policy)
     except WaitTimeoutError:
         if cancel_on_timeout:
