@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from wan_tasks.devstack.processes import ManagedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,10 @@ def test_kill_minus_nine_loses_nothing_and_pays_once(tmp_path: Path) -> None:
         for k, v in os.environ.items()
         if not k.startswith(("PREFECT_", "WAVESPEED_", "AWS_", "WAN_TASKS_"))
     }
-    done = subprocess.run(
+    # Through its handle: on failure or a timeout the suite's processes (batch children,
+    # Prefect server, SeaweedFS, emulator, each in a session of its own) are stopped too.
+    with ManagedProcess(
+        "crash-resume",
         [
             sys.executable,
             "-m",
@@ -46,13 +50,12 @@ def test_kill_minus_nine_loses_nothing_and_pays_once(tmp_path: Path) -> None:
             "--json",
             str(out),
         ],
-        cwd=REPO,
+        log=tmp_path / "crash-resume.log",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        cwd=REPO,
+    ) as proc:
+        code = proc.wait(timeout=840)
+    assert code == 0, proc.tail(60)
     result = json.loads(out.read_text())
     # A kill lands only while the batch still runs; on a fast machine the last may not.
     assert len(result["kills"]) >= 2 and result["attempts"] > len(result["kills"])
