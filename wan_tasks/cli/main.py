@@ -482,7 +482,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(Path(args.out))
     _out(f"archived:      {result.s3_uri}")
-    _out(f"manifest:      {result.sidecar_uri}")
+    _out(f"sidecar:       {result.sidecar_uri}")
     _out(f"local copy:    {result.video}  ({result.info})")
     _out(f"contact sheet: {result.contact_sheet}")
     _out(
