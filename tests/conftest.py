@@ -20,6 +20,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from wan_tasks import PollPolicy, RetryPolicy, Timeouts, WaveSpeedClient  # noqa: E402
@@ -45,6 +46,25 @@ def make_emulator() -> Iterator[Callable[..., Emulator]]:
     yield make
     for emu in started:
         emu.stop()
+
+
+@pytest.fixture
+def make_http() -> Iterator[Callable[[Emulator], httpx.Client]]:
+    """Raw httpx clients authenticated to an emulator, for tests of the wire itself."""
+    made: list[httpx.Client] = []
+
+    def make(emu: Emulator) -> httpx.Client:
+        c = httpx.Client(
+            base_url=emu.base_url,
+            timeout=httpx.Timeout(30.0),
+            headers={"Authorization": f"Bearer {emu.api_key}"},
+        )
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,24 +19,6 @@ from wan_tasks.emulator import Emulator, FaultPlan
 
 MakeEmu = Callable[..., Emulator]
 DOCUMENTED_CODES = (1200, 1400, 1401, 1402, 1403, 1405, 5000, 5003, 5004)
-
-
-@pytest.fixture
-def make_http() -> Iterator[Callable[[Emulator], httpx.Client]]:
-    made: list[httpx.Client] = []
-
-    def make(emu: Emulator) -> httpx.Client:
-        c = httpx.Client(
-            base_url=emu.base_url,
-            timeout=httpx.Timeout(30.0),
-            headers={"Authorization": f"Bearer {emu.api_key}"},
-        )
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def submit(http: httpx.Client, **extra: Any) -> httpx.Response:

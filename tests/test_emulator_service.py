@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,24 +20,6 @@ MakeEmu = Callable[..., Emulator]
 PNG = SAMPLE.read_bytes()
 MP4_HEAD = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 64
 MP3_HEAD = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 16
-
-
-@pytest.fixture
-def make_http() -> Iterator[Callable[[Emulator], httpx.Client]]:
-    made: list[httpx.Client] = []
-
-    def make(emu: Emulator) -> httpx.Client:
-        c = httpx.Client(
-            base_url=emu.base_url,
-            timeout=httpx.Timeout(30.0),
-            headers={"Authorization": f"Bearer {emu.api_key}"},
-        )
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def upload_sample(http: httpx.Client) -> str:
