@@ -1,5 +1,7 @@
 """A throttling proxy in front of an S3 endpoint: answers 503 SlowDown at a seeded rate, and can
-be made to refuse connections (a store that is down) while the real server restarts.
+be made to refuse connections (a store that is down) while the real server restarts, or to
+answer a refused conditional write (412) with 200 (what a client sees of a store that ignores
+If-None-Match and If-Match; the headers themselves are signed, so they cannot be dropped).
 
 Requests are forwarded byte for byte with their Host header, so SigV4 signatures still verify.
 """
@@ -21,8 +23,16 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy
 
 
 class S3FaultProxy:
-    def __init__(self, upstream: str, *, throttle: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        throttle: float = 0.0,
+        seed: int = 0,
+        ignore_conditions: bool = False,
+    ) -> None:
         parts = urlsplit(upstream)
+        self.ignore_conditions = ignore_conditions
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.throttle = throttle
         self.down = False
@@ -74,6 +84,12 @@ class S3FaultProxy:
                     return
                 finally:
                     conn.close()
+                if proxy.ignore_conditions and self.command == "PUT" and answer.status == 412:
+                    self.send_response(200)
+                    self.send_header("ETag", '"00000000000000000000000000000000"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -176,3 +177,20 @@ def test_cli_check_exit_codes(
     out = capsys.readouterr().out
     assert "[fail] key" in out and "first top-up" in out and "check(s) failed" in out
     assert stack.stats()["submissions"] == 0
+
+
+def test_a_store_that_ignores_conditional_writes_fails_the_check(
+    make_stack: Callable[..., Stack], s3_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger's claim and the archive rely on If-None-Match and If-Match being honoured:
+    a store that drops them (here a proxy in front of SeaweedFS) fails the check, naming why."""
+    from reliability.s3_proxy import S3FaultProxy
+
+    make_stack()
+    with S3FaultProxy(s3_store.endpoint_url, ignore_conditions=True) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        report = check_account(tier="gold")
+    s3 = report.result("s3")
+    assert s3.status == "fail" and "If-None-Match" in s3.message, report.lines()
+    assert "paying" in s3.message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_a_refused_intent_write_releases_the_budget(
     with WaveSpeedClient(stack.emulator.api_key, stack.emulator.base_url) as client:
         # A directory where the intent's temporary file must go: the write fails for real.
         key = request_key(blocked, service=client.service_id)
-        (ledger.root / f"{key}.{os.getpid()}.tmp").mkdir()
+        (ledger.root / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp").mkdir()
         with pytest.raises(OSError):
             submit_once(client, blocked, ledger=ledger, budget=budget)
         assert budget.spent == 0 and stack.stats()["submissions"] == 0

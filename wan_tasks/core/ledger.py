@@ -1,17 +1,24 @@
-"""The durable submission ledger: never pay twice, even across crashes and lost caches.
+"""The durable submission ledger: never pay twice, across crashes, lost caches and machines.
 
-Before a submit leaves the machine, an *intent* is recorded under the request key; right after
-the service answers, the *prediction id*. Both live in durable storage that outlives the process
-and the machine (the archive bucket; a local folder only for tests and client-only use). Every
-submit reads the ledger first:
+Before a submit leaves the machine, the request key's record is *claimed*: created only if it
+does not exist (S3's `If-None-Match: *`; a hard link on a local folder), carrying its owner
+(host, boot, pid, flow run) and a lease. Right after the service answers, the *prediction id*
+is written over the claim, only if the record is still the one this owner wrote (S3's
+`If-Match` on the ETag). The record lives in durable storage that outlives the process and the
+machine (the archive bucket; a local folder only for one machine). Every submit reads it first:
 
 - a recorded prediction id: reconnect to it, no POST;
-- an intent without an id (the process died between the service accepting the task and the id
-  being recorded, or the answer was lost): reconcile through the service's history, matching
-  model, time window and the exact submitted input, before anything is resubmitted.
+- a live claim of another owner (a second machine, or another thread, submitting the same
+  request right now): wait for its prediction id and reconnect; nothing is sent;
+- a claim whose owner is gone (a dead pid on this machine, or a lease that ran out) is taken
+  over with a compare-and-swap, so exactly one taker goes on; it reconciles the earlier
+  claim through the service's history (model, time window, exact input) before anything is
+  resubmitted.
 
-This follows Airflow's resumable jobs: store the remote job id before waiting; reconnect
-instead of resubmitting.
+This follows Airflow's resumable jobs (store the remote job id before waiting; reconnect
+instead of resubmitting), with the claim as the only coordination: no Redis, no lock server.
+SeaweedFS and AWS S3 both honour If-None-Match and If-Match on PutObject (`wan-video check`
+probes the bucket); a store that ignores them is refused by that probe, not trusted silently.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection
@@ -29,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.models import I2VRequest, Prediction, PredictionStatus
@@ -58,6 +66,10 @@ class ArchivedAt(BaseModel):
 
 
 class LedgerEntry(BaseModel):
+    """One request key's record: its claim (owner and lease), then its prediction id, then
+    where its video was archived. `version` is the store's version of the record as read
+    (an S3 ETag), never stored in it."""
+
     request_key: str
     model: str
     intent_at: datetime
@@ -70,7 +82,64 @@ class LedgerEntry(BaseModel):
     flow_run_id: str | None = None
     host: str = ""
     pid: int = 0
+    boot_id: str = Field(
+        "", description="the owner's kernel boot: pids are only comparable within one"
+    )
+    lease_until: datetime | None = Field(
+        None, description="the claim is the owner's until then (None: an older release's intent)"
+    )
+    released: bool = Field(False, description="the owner's submit ended without creating a task")
     archived: ArchivedAt | None = None
+    _version: str | None = PrivateAttr(None)
+
+    @property
+    def version(self) -> str | None:
+        return self._version
+
+    def with_version(self, version: str | None) -> LedgerEntry:
+        self._version = version
+        return self
+
+    def owned_here(self) -> bool:
+        """The claim belongs to this process (an earlier attempt of it, or another thread)."""
+        return (self.host, self.boot_id, self.pid) == (_HOST, _BOOT_ID, os.getpid())
+
+    def owner_gone(self, now: datetime | None = None) -> bool:
+        """Nobody will finish this claim: released, its lease ran out, an older release's
+        intent (no lease), or its owner's process on this machine is dead."""
+        if self.released or self.lease_until is None:
+            return True
+        if (now or datetime.now(UTC)) >= self.lease_until:
+            return True
+        same_machine = self.host == _HOST and self.boot_id and self.boot_id == _BOOT_ID
+        return bool(same_machine) and not _alive(self.pid)
+
+    def owner(self) -> str:
+        run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
+        return f"{self.host or '?'} pid {self.pid}{run}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+_HOST = socket.gethostname()
+_BOOT_ID = _boot_id()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def input_fingerprint(body: dict[str, Any]) -> str | None:
@@ -87,13 +156,57 @@ def input_fingerprint(body: dict[str, Any]) -> str | None:
 
 
 class Ledger(ABC):
-    """Where intents and prediction ids are kept. Implementations must be durable."""
+    """Where claims and prediction ids are kept. Implementations must be durable, and
+    `create` and `replace` atomic against every other writer of the same store."""
 
     @abstractmethod
-    def read(self, request_key: str) -> LedgerEntry | None: ...
+    def read(self, request_key: str) -> LedgerEntry | None:
+        """The record with its `version` set, or None."""
 
     @abstractmethod
-    def write(self, entry: LedgerEntry) -> None: ...
+    def create(self, entry: LedgerEntry) -> LedgerEntry | None:
+        """Write `entry` only if the key has no record: the written entry (version set), or
+        None when another writer's record is already there."""
+
+    @abstractmethod
+    def replace(self, entry: LedgerEntry, *, expected: LedgerEntry) -> LedgerEntry | None:
+        """Write `entry` only if the record is still `expected` (same version): the written
+        entry, or None when someone changed it since (read it again)."""
+
+    def claim(
+        self,
+        request_key: str,
+        model: str,
+        payload: dict[str, Any],
+        *,
+        item_id: str = "",
+        seed: int | None = None,
+        flow_run_id: str | None = None,
+        lease_s: float = 300.0,
+        over: LedgerEntry | None = None,
+    ) -> LedgerEntry | None:
+        """Claim `request_key` for this process until `lease_s` from now: create its record,
+        or take `over` a record whose owner is gone. None: another writer got there first."""
+        fingerprint = input_fingerprint(payload)
+        if fingerprint is None:
+            raise ValueError("cannot fingerprint the submit body")
+        now = datetime.now(UTC)
+        entry = LedgerEntry(
+            request_key=request_key,
+            model=model,
+            intent_at=now,
+            input_fingerprint=fingerprint,
+            payload=redact_payload(payload),
+            item_id=item_id,
+            seed=seed,
+            flow_run_id=flow_run_id,
+            host=_HOST,
+            pid=os.getpid(),
+            boot_id=_BOOT_ID,
+            lease_until=now + timedelta(seconds=lease_s),
+            archived=over.archived if over is not None else None,
+        )
+        return self.create(entry) if over is None else self.replace(entry, expected=over)
 
     def record_intent(
         self,
@@ -105,40 +218,56 @@ class Ledger(ABC):
         seed: int | None = None,
         flow_run_id: str | None = None,
     ) -> LedgerEntry:
-        fingerprint = input_fingerprint(payload)
-        if fingerprint is None:
-            raise ValueError("cannot fingerprint the submit body")
-        entry = LedgerEntry(
-            request_key=request_key,
-            model=model,
-            intent_at=datetime.now(UTC),
-            input_fingerprint=fingerprint,
-            payload=redact_payload(payload),
+        """Claim `request_key`, whatever is there (tests and tools that stage a crash)."""
+        current = self.read(request_key)
+        entry = self.claim(
+            request_key,
+            model,
+            payload,
             item_id=item_id,
             seed=seed,
             flow_run_id=flow_run_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
+            over=current,
         )
-        self.write(entry)
+        if entry is None:
+            raise SubmissionUncertainError(f"request {request_key[:12]}: claimed meanwhile")
         return entry
 
-    def record_prediction(self, entry: LedgerEntry, prediction_id: str) -> LedgerEntry:
+    def record_prediction(self, entry: LedgerEntry, prediction_id: str) -> LedgerEntry | None:
+        """Write the prediction id over this owner's claim. None: the claim was taken over
+        meanwhile (its lease ran out); the caller reads what is there now."""
         done = entry.model_copy(
             update={"prediction_id": prediction_id, "submitted_at": datetime.now(UTC)}
         )
-        self.write(done)
-        return done
+        return self.replace(done, expected=entry)
+
+    def release(self, entry: LedgerEntry, *, created_nothing: bool) -> LedgerEntry | None:
+        """End this owner's claim now, so a waiter elsewhere need not wait out the lease.
+        `created_nothing`: its submit certainly created no task (refused, or never sent), so
+        the next taker need not search the history; else the taker reconciles first."""
+        ended = entry.model_copy(
+            update={"released": created_nothing, "lease_until": datetime.now(UTC)}
+        )
+        return self.replace(ended, expected=entry)
 
     def record_archived(self, request_key: str, archived: ArchivedAt) -> None:
         """Note where the video of `request_key` landed (nothing when it has no entry)."""
-        entry = self.read(request_key)
-        if entry is not None and entry.archived != archived:
-            self.write(entry.model_copy(update={"archived": archived}))
+        for _ in range(CAS_ROUNDS):
+            entry = self.read(request_key)
+            if entry is None or entry.archived == archived:
+                return
+            if self.replace(entry.model_copy(update={"archived": archived}), expected=entry):
+                return
+        logger.warning("request %s: could not note its archive location", request_key[:12])
+
+
+# A record rewritten by others between our read and our write is read again this many times.
+CAS_ROUNDS = 8
 
 
 class FileLedger(Ledger):
-    """A local folder (fsync'd, atomically replaced files). For one machine only."""
+    """A local folder (fsync'd files, created with a hard link, replaced under a lock). For
+    one machine only: a folder shared over NFS does not make `create` atomic across hosts."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -148,24 +277,57 @@ class FileLedger(Ledger):
         return self.root / f"{key}.json"
 
     def read(self, request_key: str) -> LedgerEntry | None:
-        path = self._path(request_key)
-        if not path.exists():
+        try:
+            data = self._path(request_key).read_bytes()
+        except FileNotFoundError:
             return None
-        return LedgerEntry.model_validate_json(path.read_bytes())
+        return LedgerEntry.model_validate_json(data).with_version(_digest(data))
 
-    def write(self, entry: LedgerEntry) -> None:
+    def _staged(self, entry: LedgerEntry) -> tuple[Path, bytes]:
         path = self._path(entry.request_key)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        data = entry.model_dump_json(indent=2).encode()
+        # One staging file per writer thread: writers of one key never share it.
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         with tmp.open("wb") as fh:
-            fh.write(entry.model_dump_json(indent=2).encode())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        tmp.replace(path)
+        return tmp, data
+
+    def create(self, entry: LedgerEntry) -> LedgerEntry | None:
+        tmp, data = self._staged(entry)
+        try:
+            os.link(tmp, self._path(entry.request_key))  # fails if the record exists
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return entry.model_copy().with_version(_digest(data))
+
+    def replace(self, entry: LedgerEntry, *, expected: LedgerEntry) -> LedgerEntry | None:
+        import fcntl
+
+        path = self._path(entry.request_key)
+        with open(path.with_suffix(".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            if _digest(current) != expected.version:
+                return None
+            tmp, data = self._staged(entry)
+            tmp.replace(path)
+        return entry.model_copy().with_version(_digest(data))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class S3Ledger(Ledger):
     """One small JSON object per request key, at a place in S3 (by default the archive
-    bucket, under `_wan-tasks/ledger`)."""
+    bucket, under `_wan-tasks/ledger`), created with If-None-Match and replaced with If-Match."""
 
     def __init__(self, s3: S3Client, place: S3Place) -> None:
         self.s3 = s3
@@ -177,24 +339,51 @@ class S3Ledger(Ledger):
 
     def read(self, request_key: str) -> LedgerEntry | None:
         try:
-            body = self.s3.get_object(Bucket=self.bucket, Key=self._key(request_key))["Body"]
+            got = self.s3.get_object(Bucket=self.bucket, Key=self._key(request_key))
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
-        return LedgerEntry.model_validate_json(body.read())
+        return LedgerEntry.model_validate_json(got["Body"].read()).with_version(got["ETag"])
 
-    def write(self, entry: LedgerEntry) -> None:
+    def create(self, entry: LedgerEntry) -> LedgerEntry | None:
+        return self._put(entry, IfNoneMatch="*")
+
+    def replace(self, entry: LedgerEntry, *, expected: LedgerEntry) -> LedgerEntry | None:
+        if expected.version is None:
+            return None
+        return self._put(entry, IfMatch=expected.version)
+
+    def _put(self, entry: LedgerEntry, **condition: str) -> LedgerEntry | None:
         import base64
 
         body = entry.model_dump_json(indent=2).encode()
-        self.s3.put_object(
-            Bucket=self.bucket,
-            Key=self._key(entry.request_key),
-            Body=body,
-            ContentType="application/json",
-            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
-        )
+        for round in range(CAS_ROUNDS):
+            try:
+                put = self.s3.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(entry.request_key),
+                    Body=body,
+                    ContentType="application/json",
+                    ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+                    **condition,  # type: ignore[arg-type]
+                )
+            except ClientError as exc:
+                code = _code(exc)
+                if code in ("PreconditionFailed", "412"):
+                    return None  # someone else's record is there (or it changed)
+                if code in ("ConditionalRequestConflict", "409") and round + 1 < CAS_ROUNDS:
+                    # S3: a conflicting conditional write is in flight; its outcome decides.
+                    time.sleep(0.05 * (round + 1))
+                    continue
+                raise
+            return entry.model_copy().with_version(put["ETag"])
+        return None
+
+
+def _code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
 
 
 # The service's history is searched page by page until a page comes back empty (a short

@@ -13,7 +13,10 @@ secrets (stored request and body have signed URL parameters scrubbed; the key ne
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -25,7 +28,12 @@ from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import legacy_request_key, request_key
 from wan_tasks.core.ledger import ArchivedAt, Ledger, LedgerEntry, reconcile
-from wan_tasks.errors import SubmissionNotFoundError, SubmissionUncertainError, WaveSpeedError
+from wan_tasks.errors import (
+    SubmissionNotFoundError,
+    SubmissionUncertainError,
+    WanTasksError,
+    WaveSpeedError,
+)
 from wan_tasks.redact import redact_payload
 
 logger = logging.getLogger(__name__)
@@ -68,6 +76,8 @@ def submit_once(
     run_id: str | None = None,
     before_post: Callable[[], None] | None = None,
     settle_s: Sequence[float] = RECONCILE_SETTLE_S,
+    lease_s: float | None = None,
+    claim_wait_s: float | None = None,
     log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
 ) -> SubmittedVideo:
     """Submit `request` (a concrete seed: see `identity.derive_seed`) at most once per request
@@ -110,95 +120,267 @@ def submit_once(
             archived=archived,
         )
 
-    previous = _read(ledger, client, request, key, attempt, log) if ledger else None
-    # Other attempts of this request sent the same body: their tasks are never this one's.
-    others = _other_attempts(ledger, request, service, model, attempt) if ledger else set()
-    if ledger is not None and previous is not None:
-        if previous.prediction_id:
-            log.info(
-                "%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
-                name,
-                previous.prediction_id,
-            )
-            return submitted(
-                previous.prediction_id,
-                previous.payload,
-                previous.submitted_at or previous.intent_at,
-                previous.flow_run_id,
-                previous.archived,
-            )
-        # A fresh intent may belong to a submit the history does not show yet.
-        age = (datetime.now(UTC) - previous.intent_at).total_seconds()
-        found = reconcile(
-            client, previous, exclude=others, settle_s=max(0.0, min(sum(settle_s) - age, 15.0))
-        )
-        if found is not None:
-            log.warning(
-                "%s: found prediction %s in the service's history for an unfinished "
-                "submit (%s pid %d); reconnecting",
-                name,
-                found.id,
-                previous.host,
-                previous.pid,
-            )
-            ledger.record_prediction(previous, found.id)
-            return submitted(found.id, previous.payload, previous.intent_at, previous.flow_run_id)
+    if ledger is None:
+        body = client.prepare(request)
+        if before_post is not None:
+            before_post()
+        prediction = _post(client, request, body, key, budget)
         log.info(
-            "%s: an earlier submit (%s pid %d) never reached the service; submitting",
+            "submitted %s: prediction %s, seed %d, $%s",
             name,
-            previous.host,
-            previous.pid,
+            prediction.id,
+            request.seed,
+            request.cost_usd,
         )
+        return submitted(prediction.id, body, datetime.now(UTC), run_id)
 
-    payload = client.prepare(request)
-    if before_post is not None:
-        before_post()
+    lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
+    # Other attempts of this request sent the same body: their tasks are never this one's.
+    others = _other_attempts(ledger, request, service, model, attempt)
+    payload: dict[str, Any] | None = None
+    with _working_on(key) as alone:
+        for _ in range(CLAIM_ROUNDS):
+            previous = _read(ledger, client, request, key, attempt, log)
+            if previous is not None and previous.prediction_id:
+                log.info(
+                    "%s: reconnecting to prediction %s recorded in the ledger (no new submit)",
+                    name,
+                    previous.prediction_id,
+                )
+                return submitted(
+                    previous.prediction_id,
+                    previous.payload,
+                    previous.submitted_at or previous.intent_at,
+                    previous.flow_run_id,
+                    previous.archived,
+                )
+            if previous is not None and _held(previous, alone):
+                # Another machine (or thread) is submitting this very request: never a
+                # second POST; its prediction id appears in the ledger, or its claim ends.
+                previous = _wait_for_claim(ledger, previous, name, claim_wait_s, log)
+                continue
+            if payload is None:
+                payload = client.prepare(request)
+            if before_post is not None:
+                before_post()
+            mine = ledger.claim(
+                key,
+                model,
+                payload,
+                item_id=item_id,
+                seed=request.seed,
+                flow_run_id=run_id,
+                lease_s=lease_s,
+                over=previous,
+            )
+            if mine is None:
+                continue  # another owner claimed it between our read and our write
+            earlier = previous
+            if earlier is not None and not earlier.released:
+                taken = _reconcile_taken_over(client, earlier, others, settle_s, name, log)
+                if taken is not None:
+                    pid = _recorded(ledger, mine, taken, name, log)
+                    return submitted(pid, earlier.payload, earlier.intent_at, run_id)
+            try:
+                prediction = _post(client, request, payload, key, budget)
+            except SubmissionUncertainError:
+                # The task may exist and be billed: look for it before giving up; the claim
+                # stays ours (its lease keeps other machines waiting) and the budget kept.
+                for settle in settle_s:
+                    found = reconcile(client, mine, settle_s=settle, exclude=others)
+                    if found is not None:
+                        log.warning(
+                            "%s: submit answer lost; found prediction %s in history",
+                            name,
+                            found.id,
+                        )
+                        pid = _recorded(ledger, mine, found.id, name, log)
+                        return submitted(pid, payload, mine.intent_at, run_id)
+                # The history, given time to settle, holds no such task: the service never
+                # took it. Whoever takes the claim over next (this task's retry, or another
+                # machine) reconciles once more before it submits.
+                _release(ledger, mine, created_nothing=False, log=log)
+                raise SubmissionNotFoundError(
+                    f"{name}: the submit's answer was lost and after {sum(settle_s):.0f}s the "
+                    "service's history shows no such task; retrying (the retry checks the "
+                    "history again before submitting)"
+                ) from None
+            except BaseException as exc:
+                # A refusal created nothing: the claim is given back. Anything else may have
+                # (a 503, a cut connection, a cancel mid-POST): the claim is left open to be
+                # taken over at once, by whoever checks the history first.
+                _release(ledger, mine, created_nothing=_refused(exc), log=log)
+                raise
+            log.info(
+                "submitted %s: prediction %s, seed %d, $%s",
+                name,
+                prediction.id,
+                request.seed,
+                request.cost_usd,
+            )
+            pid = _recorded(ledger, mine, prediction.id, name, log)
+            return submitted(pid, payload, datetime.now(UTC), run_id)
+    raise SubmissionUncertainError(
+        f"{name}: the ledger's record for this request kept changing under {CLAIM_ROUNDS} "
+        "reads (many machines at once?); nothing was sent. Retry."
+    )
+
+
+# A claim read, lost to a faster writer, or waited for, is looked at again this many times.
+CLAIM_ROUNDS = 16
+# How long a claim is its owner's: longer than its submit can take from the claim to the
+# recorded id (the POST with its own retries, then the history's settle time), so a live
+# owner is never overtaken; a dead owner's claim on this machine is taken at once.
+DEFAULT_LEASE_S = 300.0
+
+
+def _post(
+    client: WaveSpeedClient,
+    request: I2VRequest,
+    payload: dict[str, Any],
+    key: str,
+    budget: Budget | None,
+) -> Any:
+    """POST, with a budget reservation kept for every submit that may have reached the
+    service and given back on every other path."""
     if budget is not None:
         budget.reserve(key, request.cost_usd)
     try:
-        entry = (
-            ledger.record_intent(
-                key, model, payload, item_id=item_id, seed=request.seed, flow_run_id=run_id
-            )
-            if ledger
-            else None
-        )
-        prediction = client.submit_payload(payload)
+        return client.submit_payload(payload)
     except SubmissionUncertainError:
-        # The task may exist and be billed: look for it before giving up; keep the budget.
-        if ledger is None or entry is None:
-            raise
-        for settle in settle_s:
-            found = reconcile(client, entry, settle_s=settle, exclude=others)
-            if found is not None:
-                log.warning(
-                    "%s: submit answer lost; found prediction %s in history", name, found.id
-                )
-                ledger.record_prediction(entry, found.id)
-                return submitted(found.id, payload, entry.intent_at, run_id)
-        # The history, given time to settle, holds no such task: the service never took it.
-        # The retry reconciles once more before it submits (the intent stays recorded).
-        raise SubmissionNotFoundError(
-            f"{name}: the submit's answer was lost and after {sum(settle_s):.0f}s the "
-            "service's history shows no such task; retrying (the retry checks the history "
-            "again before submitting)"
-        ) from None
+        raise
     except BaseException:
-        # Nothing was sent (the intent could not be recorded), or the service refused the
-        # task: the reservation is given back.
         if budget is not None:
             budget.release(key)
         raise
-    if ledger is not None and entry is not None:
-        ledger.record_prediction(entry, prediction.id)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A failure that certainly created no task: the service's (or the budget's) refusal.
+    Retryable errors (a 503, a 429, a lost connection) are not certain."""
+    return isinstance(exc, WanTasksError) and not exc.retryable
+
+
+def _release(ledger: Ledger, mine: LedgerEntry, *, created_nothing: bool, log: _Log) -> None:
+    try:
+        ledger.release(mine, created_nothing=created_nothing)
+    except Exception as exc:  # the claim's lease ends it anyway
+        log.warning("could not release the claim on %s: %s", mine.request_key[:12], exc)
+
+
+def _held(entry: LedgerEntry, alone: bool) -> bool:
+    """Someone else will finish this claim: a live owner elsewhere, or another thread of
+    this process working on the same key right now."""
+    if entry.owned_here():
+        return not alone
+    return not entry.owner_gone()
+
+
+def _wait_for_claim(
+    ledger: Ledger, entry: LedgerEntry, name: str, limit_s: float | None, log: _Log
+) -> LedgerEntry | None:
+    """Wait until the claim's owner records its prediction id, gives the claim back, or its
+    lease runs out; the caller reads the ledger again."""
     log.info(
-        "submitted %s: prediction %s, seed %d, $%s",
+        "%s: %s is submitting this request right now; waiting for its prediction id (no "
+        "second submit)",
         name,
-        prediction.id,
-        request.seed,
-        request.cost_usd,
+        entry.owner(),
     )
-    return submitted(prediction.id, payload, datetime.now(UTC), run_id)
+    waited, pause = 0.0, 0.2
+    while True:
+        time.sleep(pause)
+        waited += pause
+        pause = min(pause * 1.5, 5.0)
+        now = ledger.read(entry.request_key)
+        if now is None or now.prediction_id or now.version != entry.version:
+            return now
+        if now.owner_gone() or (limit_s is not None and waited >= limit_s):
+            return now
+
+
+def _reconcile_taken_over(
+    client: WaveSpeedClient,
+    previous: LedgerEntry,
+    others: set[str],
+    settle_s: Sequence[float],
+    name: str,
+    log: _Log,
+) -> str | None:
+    """The claim just taken over may have created a task before its owner died: look."""
+    # A fresh claim may belong to a submit the history does not show yet.
+    age = (datetime.now(UTC) - previous.intent_at).total_seconds()
+    found = reconcile(
+        client, previous, exclude=others, settle_s=max(0.0, min(sum(settle_s) - age, 15.0))
+    )
+    if found is None:
+        log.info(
+            "%s: an earlier submit (%s) never reached the service; submitting",
+            name,
+            previous.owner(),
+        )
+        return None
+    log.warning(
+        "%s: found prediction %s in the service's history for an unfinished submit (%s); "
+        "reconnecting",
+        name,
+        found.id,
+        previous.owner(),
+    )
+    return found.id
+
+
+def _recorded(
+    ledger: Ledger,
+    mine: LedgerEntry,
+    prediction_id: str,
+    name: str,
+    log: _Log,
+) -> str:
+    """Record the id over our claim. When the claim was taken over meanwhile (our submit
+    outlived its lease), the record that is there now decides, loudly."""
+    for _ in range(CLAIM_ROUNDS):
+        if ledger.record_prediction(mine, prediction_id) is not None:
+            return prediction_id
+        now = ledger.read(mine.request_key)
+        if now is None:
+            continue
+        if now.prediction_id and now.prediction_id != prediction_id:
+            log.error(
+                "%s: this submit outlived its claim's lease and %s submitted the request "
+                "again: predictions %s and %s were both paid; using the ledger's %s",
+                name,
+                now.owner(),
+                prediction_id,
+                now.prediction_id,
+                now.prediction_id,
+            )
+            return now.prediction_id
+        if now.prediction_id == prediction_id:
+            return prediction_id
+        mine = now
+    return prediction_id
+
+
+@contextmanager
+def _working_on(key: str) -> Iterator[bool]:
+    """Marks `key` as being submitted by this process; yields whether no other thread of it
+    was already on it (then a claim of this process is a leftover of an earlier attempt)."""
+    with _ACTIVE_LOCK:
+        alone = _ACTIVE.get(key, 0) == 0
+        _ACTIVE[key] = _ACTIVE.get(key, 0) + 1
+    try:
+        yield alone
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE[key] -= 1
+            if not _ACTIVE[key]:
+                del _ACTIVE[key]
+
+
+_ACTIVE: dict[str, int] = {}
+_ACTIVE_LOCK = threading.Lock()
+_Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
 def _read(
@@ -228,8 +410,7 @@ def _read(
         old.prediction_id,
     )
     moved = old.model_copy(update={"request_key": key})
-    ledger.write(moved)
-    return moved
+    return ledger.create(moved) or ledger.read(key)
 
 
 def _other_attempts(

@@ -552,6 +552,16 @@ def _check_s3(
     except BotoCoreError as exc:
         report.add("s3", "fail", f"cannot write {where}: {_why(exc)}")
         return bucket
+    ignored = _conditions_ignored(s3, bucket, key)
+    if ignored:
+        report.add(
+            "s3",
+            "fail",
+            f"s3://{bucket} {ignored}: the ledger's claim (a conditional create, then "
+            "If-Match updates) could not stop two machines paying for one request, and the "
+            "archive could overwrite a video. Use a store that honours S3 conditional writes "
+            "(AWS S3, SeaweedFS)",
+        )
     try:
         s3.delete_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as exc:
@@ -562,12 +572,36 @@ def _check_s3(
             "archiving works; remove the probe by hand",
         )
         return bucket
-    report.add(
-        "s3",
-        "ok",
-        f"s3://{bucket}/{prefix} is writable (conditional write and delete of a probe object)",
-    )
+    if not ignored:
+        report.add(
+            "s3",
+            "ok",
+            f"s3://{bucket}/{prefix} is writable and honours conditional writes (If-None-Match "
+            "and If-Match on a probe object, then deleted)",
+        )
     return bucket
+
+
+def _conditions_ignored(s3: Any, bucket: str, key: str) -> str | None:
+    """Write the probe again with If-None-Match: * and with a wrong If-Match: both must be
+    refused (412). Says what the store ignored, or None."""
+    from botocore.exceptions import ClientError
+
+    for condition, what in (
+        ({"IfNoneMatch": "*"}, "overwrote an object despite If-None-Match: *"),
+        ({"IfMatch": '"0123456789abcdef0123456789abcdef"'}, "accepted a wrong If-Match"),
+    ):
+        try:
+            s3.put_object(
+                Bucket=bucket, Key=key, Body=b"wan-video check probe, again\n", **condition
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "?"))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                continue
+            return f"answered {code} to a conditional write ({', '.join(condition)})"
+        return what
+    return None
 
 
 # -- one real video ----------------------------------------------------------------------------
