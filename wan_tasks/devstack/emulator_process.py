@@ -54,6 +54,7 @@ class EmulatorProcess:
         cwd: Path | None = None,
         startup_timeout: float = 120.0,
         name: str = "wavespeed-emulator",
+        host: str = HOST,
         **settings: Any,
     ) -> None:
         self.api_key = api_key or f"emu-{secrets.token_hex(12)}"
@@ -64,6 +65,7 @@ class EmulatorProcess:
         self.cwd = cwd
         self.startup_timeout = startup_timeout
         self.name = name
+        self.host = host  # another address than loopback: a test host's (network namespace)
         self.base_url = ""
         self.process: ManagedProcess | None = None
         self._dir: Path | None = None
@@ -83,7 +85,7 @@ class EmulatorProcess:
         config.write_text(json.dumps(self.settings), encoding="utf-8")
         env = dict(self.env) if self.env is not None else dict(os.environ)
         env["WAVESPEED_EMULATOR_KEY"] = self.api_key
-        cmd = [*self.command, "--host", HOST, "--port", "0", "--config", str(config)]
+        cmd = [*self.command, "--host", self.host, "--port", "0", "--config", str(config)]
         self.process = ManagedProcess(
             self.name,
             cmd,

