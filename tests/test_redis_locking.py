@@ -199,6 +199,26 @@ def test_a_live_holder_keeps_its_lock_past_its_lease(
     other.release_lock(key, "other")
 
 
+def test_two_threads_of_one_process_take_turns(redis_server: RedisServer, rdb: redis.Redis) -> None:
+    import threading
+
+    key = f"threads-{uuid.uuid4().hex}"
+    manager = RenewingRedisLockManager(redis_server.url)
+    assert manager.acquire_lock(key, "thread-a")
+    got: list[bool] = []
+    second = threading.Thread(target=lambda: got.append(manager.acquire_lock(key, "thread-b")))
+    second.start()
+    second.join(0.5)
+    assert not got and rdb.get(f"lock:{key}") == b"thread-a"
+    assert not manager.is_lock_holder(key, "thread-b")
+    manager.release_lock(key, "thread-a")
+    second.join(30)
+    assert got == [True] and rdb.get(f"lock:{key}") == b"thread-b"
+    assert manager.is_lock_holder(key, "thread-b") and not manager.is_lock_holder(key, "thread-a")
+    manager.release_lock(key, "thread-b")
+    assert not rdb.exists(f"lock:{key}")
+
+
 # -- secrets ----------------------------------------------------------------------------------
 
 
@@ -306,6 +326,7 @@ def _flow_run_logs(flow_run_id: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three Prefect client processes, on a loaded machine
 def test_two_hosts_submit_once_through_redis_and_a_third_finds_the_cache_in_s3(
     make_stack: Callable[..., Stack],
     results_block: str,

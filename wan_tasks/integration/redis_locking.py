@@ -39,13 +39,15 @@ from wan_tasks.errors import ConfigurationError, LockUnavailableError
 logger = logging.getLogger(__name__)
 
 # A dead holder's lock is free after at most this long, so a re-run after a crash waits up to a
-# minute for it. Renewed three times a lease, so two renewals in a row may fail (a Redis blip,
-# a GIL-starved process on a loaded machine) before a live holder loses its lock. A holder
-# frozen for longer than this (SIGSTOP, swap, a partition from Redis) does lose it: another host
-# may then run the same submit, and the ledger's claim in the bucket is what still stops a
-# second payment.
+# minute for it. Renewed three times a lease (every lease_s / 3), so two renewals in a row may
+# fail (a Redis blip, a GIL-starved process on a loaded machine) before a live holder loses its
+# lock. A holder frozen for longer than this (SIGSTOP, swap, a partition from Redis) does lose
+# it: another host may then run the same submit, and the ledger's claim in the bucket is what
+# still stops a second payment.
 LEASE_S = 60.0
-RENEW_EVERY_S = LEASE_S / 3
+# No acquire timeout: a waiter waits as long as the lock is held, which the lease bounds once
+# the holder is gone. A finite one would be worse than useless: Prefect's Transaction.begin()
+# ignores what acquire_lock returns and runs the task without the lock when it times out.
 # How often a waiter tries the lock: a SET NX per try, cheap for Redis even with many waiters.
 POLL_S = 0.1
 # A waiter says it is still waiting this often (a holder's submit can take minutes).
@@ -103,9 +105,9 @@ class RenewingRedisLockManager(RedisLockManager):  # type: ignore[misc]  # untyp
         self._lost: set[str] = set()  # held, but its lease ran out before a renewal
         self._renewer: threading.Thread | None = None
         self.renewals = 0
-        # The parent keeps the URL as `connection_url` (its pickling needs it); only this
-        # class's repr is what gets shown.
-        super().__init__(connection_url=url.get_secret_value())
+        # The URL stays in the SecretStr: the parent's connection fields are left at their
+        # defaults, unused (this class makes the clients and pickles itself).
+        super().__init__()
 
     def _init_clients(self) -> None:
         # Explicit socket timeouts: a Redis that stops answering fails the lock call
