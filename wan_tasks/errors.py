@@ -32,6 +32,7 @@ so a caller can reconnect instead of paying again. Messages never contain the AP
     │   └── WebhookVerificationError   a forged, stale, replayed or malformed webhook
     ├── BudgetExceededError            the run's budget would be exceeded
     ├── NoSlotError                    no in-flight slot could be taken (nothing submitted)
+    ├── LockUnavailableError           the shared lock service (Redis) did not answer  retryable
     ├── StorageError                   object storage
     │   ├── ArchiveError               a video could not be archived (`retryable` per case)
     │   └── SeaweedError               the embedded SeaweedFS could not start
@@ -260,6 +261,13 @@ class NoSlotError(WanTasksError, RuntimeError):
     """No in-flight slot could be taken for a video, so it was not submitted."""
 
 
+class LockUnavailableError(WanTasksError, RuntimeError):
+    """The lock service that serialises identical submits across hosts (Redis) did not
+    answer; nothing was submitted. Retryable."""
+
+    retryable = True
+
+
 class StorageError(WanTasksError):
     """Object storage failed."""
 
@@ -309,6 +317,7 @@ __all__ = [
     "InvalidRequestError",
     "KeyTemplateError",
     "LocalServiceError",
+    "LockUnavailableError",
     "ManifestError",
     "MediaAccessError",
     "MissingLimitError",

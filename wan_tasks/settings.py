@@ -18,9 +18,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_API_KEY = "WAVESPEED_API_KEY"
@@ -29,6 +29,8 @@ ENV_BUCKET = "WAN_TASKS_BUCKET"
 ENV_HOME = "WAN_TASKS_HOME"
 ENV_NO_EMBEDDED = "WAN_TASKS_NO_EMBEDDED"
 ENV_EMULATOR_KEY = "WAVESPEED_EMULATOR_KEY"
+ENV_LOCK_MANAGER = "WAN_TASKS_LOCK_MANAGER"
+ENV_REDIS_URL = "WAN_TASKS_REDIS_URL"
 DEFAULT_BASE_URL = "https://api.wavespeed.ai"
 
 
@@ -80,6 +82,25 @@ class Settings(BaseSettings):
         description="S3 endpoint (boto3's own setting, read here for path-style addressing)",
     )
     s3: S3Connection | None = Field(None, description="an explicit connection (overrides only)")
+    lock_manager: Literal["file", "redis"] = Field(
+        "file",
+        validation_alias=ENV_LOCK_MANAGER,
+        description="what serialises identical submits: file (one host) or redis (many hosts)",
+    )
+    # The whole URL is secret: it may carry a password (redis://:PASSWORD@host:6379/0) and
+    # pydantic would quote a plain str field, value included, in reprs and validation errors.
+    # It is checked where it is used (wan_tasks.integration.locking), never echoed.
+    redis_url: SecretStr | None = Field(
+        None,
+        validation_alias=ENV_REDIS_URL,
+        description="the Redis for WAN_TASKS_LOCK_MANAGER=redis (redis://, rediss://, "
+        "redis+sentinel://)",
+    )
+
+    @field_validator("lock_manager", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def home_dir(self) -> Path:
@@ -119,7 +140,7 @@ def override(**values: Any) -> Iterator[Settings]:
             _overrides.remove(layer)
 
 
-_SECRET_FIELDS = frozenset({"api_key", "emulator_key"})
+_SECRET_FIELDS = frozenset({"api_key", "emulator_key", "redis_url"})
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -128,7 +149,9 @@ __all__ = [
     "ENV_BUCKET",
     "ENV_EMULATOR_KEY",
     "ENV_HOME",
+    "ENV_LOCK_MANAGER",
     "ENV_NO_EMBEDDED",
+    "ENV_REDIS_URL",
     "S3Connection",
     "Settings",
     "current",

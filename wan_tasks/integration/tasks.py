@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -31,7 +30,6 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run, task_run
-from prefect.settings import get_current_settings
 from prefect.tasks import TaskRunNameCallbackWithParameters, exponential_backoff
 
 from wan_tasks.api.models import MODEL_ID, I2VRequest, Prediction
@@ -49,7 +47,7 @@ from wan_tasks.errors import (
     WanTasksError,
     WaveSpeedError,
 )
-from wan_tasks.integration.locking import CrashSafeFileLockManager
+from wan_tasks.integration.locking import TASK_LOCKS
 from wan_tasks.integration.runtime import open_ledger, s3_client, wavespeed_client
 from wan_tasks.redact import is_redacted, redact_url
 from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget, S3Archiver
@@ -114,12 +112,6 @@ def retry_archive(task: Task[..., Any], run: TaskRun, state: State[Any]) -> bool
 # -- cache policies ----------------------------------------------------------------------
 
 
-def _locks_dir() -> Path:
-    path = Path(get_current_settings().home) / "wan-tasks-locks"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _submit_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     request = derive_seed(params["request"], params.get("variant") or "")
     client = wavespeed_client(params.get("credentials_block"))
@@ -146,11 +138,9 @@ def _archive_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
 
 
 def serializable(policy: CacheKeyFnPolicy) -> Any:
-    # One host: a file lock per key, broken when its process dies (Prefect's own file locks
-    # never expire). Many hosts: swap in prefect-redis's RedisLockManager.
-    return policy.configure(
-        isolation_level="SERIALIZABLE", lock_manager=CrashSafeFileLockManager(_locks_dir())
-    )
+    # The manager WAN_TASKS_LOCK_MANAGER names when the lock is taken: a file lock per key
+    # on one host (broken when its process dies), or a renewed Redis lease across hosts.
+    return policy.configure(isolation_level="SERIALIZABLE", lock_manager=TASK_LOCKS)
 
 
 def learn_inference_times(credentials_block: str | None = None) -> int:
