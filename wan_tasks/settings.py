@@ -97,6 +97,19 @@ class Settings(BaseSettings):
         "redis+sentinel://)",
     )
 
+    # Longer than a submit takes from its claim to the recorded id (the POST with its own
+    # retries, then the history's settle time): a live owner is never overtaken. It is how
+    # long another machine waits on the claim of a machine that died mid-submit (a dead
+    # process on the same machine is seen at once).
+    claim_lease_s: float = Field(
+        300.0,
+        ge=5.0,
+        le=86_400.0,
+        validation_alias="WAN_TASKS_CLAIM_LEASE_S",
+        description="seconds a ledger claim is its owner's before another machine may take "
+        "it over (after searching the history)",
+    )
+
     @field_validator("lock_manager", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from wan_tasks import settings
 from wan_tasks.api.client import WaveSpeedClient
 from wan_tasks.api.models import I2VRequest
 from wan_tasks.core.budget import Budget
@@ -134,7 +135,7 @@ def submit_once(
         )
         return submitted(prediction.id, body, datetime.now(UTC), run_id)
 
-    lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
+    lease_s = settings.current().claim_lease_s if lease_s is None else lease_s
     # Other attempts of this request sent the same body: their tasks are never this one's.
     others = _other_attempts(ledger, request, service, model, attempt)
     payload: dict[str, Any] | None = None
@@ -228,10 +229,6 @@ def submit_once(
 
 # A claim read, lost to a faster writer, or waited for, is looked at again this many times.
 CLAIM_ROUNDS = 16
-# How long a claim is its owner's: longer than its submit can take from the claim to the
-# recorded id (the POST with its own retries, then the history's settle time), so a live
-# owner is never overtaken; a dead owner's claim on this machine is taken at once.
-DEFAULT_LEASE_S = 300.0
 
 
 def _post(
