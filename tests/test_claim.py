@@ -356,3 +356,32 @@ def test_two_workers_with_separate_prefect_homes_pay_once(
     for _, uri in landed[0].values():
         assert uri is not None
         stack.object(uri)  # it is there
+
+
+def test_the_dry_run_tells_a_claim_being_submitted_from_one_that_created_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A live claim of another machine costs this run nothing (it will reconnect); a claim
+    given back after a refusal is priced as new."""
+    from wan_tasks.cli.dryrun import _service_id, plan_batch
+    from wan_tasks.core.ledger import DEFAULT_LEDGER_PREFIX
+    from wan_tasks.core.manifest import ManifestItem
+    from wan_tasks.integration.runtime import open_ledger
+
+    ledger = open_ledger(S3Place(bucket=stack.bucket, prefix=DEFAULT_LEDGER_PREFIX))
+    items = [
+        ManifestItem(item_id=name, row=i + 1, request=req(f"dry {name}"), error=None)
+        for i, name in enumerate(("busy", "refused"))
+    ]
+    for item in items:
+        assert item.request is not None
+        request = derive_seed(item.request, item.variant)
+        key = request_key(request, service=_service_id())
+        payload = {"prompt": request.prompt, "image": "https://example.com/a.png", "seed": 1}
+        claim = foreign_claim(ledger, key, payload)
+        if item.item_id == "refused":
+            assert ledger.release(claim, created_nothing=True) is not None
+    plan = {row.item.item_id: row for row in plan_batch(items, bucket=stack.bucket).rows}
+    assert plan["busy"].status.startswith("being submitted now by worker-b pid 4242")
+    assert plan["busy"].cost_usd == 0
+    assert plan["refused"].status == "new" and plan["refused"].cost_usd > 0

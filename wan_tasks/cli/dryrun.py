@@ -100,10 +100,14 @@ def plan_batch(
                 where = f"unknown: the store did not answer ({type(exc).__name__}: {exc})"
                 ledger = None
                 entry = None
-            if entry is not None:
+            if entry is not None and entry.prediction_id:
+                status = f"submitted before (prediction {entry.prediction_id}; $0 unless it failed)"
+            elif entry is not None and not entry.released:
+                # A claim without an id: being submitted elsewhere right now, or a submit
+                # that died mid-POST, which the next run reconciles before paying.
                 status = (
-                    f"submitted before (prediction {entry.prediction_id}; $0 unless it failed)"
-                    if entry.prediction_id
+                    f"being submitted now by {entry.owner()}"
+                    if not entry.owner_gone()
                     else "submitted before (being reconciled)"
                 )
         if status == "new" and storage is not None and (storage / f"wan-submit-{key}").exists():
