@@ -297,6 +297,11 @@ class BatchIncompleteError(RunIncompleteError):
     complete only those."""
 
 
+class ShardIncompleteError(RunIncompleteError):
+    """A shard of a fanned-out batch ended without reporting its videos (its child run
+    crashed or was cancelled first); a re-run of the batch completes it."""
+
+
 __all__ = [
     "ArchiveError",
     "AuthenticationError",
@@ -318,6 +323,7 @@ __all__ = [
     "RunCancelledError",
     "RunIncompleteError",
     "SeaweedError",
+    "ShardIncompleteError",
     "StorageError",
     "SubmissionNotFoundError",
     "SubmissionUncertainError",
