@@ -195,7 +195,7 @@ def test_aggregate_takes_each_childs_report_and_says_which_shard_left_none() -> 
     assert not by_id["u-2"].already_archived
     assert all(o.row == j.row for j, o in ((j, by_id[j.item_id]) for j in jobs))
     lost = by_id["u-5"]
-    assert lost.error_type == "ShardIncompleteError"
+    assert lost.error_type == "RunIncompleteError"
     assert "shard 3/3 (flow run b-shard-3-of-3) ended Crashed: killed" in (lost.error or "")
     # Spend only from this run's children.
     assert produced.spent == Decimal("0.60")

@@ -297,11 +297,6 @@ class BatchIncompleteError(RunIncompleteError):
     complete only those."""
 
 
-class ShardIncompleteError(RunIncompleteError):
-    """A shard of a fanned-out batch ended without reporting its videos (its child run
-    crashed or was cancelled first); a re-run of the batch completes it."""
-
-
 __all__ = [
     "ArchiveError",
     "AuthenticationError",
@@ -323,7 +318,6 @@ __all__ = [
     "RunCancelledError",
     "RunIncompleteError",
     "SeaweedError",
-    "ShardIncompleteError",
     "StorageError",
     "SubmissionNotFoundError",
     "SubmissionUncertainError",

@@ -16,9 +16,12 @@ their reports into the one list of per-video outcomes that `generate_batch` repo
   by all workers. The key names the run, so a report left by an earlier run (or a concurrent
   one) is never taken for this run's; the digest names the content, so a re-run finds the
   shards that fully landed and starts only the others (whose children then skip, through
-  the per-video ledger, the videos that did land).
-- The parent holds no in-flight slot: it only polls the children's states. Its batch budget
-  is split over the shards it starts, in proportion to their videos.
+  the per-video ledger, the videos that did land). A landed shard is taken from its report,
+  not checked object by object: delete its reports to have it run (and checked) again.
+- The parent holds no in-flight slot: it only polls the children's states (for as long as
+  they take, as `run_deployment` does). Its batch budget is split over the shards it
+  starts, in proportion to their videos. Children read the manifest themselves, so it must
+  be an s3:// URI or a path that is the same on every worker (the deployments' checkout).
 - Cancelling the parent cancels the children: they are linked as subflows (`as_subflow`, so
   the server's cancellation service would also reach them, within its loop), and the parent
   itself moves every unfinished child to Cancelling as soon as it sees its own cancellation
@@ -42,7 +45,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wan_tasks.core.identity import derive_seed, normalised_body
-from wan_tasks.errors import ConfigurationError, ManifestError, ShardIncompleteError
+from wan_tasks.errors import ConfigurationError, ManifestError, RunIncompleteError
 from wan_tasks.flows.models import VideoJob, VideoOutcome
 from wan_tasks.flows.options import ArchiveOptions, RunOptions
 from wan_tasks.integration.runtime import s3_client
@@ -254,6 +257,8 @@ def plan_shards(
     """(deployment to run the shards on, the shards), or None to make the batch here."""
     if fan_out.enabled is False or not jobs:
         return None
+    if fan_out.enabled == "auto" and len(jobs) <= fan_out.shard_size:
+        return None  # small batches stay in one process, without asking the server anything
     from prefect.runtime import deployment as this_deployment
 
     own = str(this_deployment.id) if this_deployment.id else None
@@ -313,11 +318,15 @@ def report_prefix(target: ArchiveTarget, manifest: str, digest: str) -> str:
     return "/".join(p for p in parts if p) + "/"
 
 
+def report_key(target: ArchiveTarget, manifest: str, digest: str, flow_run_id: str | None) -> str:
+    """{prefix}/batches/{manifest}/shards/{digest}/{flow run id}.json"""
+    run = sanitise_segment(flow_run_id or "local")
+    return f"{report_prefix(target, manifest, digest)}{run}.json"
+
+
 def write_shard_report(target: ArchiveTarget, manifest: str, report: ShardReport) -> str:
-    """The child's report at {prefix}/batches/{manifest}/shards/{digest}/{run}.json."""
-    key = report_prefix(target, manifest, report.shard.digest) + (
-        f"{sanitise_segment(report.flow_run_id or 'local')}.json"
-    )
+    """The child's report, at `report_key`; returns its URI."""
+    key = report_key(target, manifest, report.shard.digest, report.flow_run_id)
     # Like the summary: s3:// URIs, never presigned links (bearer credentials while they live).
     body = report.model_dump_json(exclude={"outcomes": {"__all__": {"presigned_url"}}}).encode()
     s3_client(target.s3_block).put_object(
@@ -433,9 +442,7 @@ def run_shards(
             raise
         for child in to_run:
             assert child.flow_run is not None
-            key = report_prefix(target, manifest, child.shard.digest) + (
-                f"{sanitise_segment(str(child.flow_run.id))}.json"
-            )
+            key = report_key(target, manifest, child.shard.digest, str(child.flow_run.id))
             child.report = read_shard_report(target, key)
     produced = aggregate(children, cancelled=cancelled)
     # Fresh links for the batch's result (reports hold none).
@@ -599,7 +606,7 @@ def aggregate(children: Sequence[ShardRun], *, cancelled: bool = False) -> Produ
             state = run.state if run is not None else None
             where = f"flow run {run.name}" if run is not None else "its flow run"
             stopped = state is not None and (state.is_cancelled() or state.is_cancelling())
-            error = ShardIncompleteError(
+            error = RunIncompleteError(
                 f"shard {child.shard.label} ({where}) ended "
                 f"{state.name if state else 'unstarted'}"
                 f"{': ' + state.message if state and state.message else ''} without a report; "
