@@ -21,6 +21,17 @@ from wan_tasks.core.budget import Budget
 from wan_tasks.core.manifest import ManifestItem, parse_manifest
 from wan_tasks.devstack.embedded import EMULATOR_CONCURRENCY, EmbeddedServices, embedded_defaults
 from wan_tasks.errors import BatchIncompleteError, VideoFailedError
+from wan_tasks.flows.fanout import (
+    FanOutOptions,
+    Produced,
+    ShardReport,
+    ShardSpec,
+    digest_context,
+    plan_shards,
+    run_shards,
+    shard_jobs,
+    write_shard_report,
+)
 from wan_tasks.flows.models import BatchReport, VideoJob, VideoOutcome
 from wan_tasks.flows.options import ArchiveOptions, RunOptions
 from wan_tasks.flows.produce import Producer
@@ -125,14 +136,20 @@ def generate_batch(
     archive: ArchiveOptions | None = None,
     options: RunOptions | None = None,
     fail_on_item_error: bool = True,
+    fan_out: FanOutOptions | None = None,
+    shard: ShardSpec | None = None,
 ) -> BatchReport:
     """Every request of a JSONL/CSV manifest, within the account's limits and the budget.
 
     Bad rows are reported and cost nothing; the rest still run. A JSONL summary lands next to
     the outputs. With `fail_on_item_error`, the run ends Failed when any video did not land
-    (after everything else landed), so schedulers and automations notice.
+    (after everything else landed), so schedulers and automations notice. Run from a
+    deployment, a batch larger than `fan_out.shard_size` is spread over the work pool as
+    child runs of `shard_size` videos each (`wan_tasks.flows.fanout`); `shard` is set only
+    on those children.
     """
     archive, options = archive or ArchiveOptions(), options or RunOptions()
+    fan_out = fan_out or FanOutOptions()
     log = get_run_logger()
     with embedded_defaults(
         s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
@@ -156,28 +173,60 @@ def generate_batch(
             for i in items
             if i.request is None
         ]
-        for bad in invalid:
+        for bad in invalid if shard is None else ():
             log.warning("not submitted: %s", bad.error)
-        budget = Budget(options.budget_usd)
-        waited = _rate_limited_wait(options) if jobs else 0.0
-        producer = Producer(target, options, budget, batch=_batch_name(manifest))
-        outcomes = sorted(producer.run(jobs) + invalid, key=lambda o: (o.row or 0, o.item_id))
-        report = _report(manifest, outcomes, budget.spent)
-        report.refund_expected_usd = producer.refund_expected
-        if jobs:
-            report.rate_limit_wait_s = round(_rate_limited_wait(options) - waited, 3)
-        report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
-        publish_artifacts(
-            outcomes,
-            title=f"Batch {Path(manifest).name}",
-            target=target,
-            key=options.artifact_key,
-            embedded_store=services.s3_endpoint,
-            refund_expected=producer.refund_expected,
-        )
+        context = digest_context(target, _service_id(options)) if jobs else ""
+        if shard is not None:  # a child of a fanned-out batch: its part only
+            jobs, invalid = shard_jobs(jobs, shard, context), []
+        plan = None
+        if shard is None and jobs:
+            plan = plan_shards(fan_out, jobs, embedded=services.any, context=context)
+        if plan:
+            produced = run_shards(
+                *plan,
+                jobs,
+                manifest=manifest,
+                archive=archive,
+                options=options,
+                fail_on_item_error=fail_on_item_error,
+                target=target,
+                poll_interval_s=fan_out.poll_interval_s,
+            )
+        else:
+            produced = _produce(target, options, manifest, jobs)
+        outcomes = sorted(produced.outcomes + invalid, key=lambda o: (o.row or 0, o.item_id))
+        report = _report(manifest, outcomes, produced.spent)
+        report.refund_expected_usd = produced.refund_expected
+        report.rate_limit_wait_s = round(produced.rate_limit_wait_s, 3)
+        if shard is not None:
+            # The parent reads this and reports the batch; no summary or artifacts per shard.
+            report.summary_uri = write_shard_report(
+                target,
+                manifest,
+                ShardReport(
+                    shard=shard,
+                    flow_run_id=str(flow_run.id) if flow_run.id else None,
+                    outcomes=outcomes,
+                    new_spend_usd=report.new_spend_usd,
+                    refund_expected_usd=report.refund_expected_usd,
+                    rate_limit_wait_s=report.rate_limit_wait_s,
+                    cancelled=produced.cancelled,
+                ),
+            )
+        else:
+            report.summary_uri = write_summary(target, manifest, outcomes, _run_label())
+            publish_artifacts(
+                outcomes,
+                title=f"Batch {Path(manifest).name}",
+                target=target,
+                key=options.artifact_key,
+                embedded_store=services.s3_endpoint,
+                refund_expected=report.refund_expected_usd,
+            )
     log.info(
-        "batch %s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; summary %s",
+        "batch %s%s: %d archived, %d failed, %d invalid, %d skipped; new spend $%s; summary %s",
         manifest,
+        f" shard {shard.label}" if shard else "",
         report.archived,
         report.failed,
         report.invalid,
@@ -191,7 +240,7 @@ def generate_batch(
             "(within about 3 h); the budget counts them as spent until then",
             report.refund_expected_usd,
         )
-    if producer.cancelled:
+    if produced.cancelled:
         # The run ends Cancelled, as asked, with its report (what landed, what was kept in
         # flight, what was never started) in the summary; a re-run completes the rest.
         return Cancelled(  # type: ignore[return-value]
@@ -207,6 +256,29 @@ def generate_batch(
         error.report = report  # type: ignore[attr-defined]  # the CLI prints it from the state
         raise error
     return report
+
+
+def _produce(
+    target: ArchiveTarget, options: RunOptions, manifest: str, jobs: list[VideoJob]
+) -> Produced:
+    """The videos made in this process, by its lanes."""
+    budget = Budget(options.budget_usd)
+    waited = _rate_limited_wait(options) if jobs else 0.0
+    producer = Producer(target, options, budget, batch=_batch_name(manifest))
+    outcomes = producer.run(jobs)
+    return Produced(
+        outcomes=outcomes,
+        spent=budget.spent,
+        refund_expected=producer.refund_expected,
+        rate_limit_wait_s=_rate_limited_wait(options) - waited if jobs else 0.0,
+        cancelled=producer.cancelled,
+    )
+
+
+def _service_id(options: RunOptions) -> str:
+    from wan_tasks.integration.runtime import wavespeed_client
+
+    return wavespeed_client(options.credentials_block).service_id
 
 
 def _report(manifest: str, outcomes: list[VideoOutcome], spent: Decimal) -> BatchReport:
