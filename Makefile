@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -ra -n 2
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 # Benchmarks (bench/): print tables with a baseline measured in the same run; see BENCHMARKS.md.
 bench: $(STAMP)

@@ -52,6 +52,9 @@ log.setLevel(logging.INFO)
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = json.dumps({"service": "test-service", "key_template": "t"})
 
+# Its module-scoped servers are started once, on one test process.
+pytestmark = pytest.mark.xdist_group("fanout")
+
 
 def _jobs(n: int, tag: str = "u") -> list[VideoJob]:
     return [

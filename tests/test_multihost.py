@@ -59,6 +59,8 @@ from wan_tasks.devstack.processes import ManagedProcess
 from wan_tasks.errors import LocalServiceError
 from wan_tasks.storage.seaweed import SeaweedFS
 
+pytestmark = pytest.mark.xdist_group("multihost")  # one cluster, its scenarios in order
+
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)
 
@@ -150,6 +152,8 @@ class Cluster:
         with self.server.entered():
             client = self.s3.endpoint.boto3_client()
             for key in self.objects(f"{prefix}/batches/"):
+                if not key.endswith(".jsonl"):
+                    continue  # a fanned-out batch's shard reports (JSON) sit beside them
                 body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
                 rows += [json.loads(line) for line in body.splitlines()]
         return rows
@@ -534,6 +538,55 @@ def test_two_overlapping_batches_on_two_hosts_pay_once_within_the_limit(
     # Never more at the service at once than the account limit, across both hosts.
     assert 1 <= stats["max_in_flight"] <= IN_FLIGHT
     assert cluster.api("GET", f"/v2/concurrency_limits/{LIMIT_NAME}")["active_slots"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_batch_fanned_out_over_the_worker_hosts_lands_every_video_once(
+    cluster: Cluster,
+) -> None:
+    """Issue 16's fan-out across hosts: the parent run takes one worker host (each takes one
+    flow run at a time), its shards run as child flow runs on the other; one summary, every
+    video once, the account's limit held across them. (Before scenario B kills a host.)"""
+    began = time.monotonic()
+    before = cluster.stats()["submissions"]
+    items = 4
+    manifest = cluster.put_manifest("manifests/fan.jsonl", _rows("f", items))
+    params = _params(manifest, "videos/fan")
+    params["fan_out"] = {"enabled": True, "shard_size": 2, "poll_interval_s": 1.0}
+    deployment = cluster.api("GET", f"/deployments/name/{DEPLOYMENT}")
+    parent = str(
+        cluster.api(
+            "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": params}
+        )["id"]
+    )
+    states = cluster.wait_final([parent], 400)
+    assert states[parent] == "COMPLETED", cluster.describe(parent)
+    children = cluster.api(
+        "POST",
+        "/flow_runs/filter",
+        {"flow_runs": {"parent_flow_run_id": {"any_": [parent]}}},
+    )
+    child_ids = [str(c["id"]) for c in children]
+    hosts = {h for c in child_ids for h in cluster.ran_on(c)}
+    (parent_host,) = cluster.ran_on(parent)
+    _say(
+        f"scenario C: parent on {parent_host}, {len(child_ids)} shards on {sorted(hosts)}, "
+        f"{time.monotonic() - began:.1f}s"
+    )
+    assert len(child_ids) == 2 and all(cluster.state(c) == "COMPLETED" for c in child_ids)
+    assert hosts and parent_host not in hosts  # the shards ran on the other worker host
+
+    stats = cluster.stats()
+    videos = [k for k in cluster.objects("videos/fan/") if k.endswith(".mp4")]
+    # Every video in the summaries, archived; each at one object, once in the bucket.
+    rows = cluster.summary_rows("videos/fan")
+    assert sorted({r["item_id"] for r in rows}) == [f"f{i}" for i in range(1, items + 1)]
+    assert all(r["status"] == "archived" for r in rows), rows
+    assert len({r["s3_uri"] for r in rows}) == items
+    assert len(videos) == items
+    assert stats["submissions"] - before == items
+    assert stats["max_in_flight"] <= IN_FLIGHT
 
 
 @pytest.mark.slow

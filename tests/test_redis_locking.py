@@ -30,6 +30,9 @@ from wan_tasks.integration.redis_locking import RenewingRedisLockManager
 PASSWORD = "redis-pw-" + uuid.uuid4().hex  # unique: any occurrence anywhere is a leak
 LOCK_ENV = ("WAN_TASKS_LOCK_MANAGER", "WAN_TASKS_REDIS_URL")
 
+# Its module-scoped servers are started once, on one test process.
+pytestmark = pytest.mark.xdist_group("redis")
+
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
