@@ -112,7 +112,7 @@ class LedgerEntry(BaseModel):
         if (now or datetime.now(UTC)) >= self.lease_until:
             return True
         same_machine = self.host == _HOST and self.boot_id and self.boot_id == _BOOT_ID
-        return bool(same_machine) and not _alive(self.pid)
+        return bool(same_machine) and not process_alive(self.pid)
 
     def owner(self) -> str:
         run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
@@ -130,7 +130,8 @@ _HOST = socket.gethostname()
 _BOOT_ID = _boot_id()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (in this pid namespace)."""
     if pid <= 0:
         return False
     try:

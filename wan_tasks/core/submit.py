@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from wan_tasks import settings
 from wan_tasks.api.client import WaveSpeedClient
-from wan_tasks.api.models import I2VRequest
+from wan_tasks.api.models import I2VRequest, Prediction
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import legacy_request_key, request_key
 from wan_tasks.core.ledger import ArchivedAt, Ledger, LedgerEntry, reconcile
@@ -125,14 +125,7 @@ def submit_once(
         body = client.prepare(request)
         if before_post is not None:
             before_post()
-        prediction = _post(client, request, body, key, budget)
-        log.info(
-            "submitted %s: prediction %s, seed %d, $%s",
-            name,
-            prediction.id,
-            request.seed,
-            request.cost_usd,
-        )
+        prediction = _post(client, request, body, key, budget, name, log)
         return submitted(prediction.id, body, datetime.now(UTC), run_id)
 
     lease_s = settings.current().claim_lease_s if lease_s is None else lease_s
@@ -183,7 +176,7 @@ def submit_once(
                     pid = _recorded(ledger, mine, taken, name, log)
                     return submitted(pid, earlier.payload, earlier.intent_at, run_id)
             try:
-                prediction = _post(client, request, payload, key, budget)
+                prediction = _post(client, request, payload, key, budget, name, log)
             except SubmissionUncertainError:
                 # The task may exist and be billed: look for it before giving up; the claim
                 # stays ours (its lease keeps other machines waiting) and the budget kept.
@@ -212,13 +205,6 @@ def submit_once(
                 # taken over at once, by whoever checks the history first.
                 _release(ledger, mine, created_nothing=_refused(exc), log=log)
                 raise
-            log.info(
-                "submitted %s: prediction %s, seed %d, $%s",
-                name,
-                prediction.id,
-                request.seed,
-                request.cost_usd,
-            )
             pid = _recorded(ledger, mine, prediction.id, name, log)
             return submitted(pid, payload, datetime.now(UTC), run_id)
     raise SubmissionUncertainError(
@@ -237,19 +223,29 @@ def _post(
     payload: dict[str, Any],
     key: str,
     budget: Budget | None,
-) -> Any:
+    name: str,
+    log: _Log,
+) -> Prediction:
     """POST, with a budget reservation kept for every submit that may have reached the
     service and given back on every other path."""
     if budget is not None:
         budget.reserve(key, request.cost_usd)
     try:
-        return client.submit_payload(payload)
+        prediction = client.submit_payload(payload)
     except SubmissionUncertainError:
         raise
     except BaseException:
         if budget is not None:
             budget.release(key)
         raise
+    log.info(
+        "submitted %s: prediction %s, seed %d, $%s",
+        name,
+        prediction.id,
+        request.seed,
+        request.cost_usd,
+    )
+    return prediction
 
 
 def _refused(exc: BaseException) -> bool:

@@ -33,21 +33,12 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.locking.protocol import LockManager
 
 from wan_tasks import settings
+from wan_tasks.core.ledger import process_alive
 from wan_tasks.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOLD_TIMEOUT_S = 900.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 class CrashSafeFileLockManager(FileSystemLockManager):
@@ -78,7 +69,7 @@ class CrashSafeFileLockManager(FileSystemLockManager):
         except (OSError, ValueError):
             return False
         pid = info.get("pid")
-        return info.get("host") == self._host and isinstance(pid, int) and not _alive(pid)
+        return info.get("host") == self._host and isinstance(pid, int) and not process_alive(pid)
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         if not super().is_locked(key, use_cache=use_cache):
