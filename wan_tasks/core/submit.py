@@ -129,6 +129,9 @@ def submit_once(
         return submitted(prediction.id, body, datetime.now(UTC), run_id)
 
     lease_s = settings.current().claim_lease_s if lease_s is None else lease_s
+    # A live owner is never overtaken: the claim outlasts the POST with all its retries and
+    # the settle time of a lost answer, whatever lease was configured.
+    lease_s = max(lease_s, _post_bound_s(client) + sum(settle_s))
     # Other attempts of this request sent the same body: their tasks are never this one's.
     others = _other_attempts(ledger, request, service, model, attempt)
     payload: dict[str, Any] | None = None
@@ -234,7 +237,9 @@ def _post(
         prediction = client.submit_payload(payload)
     except SubmissionUncertainError:
         raise
-    except BaseException:
+    except Exception:
+        # An answered or never-sent POST. A cancel (KeyboardInterrupt, CancelledError) may
+        # land after the service took the task: its reservation is kept.
         if budget is not None:
             budget.release(key)
         raise
@@ -246,6 +251,15 @@ def _post(
         request.cost_usd,
     )
     return prediction
+
+
+def _post_bound_s(client: WaveSpeedClient) -> float:
+    """The longest a submit POST can take with its own retries (each attempt's pool, connect,
+    write and read timeouts; the longest wait between attempts), plus a margin."""
+    t, retry = client.ops.timeouts, client.ops.retry
+    attempt = t.pool + t.connect + t.write + t.submit_read
+    pause = max(retry.max_backoff, retry.max_retry_after)
+    return retry.max_attempts * attempt + (retry.max_attempts - 1) * pause + 30.0
 
 
 def _refused(exc: BaseException) -> bool:
@@ -391,11 +405,18 @@ def _read(
     if entry is not None:
         return entry
     old = ledger.read(legacy_request_key(request, model=client.ops.model, attempt=attempt))
-    if old is None or not old.prediction_id:
+    if old is None:
         return None
+    if not old.prediction_id:
+        # An older release's intent whose POST may have created a task: moved with no lease,
+        # so it is taken over and reconciled through the history before anything is sent.
+        intent = old.model_copy(update={"request_key": key, "lease_until": None})
+        return ledger.create(intent) or ledger.read(key)
     try:
         client.get_prediction(old.prediction_id)
-    except WaveSpeedError:
+    except WaveSpeedError as exc:
+        if exc.retryable:  # a 503 or a 429 says nothing about the prediction: never pay again
+            raise
         return None
     log.info(
         "%s: reconnecting to prediction %s recorded by an older release",
