@@ -385,3 +385,28 @@ def test_the_dry_run_tells_a_claim_being_submitted_from_one_that_created_nothing
     assert plan["busy"].status.startswith("being submitted now by worker-b pid 4242")
     assert plan["busy"].cost_usd == 0
     assert plan["refused"].status == "new" and plan["refused"].cost_usd > 0
+
+
+def test_a_process_in_another_pid_namespace_has_another_owner_identity() -> None:
+    """Containers sharing a host's network (so its hostname) and boot have pids of their
+    own: a claim written in another pid namespace must never be judged by this namespace's
+    pids. A process started in a new pid namespace (unshare) gets another identity."""
+    import shutil
+
+    from wan_tasks.core import ledger as ledger_module
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root to make a pid namespace")
+    code = "from wan_tasks.core.ledger import _BOOT_ID, _HOST; print(_HOST, _BOOT_ID)"
+    other = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout.split()
+    assert other[0] == ledger_module._HOST  # the same host name...
+    assert other[1] != ledger_module._BOOT_ID  # ...but not the same pids
+    lease = datetime.now(UTC) + timedelta(hours=1)
+    theirs = entry_for("k", host=other[0], boot_id=other[1], pid=999_999, lease_until=lease)
+    assert not theirs.owner_gone()  # its pid says nothing here: live until its lease ends

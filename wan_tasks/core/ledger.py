@@ -126,8 +126,18 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 _HOST = socket.gethostname()
-_BOOT_ID = _boot_id()
+# Pids are comparable only within one boot and one pid namespace: containers sharing a host's
+# network (so its hostname) and boot have pids of their own, and a live claim of one must
+# never look dead to another.
+_BOOT_ID = f"{_boot_id()}/{_pid_namespace()}" if _boot_id() else ""
 
 
 def process_alive(pid: int) -> bool:

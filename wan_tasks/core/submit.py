@@ -151,7 +151,7 @@ def submit_once(
                     previous.flow_run_id,
                     previous.archived,
                 )
-            if previous is not None and _held(previous, alone):
+            if previous is not None and _held(previous, alone()):
                 # Another machine (or thread) is submitting this very request: never a
                 # second POST; its prediction id appears in the ledger, or its claim ends.
                 previous = _wait_for_claim(ledger, previous, name, claim_wait_s, log)
@@ -370,12 +370,19 @@ def _recorded(
 
 
 @contextmanager
-def _working_on(key: str) -> Iterator[bool]:
-    """Marks `key` as being submitted by this process; yields whether no other thread of it
-    was already on it (then a claim of this process is a leftover of an earlier attempt)."""
+def _working_on(key: str) -> Iterator[Callable[[], bool]]:
+    """Marks `key` as being submitted by this process; yields a check of whether no other
+    thread of it is on it now (then a claim of this process is a leftover of an earlier
+    attempt)."""
     with _ACTIVE_LOCK:
-        alone = _ACTIVE.get(key, 0) == 0
         _ACTIVE[key] = _ACTIVE.get(key, 0) + 1
+
+    def alone() -> bool:
+        # Asked each round: a thread that was waiting on another's claim is alone once that
+        # one has finished (then this process's leftover claim is its to take over).
+        with _ACTIVE_LOCK:
+            return _ACTIVE.get(key, 0) == 1
+
     try:
         yield alone
     finally:
