@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -100,8 +101,19 @@ def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
 
 
+def _call(method: str, url: str, **kw: Any) -> httpx.Response:
+    """A raw call to the Prefect server, retried on 503 as Prefect's own client does (SQLite
+    answers "database busy" under load)."""
+    for attempt in range(8):
+        answer = httpx.request(method, url, timeout=30, **kw)
+        if answer.status_code != 503:
+            break
+        time.sleep(0.5 * (attempt + 1))
+    return answer
+
+
 def block_type(api: str, slug: str) -> dict[str, Any] | None:
-    answer = httpx.get(f"{api}/block_types/slug/{slug}", timeout=30)
+    answer = _call("GET", f"{api}/block_types/slug/{slug}")
     if answer.status_code == 404:
         return None
     answer.raise_for_status()
@@ -112,7 +124,7 @@ def block_type(api: str, slug: str) -> dict[str, Any] | None:
 def delete_block_type(api: str, slug: str) -> None:
     found = block_type(api, slug)
     assert found is not None
-    httpx.delete(f"{api}/block_types/{found['id']}", timeout=30).raise_for_status()
+    _call("DELETE", f"{api}/block_types/{found['id']}").raise_for_status()
     assert block_type(api, slug) is None
 
 
@@ -145,9 +157,9 @@ def test_prefect_block_register_cli(own_server: Any, tmp_path: Path, module: str
     for cls in BLOCKS:
         found = block_type(api, cls.get_block_type_slug())
         assert found is not None, f"{cls.__name__} not registered by -m {module}"
-        schemas = httpx.post(
+        schemas = _call(
+            "POST",
             f"{api}/block_schemas/filter",
-            timeout=30,
             json={"block_schemas": {"block_type_id": {"any_": [found["id"]]}}},
         ).json()
         assert schemas and "api_key" in schemas[0]["fields"]["properties"]

@@ -60,6 +60,13 @@ def test_seeded_from_the_accounts_history(
     times = InferenceTimes()
     assert times.seed_from_history(client, MODEL) == 3
     expected = times.expected(MODEL, 5)
-    assert expected is not None and 0.25 <= expected <= 1.0
+    # One of the inference times the history reports (how long the emulator's tasks took
+    # depends on the machine's load; at least its latency).
+    reported = {
+        item.inference_ms / 1000
+        for item in client.history(model=MODEL, status="completed").items
+        if item.inference_ms
+    }
+    assert expected is not None and expected in reported and expected >= 0.25
     assert times.expected(MODEL, 8) is None and times.seeded(MODEL)
     assert not InferenceTimes().seeded(MODEL)
