@@ -268,7 +268,9 @@ def test_deployed_flows_on_two_workers_land_every_video_once(
         assert stack.emulator_url is not None
         stats = httpx.get(f"{stack.emulator_url}/_emulator/stats", timeout=5).json()
         assert stats["submissions"] == len(distinct)
-        assert stats["max_in_flight"] == IN_FLIGHT
+        # Never above the limit; whether two tasks overlapped at all is the machine's race
+        # (on a loaded machine one worker's videos can run one at a time).
+        assert 1 <= stats["max_in_flight"] <= IN_FLIGHT
         assert client.read_global_concurrency_limit_by_name("wan-video-in-flight").active_slots == 0
 
         # Downstream: the wan.video.archived trigger started a catalog run per video (queued
