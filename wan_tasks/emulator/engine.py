@@ -398,8 +398,11 @@ class Engine:
                     if task.rendering is not None:
                         # Finishes when both the emulated latency and the render are done.
                         task.rendering.add_done_callback(partial(self._on_rendered, task))
-                wait = self._timers[0][0] - now if self._timers else None
-                self._wake.wait(timeout=wait)
+                # Woken by submits and finishes; also once a second, so that a wake-up that
+                # went astray can delay the queue, never wedge it (a queued task waiting on a
+                # slot forever was seen once on a loaded machine).
+                wait = self._timers[0][0] - now if self._timers else 1.0
+                self._wake.wait(timeout=min(wait, 1.0))
 
     def _start(self, task: Task, now: float) -> None:
         task.status = "processing"
@@ -415,7 +418,11 @@ class Engine:
         heapq.heappush(self._timers, (now + self.scaled(self.config.latency_s), task.id))
 
     def _on_rendered(self, task: Task, done: Future[tuple[int | None, bytes | None]]) -> None:
-        code, _ = done.result()
+        try:
+            code, _ = done.result()
+        except BaseException:  # a render that raised fails its task: it never keeps its slot
+            logger.exception("checking the inputs of %s failed", task.id)
+            code = 5000
         with self.lock:
             if task.status != "processing":  # cancelled meanwhile
                 return
