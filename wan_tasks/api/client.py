@@ -248,6 +248,15 @@ class WaveSpeedClient(_Base):
         self.close()
 
 
+def _async_http(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=transport,
+        limits=_LIMITS,
+        headers={"User-Agent": _USER_AGENT},
+        timeout=httpx.Timeout(30.0, connect=10.0),
+    )
+
+
 class AsyncWaveSpeedClient(_Base):
     """Asyncio client with the same methods as WaveSpeedClient."""
 
@@ -263,12 +272,19 @@ class AsyncWaveSpeedClient(_Base):
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            limits=_LIMITS,
-            headers={"User-Agent": _USER_AGENT},
-            timeout=httpx.Timeout(30.0, connect=10.0),
-        )
+        self._http = _async_http(transport)
+
+    @classmethod
+    def sharing(
+        cls, client: WaveSpeedClient, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> AsyncWaveSpeedClient:
+        """An async client on the same account and settings as `client`, sharing its
+        operations (and so its retry and 429 accounting); its connection pool is its own,
+        since an asyncio pool belongs to the event loop that uses it."""
+        new = cls.__new__(cls)
+        new.service_id, new.ops = client.service_id, client.ops
+        new._http = _async_http(transport)
+        return new
 
     async def _run(self, op: Operation[T]) -> T:
         try:

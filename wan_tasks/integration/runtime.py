@@ -6,14 +6,16 @@ parameters or results; the client is built here, in the process that runs the ta
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from wan_tasks import settings
-from wan_tasks.api.client import WaveSpeedClient
+from wan_tasks.api.client import AsyncWaveSpeedClient, WaveSpeedClient
 from wan_tasks.api.policies import PollPolicy
 from wan_tasks.core.ledger import S3Ledger
 from wan_tasks.errors import ConfigurationError
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _wavespeed: dict[tuple[str, ...], WaveSpeedClient] = {}
 _s3: dict[tuple[str, ...], Any] = {}
+# Async clients per event loop (an httpx async pool belongs to its loop), per sync client.
+_async: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[int, tuple[WaveSpeedClient, AsyncWaveSpeedClient]]
+] = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(secret: str) -> str:
@@ -53,6 +59,31 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
             client = WaveSpeedClient(api_key or None, base_url or None, poll=PollPolicy())
             _wavespeed[ident] = client
         return client
+
+
+async def async_wavespeed_client(credentials_block: str | None = None) -> AsyncWaveSpeedClient:
+    """The running loop's async twin of `wavespeed_client` (same account, settings and
+    operations); a saved block is loaded off the loop. `close_async_clients` ends them."""
+    if credentials_block:
+        client = await asyncio.to_thread(wavespeed_client, credentials_block)
+    else:
+        client = wavespeed_client()
+    loop = asyncio.get_running_loop()
+    with _lock:
+        clients = _async.setdefault(loop, {})
+        entry = clients.get(id(client))
+        if entry is None or entry[0] is not client:
+            entry = (client, AsyncWaveSpeedClient.sharing(client))
+            clients[id(client)] = entry
+        return entry[1]
+
+
+async def close_async_clients() -> None:
+    """Close the running loop's async clients (their pools die with the loop anyway)."""
+    with _lock:
+        clients = _async.pop(asyncio.get_running_loop(), {})
+    for _, client in clients.values():
+        await client.aclose()
 
 
 def s3_bucket_block(name: str) -> tuple[str, S3Client]:

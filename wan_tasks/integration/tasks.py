@@ -15,6 +15,7 @@ have reached the service (SubmissionUncertainError is not retryable).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -48,7 +49,12 @@ from wan_tasks.errors import (
     WaveSpeedError,
 )
 from wan_tasks.integration.locking import TASK_LOCKS
-from wan_tasks.integration.runtime import open_ledger, s3_client, wavespeed_client
+from wan_tasks.integration.runtime import (
+    async_wavespeed_client,
+    open_ledger,
+    s3_client,
+    wavespeed_client,
+)
 from wan_tasks.redact import is_redacted, redact_url
 from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget, S3Archiver
 from wan_tasks.storage.keys import KeyFields
@@ -73,7 +79,9 @@ INFERENCE_TIMES = InferenceTimes()
 
 def _exception(state: State[Any]) -> BaseException | None:
     try:
-        state.result()
+        # _sync: called from the async wait's engine too, where `result()` would hand back a
+        # coroutine (and every failure would look like no error: never retried).
+        cast(Any, state).result(_sync=True)
     except BaseException as exc:
         return exc
     return None
@@ -289,16 +297,12 @@ def wait_for_prediction(
     """
     client = wavespeed_client(credentials_block)
     policy = poll or client.ops.poll
-    # The first poll lands near the expected inference time after the *submit*, not after
-    # this task started; a reconnect to an old prediction polls at once.
-    first, aimed = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
-    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
-    aimed = aimed and 0 <= age < first
+    pause, aimed = _first_poll(submitted, policy)
     # progress: "still running after 40 s", also during the (often long) sleep to the first poll
     stop_notices = _still_running_notices(submitted)
     try:
-        if 0 <= age < first:
-            time.sleep(first - age)
+        if pause:
+            time.sleep(pause)
         polled_at = time.monotonic()
         prediction = client.wait(submitted.prediction_id, timeout=timeout_s, poll=policy)
     except WaitTimeoutError:
@@ -307,14 +311,91 @@ def wait_for_prediction(
                 client.cancel(submitted.prediction_id)
             except WaveSpeedError as exc:
                 get_run_logger().warning("could not cancel %s: %s", submitted.prediction_id, exc)
-            raise WaitTimeoutError(
-                f"prediction {submitted.prediction_id} did not finish within {timeout_s:.0f}s; "
-                "it was cancelled. Raise wait_timeout_s for longer jobs.",
-                prediction_id=submitted.prediction_id,
-            ) from None
+            raise _cancelled_after(submitted, timeout_s) from None
         raise
     finally:
         stop_notices()
+    return _waited(submitted, policy, prediction, aimed=aimed, polled_at=polled_at)
+
+
+@task(
+    name="wait-for-prediction",
+    task_run_name=_named(wait_run_name),
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_wait_key),
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_wait,
+)
+async def await_prediction(
+    submitted: SubmittedVideo,
+    *,
+    timeout_s: float = 1800.0,
+    poll: PollPolicy | None = None,
+    cancel_on_timeout: bool = True,
+    credentials_block: str | None = None,
+    notices: bool = True,
+) -> Prediction:
+    """`wait_for_prediction` for an event loop: the same wait, cache key and result, without
+    a thread. Thousands of these share one loop (the batch flows run them so): each sleeps on
+    the loop's timer until its aimed poll, and polls over the loop's one connection pool.
+
+    Args:
+        notices: log "still running after N s" every 20 s (a batch logs its own progress
+            line instead; a line per video per 20 s would flood a large batch's log).
+    """
+    client = await async_wavespeed_client(credentials_block)
+    policy = poll or client.ops.poll
+    pause, aimed = _first_poll(submitted, policy)
+    notifier = asyncio.ensure_future(_still_running(submitted)) if notices else None
+    try:
+        if pause:
+            await asyncio.sleep(pause)
+        polled_at = time.monotonic()
+        prediction = await client.wait(submitted.prediction_id, timeout=timeout_s, poll=policy)
+    except WaitTimeoutError:
+        if cancel_on_timeout:
+            try:
+                await client.cancel(submitted.prediction_id)
+            except WaveSpeedError as exc:
+                get_run_logger().warning("could not cancel %s: %s", submitted.prediction_id, exc)
+            raise _cancelled_after(submitted, timeout_s) from None
+        raise
+    finally:
+        if notifier is not None:
+            notifier.cancel()
+    return _waited(submitted, policy, prediction, aimed=aimed, polled_at=polled_at)
+
+
+def _first_poll(submitted: SubmittedVideo, policy: PollPolicy) -> tuple[float, bool]:
+    """(seconds to sleep before the first poll, whether that poll is aimed at a learned time).
+
+    The first poll lands near the expected inference time after the *submit*, not after the
+    wait started; a reconnect to an old prediction polls at once."""
+    first, aimed = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
+    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    if 0 <= age < first:
+        return first - age, aimed
+    return 0.0, False
+
+
+def _cancelled_after(submitted: SubmittedVideo, timeout_s: float) -> WaitTimeoutError:
+    return WaitTimeoutError(
+        f"prediction {submitted.prediction_id} did not finish within {timeout_s:.0f}s; "
+        "it was cancelled. Raise wait_timeout_s for longer jobs.",
+        prediction_id=submitted.prediction_id,
+    )
+
+
+def _waited(
+    submitted: SubmittedVideo,
+    policy: PollPolicy,
+    prediction: Prediction,
+    *,
+    aimed: bool,
+    polled_at: float,
+) -> Prediction:
     # Not seen by the first poll: it missed by at least one interval.
     early = aimed and time.monotonic() - polled_at > max(policy.min_interval / 2, 1.0)
     INFERENCE_TIMES.record(
@@ -593,18 +674,30 @@ def _still_running_notices(submitted: SubmittedVideo) -> Callable[[], None]:
     done = threading.Event()
 
     def notices() -> None:
-        while True:
-            age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
-            if done.wait(STILL_RUNNING_EVERY_S - age % STILL_RUNNING_EVERY_S):
-                return
-            age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
-            log.info(
-                "%s (%s): still running after %.0f s%s",
-                submitted.prediction_id,
-                submitted.item_id or "video",
-                age,
-                f"; typical {typical:.0f} s" if typical else "",
-            )
+        while not done.wait(_next_notice_in(submitted)):
+            log.info(_still_running_line(submitted, typical))
 
     threading.Thread(target=notices, name="wan-wait-notice", daemon=True).start()
     return done.set
+
+
+async def _still_running(submitted: SubmittedVideo) -> None:
+    """The same notices on the event loop, until cancelled."""
+    log = get_run_logger()
+    typical = INFERENCE_TIMES.expected(submitted.model, submitted.duration)
+    while True:
+        await asyncio.sleep(_next_notice_in(submitted))
+        log.info(_still_running_line(submitted, typical))
+
+
+def _next_notice_in(submitted: SubmittedVideo) -> float:
+    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    return STILL_RUNNING_EVERY_S - age % STILL_RUNNING_EVERY_S
+
+
+def _still_running_line(submitted: SubmittedVideo, typical: float | None) -> str:
+    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    return (
+        f"{submitted.prediction_id} ({submitted.item_id or 'video'}): still running after "
+        f"{age:.0f} s" + (f"; typical {typical:.0f} s" if typical else "")
+    )
