@@ -230,9 +230,9 @@ def test_lanes_take_one_slot_each_for_many_videos(
     taken: list[str | None] = []
     real = produce.in_flight_slot
 
-    def counting(limits: LimitSettings) -> Any:
+    def counting(limits: LimitSettings, occupy: int = 1) -> Any:
         taken.append(limits.in_flight)
-        return real(limits)
+        return real(limits, occupy)
 
     monkeypatch.setattr(produce, "in_flight_slot", counting)
     rows = [{"id": f"l{i}", "image": str(SAMPLE), "prompt": f"test lanes {i}"} for i in range(8)]

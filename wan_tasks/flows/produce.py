@@ -1,12 +1,19 @@
 """Running videos: submit -> wait inside an in-flight slot, archive outside it.
 
 The in-flight slot (the account's concurrent-task cap) is held from before submit until the
-wait ends, so it counts what the service counts. Slots are held by *lanes*: K threads (K = the
-limit's size) each take one slot and, holding it, submit and wait for video after video from a
+wait ends, so it counts what the service counts. Slots are held by *lanes*: K lanes (K = the
+limit's size) each hold a slot and, holding it, submit and wait for video after video from a
 shared queue (giving it back for a new turn every `release_after_s`); finished videos go to a
 separate archive pool. Taking a Prefect slot per video instead costs several API writes per
 video, serialised in the process and sleeping the server's Retry-After while the service sits
 idle (BENCHMARKS.md: +18% makespan vs +7%).
+
+Lanes are coroutines on one event loop per run, not threads: a waiting video is a sleeping
+coroutine in the async `await_prediction` task (the loop's timer heap aims every poll, over one
+connection pool), so one process holds thousands in flight (Gold: 3,000; Ultra: 10,000).
+Submits and archives, which block on S3 and on the lock manager, run in small thread pools.
+Above MAX_LEASES lanes, lanes share leases: a group of g lanes takes g slots in one
+acquisition and gives them back together, so a 3,000-slot account holds 64 leases, not 3,000.
 
 The per-video steps are plain functions, not tasks: tasks nested in a task share its
 transaction, so a failed or crashed parent would roll back the submit's cache record and a
@@ -15,16 +22,18 @@ re-run would pay again. Run from the flow, each task commits its record when it 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from collections import deque
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, tags
 from prefect.runtime import flow_run
@@ -46,38 +55,51 @@ from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.flows.progress import Progress
 from wan_tasks.integration.limits import LimitSettings, read_limit
-from wan_tasks.integration.runtime import wavespeed_client
+from wan_tasks.integration.runtime import close_async_clients, wavespeed_client
 from wan_tasks.integration.tasks import (
     archive_to_s3,
+    await_prediction,
     learn_inference_times,
     submit_i2v,
-    wait_for_prediction,
 )
 from wan_tasks.storage.archive import ArchiveTarget
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Lanes when no in-flight limit is set, and at most (threads mostly sleep in waits).
+# Lanes when no in-flight limit is set, and at most (Ultra's cap: a lane is a coroutine).
 DEFAULT_LANES = 32
-MAX_LANES = 256
+MAX_LANES = 10_000
+# Threads for the blocking steps: submits (ledger writes, lock files, the POST) and archives.
+MAX_SUBMITTERS = 16
 MAX_ARCHIVERS = 16
+# Slot leases a run holds at most; above this many lanes, lanes share leases.
+MAX_LEASES = 64
 
 
-def in_flight_slot(limits: LimitSettings) -> AbstractContextManager[Any]:
+def in_flight_slot(limits: LimitSettings, occupy: int = 1) -> AbstractAsyncContextManager[Any]:
+    """`occupy` slots of the in-flight limit, as one lease (renewed while held)."""
     if not limits.in_flight:
         return nullcontext()
-    from prefect.concurrency.sync import concurrency
+    from prefect.concurrency.asyncio import concurrency
 
     # strict: a missing limit fails loudly instead of throttling nothing. A failed lease
-    # renewal does not abort the lane: its videos are paid for, and the slot is re-counted
-    # by the server when the lease expires.
+    # renewal does not abort the lanes: their videos are paid for, and the slots are
+    # re-counted by the server when the lease expires.
     return concurrency(
         limits.in_flight,
-        occupy=1,
+        occupy=occupy,
         strict=True,
         timeout_seconds=limits.acquire_timeout_s,
         raise_on_lease_renewal_failure=False,
     )
+
+
+def slot_groups(lanes: int) -> list[int]:
+    """How many lanes share each lease: one each up to MAX_LEASES lanes, then evenly."""
+    per = -(-lanes // MAX_LEASES)
+    sizes = [per] * (lanes // per)
+    return [*sizes, lanes % per] if lanes % per else sizes
 
 
 @dataclass
@@ -107,6 +129,10 @@ class Producer:
         self._lock = threading.Lock()
         # What this run paid for tasks the service then failed (refunded by the service later).
         self.refund_expected = Decimal("0")
+        # Set while run() runs: the lanes' loop and the pools of the blocking steps.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._submitters = self._archivers = ThreadPoolExecutor(1)
+        self._notices = True
 
     @property
     def cancelled(self) -> bool:
@@ -138,7 +164,7 @@ class Producer:
         names = [f"batch:{self.batch}"] if self.batch else []
         return tags(*names, f"item:{job.item_id or 'video'}")
 
-    def make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
+    async def make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
         """Submit (or reconnect) and wait; the caller holds an in-flight slot.
 
         A task the service failed itself (5000/5003/5004), or one that failed in an earlier
@@ -146,21 +172,12 @@ class Producer:
         `max_attempts` new submissions. The attempt number is part of the request key, so
         later runs find each attempt."""
         with self.tags(video.job):
-            return self._make(video)
+            return await self._make(video)
 
-    def _make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
+    async def _make(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
         opts = self.options
         while True:
-            submitted = submit_i2v(
-                video.request,
-                variant=video.job.variant,
-                attempt=video.attempt,
-                item_id=video.job.item_id,
-                credentials_block=opts.credentials_block,
-                budget=self.budget,
-                rate_limit_name=opts.limits.per_minute,
-                ledger=self.ledger,
-            )
+            submitted = await self._blocking(self._submitters, self._submit, video)
             if submitted.archived is not None:
                 # The ledger knows where this request's video landed: nothing to wait for
                 # (the prediction itself may be gone); the archive step finds it there.
@@ -169,13 +186,15 @@ class Producer:
             with self._lock:
                 self._in_flight[submitted.prediction_id] = submitted
             if self.cancelled and self.options.on_cancel == "cancel_remote":
-                self._on_cancel()  # submitted while the cancellation was being handled
+                # submitted while the cancellation was being handled
+                await asyncio.to_thread(self._on_cancel)
             try:
-                prediction = wait_for_prediction(
+                prediction = await await_prediction(
                     submitted,
                     timeout_s=opts.wait_timeout_s,
                     poll=opts.poll,
                     credentials_block=opts.credentials_block,
+                    notices=self._notices,
                 )
             except TaskFailedError as exc:
                 video.new_submissions += fresh
@@ -194,11 +213,28 @@ class Producer:
             video.new_submissions += fresh
             return submitted, prediction
 
+    def _submit(self, video: _Video) -> SubmittedVideo:
+        opts = self.options
+        return submit_i2v(
+            video.request,
+            variant=video.job.variant,
+            attempt=video.attempt,
+            item_id=video.job.item_id,
+            credentials_block=opts.credentials_block,
+            budget=self.budget,
+            rate_limit_name=opts.limits.per_minute,
+            ledger=self.ledger,
+        )
+
+    async def _remake(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
+        async with in_flight_slot(self.options.limits):
+            return await self.make(video)
+
     def archive(
         self, video: _Video, submitted: SubmittedVideo, prediction: Prediction | None
     ) -> VideoOutcome:
-        """Archive outside the slot; an output that expired before it was archived is made
-        again only when the options allow paying for it twice."""
+        """Archive outside the slot (in an archive thread); an output that expired before it
+        was archived is made again only when the options allow paying for it twice."""
         while True:
             try:
                 with self.tags(video.job):
@@ -218,8 +254,10 @@ class Producer:
                         prediction_id=exc.prediction_id,
                     ) from None
                 self._next_attempt(video, exc)
-            with in_flight_slot(self.options.limits):
-                submitted, prediction = self.make(video)
+            assert self._loop is not None
+            submitted, prediction = asyncio.run_coroutine_threadsafe(
+                self._remake(video), self._loop
+            ).result()
 
     def _next_attempt(self, video: _Video, cause: Exception) -> None:
         # A cancelled run pays for no new attempt (a re-run may).
@@ -246,11 +284,8 @@ class Producer:
             learned = learn_inference_times(self.options.credentials_block)
             if learned:
                 logger.info("first polls aimed from %d recent tasks in the history", learned)
-        pending: queue.Queue[tuple[int, VideoJob]] = queue.Queue()
-        for index, job in enumerate(jobs):
-            pending.put((index, job))
-        results: dict[int, Future[VideoOutcome]] = {}
-        lane_errors: list[BaseException] = []
+        # A batch logs one progress line; a single video its "still running" notices.
+        self._notices = len(jobs) == 1
         # progress: a line in the run's log (batches) and the CLI's live display.
         self.progress = Progress(
             len(jobs),
@@ -258,26 +293,9 @@ class Producer:
             log=get_run_logger() if len(jobs) > 1 else None,
         )
         self.cancel = CancelWatch(self.this_run, self._on_cancel)
-        with (
-            self.cancel,
-            self.progress,
-            ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive") as archivers,
-            ThreadPoolExecutor(lanes, "wan-lane") as lane_pool,
-        ):
-            running = [
-                lane_pool.submit(
-                    contextvars.copy_context().run,
-                    self._lane,
-                    pending,
-                    archivers,
-                    results,
-                    lane_errors,
-                )
-                for _ in range(lanes)
-            ]
+        with self.cancel, self.progress:
             try:
-                for lane in running:
-                    lane.result()
+                outcomes, lane_errors = _run_loop(self._produce(jobs, lanes))
             except BaseException as exc:  # a termination signal, Ctrl-C: as a cancellation
                 self.cancel.trigger(f"the run is ending ({type(exc).__name__})")
                 raise
@@ -291,7 +309,7 @@ class Producer:
         else:
             cause = lane_errors[0] if lane_errors else RuntimeError("no lane ran")
         return [
-            results[i].result() if i in results else failed_outcome(job, cause)
+            outcomes[i] if i in outcomes else failed_outcome(job, cause)
             for i, job in enumerate(jobs)
         ]
 
@@ -300,26 +318,49 @@ class Producer:
         size = read_limit(name) if name else DEFAULT_LANES
         return max(1, min(size, jobs, MAX_LANES))
 
-    def _lane(
+    async def _produce(
+        self, jobs: list[VideoJob], lanes: int
+    ) -> tuple[dict[int, VideoOutcome], list[BaseException]]:
+        self._loop = asyncio.get_running_loop()
+        pending: deque[tuple[int, VideoJob]] = deque(enumerate(jobs))
+        results: dict[int, asyncio.Future[VideoOutcome]] = {}
+        lane_errors: list[BaseException] = []
+        self._submitters = ThreadPoolExecutor(min(lanes, MAX_SUBMITTERS), "wan-submit")
+        self._archivers = ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive")
+        finished = False
+        try:
+            await asyncio.gather(
+                *(self._slot_group(g, pending, results, lane_errors) for g in slot_groups(lanes))
+            )
+            outcomes = {index: await outcome for index, outcome in results.items()}
+            finished = True
+            return outcomes, lane_errors
+        finally:
+            # On the way out of a cancelled loop, work already started in the pools is left
+            # to finish (a submit records its prediction in the ledger); nothing new starts.
+            for pool in (self._submitters, self._archivers):
+                pool.shutdown(wait=finished, cancel_futures=not finished)
+            await close_async_clients()
+
+    async def _slot_group(
         self,
-        pending: queue.Queue[tuple[int, VideoJob]],
-        archivers: ThreadPoolExecutor,
-        results: dict[int, Future[VideoOutcome]],
+        size: int,
+        pending: deque[tuple[int, VideoJob]],
+        results: dict[int, asyncio.Future[VideoOutcome]],
         lane_errors: list[BaseException],
     ) -> None:
-        """Hold one in-flight slot and make video after video until none is left, giving the
-        slot back for a new turn every `release_after_s` so flows sharing the limit (a one-off
-        video beside a long batch) get slots too.
+        """`size` lanes on one lease: take the slots, run the lanes until their turn ends or
+        no video is left, give the slots back; again while videos are left.
 
-        Only taking the slot can end a lane: whatever goes wrong with one video (its image
+        Only taking the slots can end a group: whatever goes wrong with one video (its image
         vanished, its URL is malformed, the service refused it) is that video's outcome, and
         the lane goes on with the next."""
         limits = self.options.limits
-        release_after = limits.release_after_s
-        while not pending.empty():
-            slot = in_flight_slot(limits)
+        while pending and not self.cancelled:
+            lanes = min(size, len(pending))
+            slot = in_flight_slot(limits, occupy=lanes)
             try:
-                slot.__enter__()
+                await slot.__aenter__()
             except Exception as exc:  # a timeout, or a limit deleted mid-run
                 logger.warning("a lane could not take an in-flight slot: %s", exc)
                 lane_errors.append(
@@ -332,33 +373,48 @@ class Producer:
                 return
             try:
                 held_since = time.monotonic()
-                while True:  # at least one video per turn
-                    if self.cancelled:
-                        return
-                    try:
-                        index, job = pending.get_nowait()
-                    except queue.Empty:
-                        return
-                    results[index] = self._make_one(job, archivers)
-                    if release_after is not None and time.monotonic() - held_since >= release_after:
-                        break
+                await asyncio.gather(
+                    *(self._lane(held_since, pending, results) for _ in range(lanes))
+                )
             finally:
                 try:
-                    slot.__exit__(None, None, None)
-                except Exception as exc:  # the server re-counts the slot when its lease ends
-                    logger.warning("giving back an in-flight slot failed: %s", exc)
+                    await slot.__aexit__(None, None, None)
+                except Exception as exc:  # the server re-counts the slots when the lease ends
+                    logger.warning("giving back in-flight slots failed: %s", exc)
 
-    def _make_one(self, job: VideoJob, archivers: ThreadPoolExecutor) -> Future[VideoOutcome]:
+    async def _lane(
+        self,
+        held_since: float,
+        pending: deque[tuple[int, VideoJob]],
+        results: dict[int, asyncio.Future[VideoOutcome]],
+    ) -> None:
+        """Video after video, at least one per turn, until the turn ends or none is left."""
+        release_after = self.options.limits.release_after_s
+        while pending and not self.cancelled:
+            index, job = pending.popleft()
+            results[index] = await self._make_one(job)
+            if release_after is not None and time.monotonic() - held_since >= release_after:
+                return
+
+    async def _make_one(self, job: VideoJob) -> asyncio.Future[VideoOutcome]:
         """One video's submit and wait; never raises (a failure is the video's outcome)."""
         self.progress.started()
         try:
             video = _Video(job, derive_seed(job.request, job.variant))
-            submitted, prediction = self.make(video)
+            submitted, prediction = await self.make(video)
         except Exception as exc:
             self.progress.finished(ok=False)
-            return _done(failed_outcome(job, exc))
-        return archivers.submit(
-            contextvars.copy_context().run, self._archive_or_report, video, submitted, prediction
+            done: asyncio.Future[VideoOutcome] = asyncio.get_running_loop().create_future()
+            done.set_result(failed_outcome(job, exc))
+            return done
+        return asyncio.wrap_future(
+            self._archivers.submit(
+                contextvars.copy_context().run,
+                self._archive_or_report,
+                video,
+                submitted,
+                prediction,
+            )
         )
 
     def _archive_or_report(
@@ -371,6 +427,22 @@ class Producer:
         self.progress.finished(ok=outcome.status == "archived")
         return outcome
 
+    @staticmethod
+    async def _blocking(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        # In the pool, with this coroutine's context (the flow run, the video's tags).
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, contextvars.copy_context().run, fn, *args)
+
+
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the lanes' loop here, or in a thread of its own when this thread runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main)
+    with ThreadPoolExecutor(1, "wan-lanes") as pool:
+        return pool.submit(contextvars.copy_context().run, asyncio.run, main).result()
+
 
 def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
     return VideoOutcome(
@@ -381,9 +453,3 @@ def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
         error_type=type(exc).__name__,
         error=str(exc),
     )
-
-
-def _done(outcome: VideoOutcome) -> Future[VideoOutcome]:
-    future: Future[VideoOutcome] = Future()
-    future.set_result(outcome)
-    return future

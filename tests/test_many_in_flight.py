@@ -1,0 +1,155 @@
+"""Many predictions in flight in one process: waits are coroutines, not threads.
+
+What must hold at Gold and Ultra scale (thousands in flight per worker), asserted on what the
+code did rather than on time: the waits share a handful of threads, each prediction is polled
+about once (the first poll aimed at the learned inference time), the in-flight limit holds
+with lanes sharing slot leases, and the retry conditions see failures from the async wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect import flow
+from prefect.states import Failed
+
+from tests.conftest import SAMPLE, Stack
+from wan_tasks import I2VRequest, PollPolicy
+from wan_tasks.api.models import MODEL_ID
+from wan_tasks.core.inference_times import InferenceTimes
+from wan_tasks.core.submit import submit_once
+from wan_tasks.errors import TaskFailedError
+from wan_tasks.flows import produce
+from wan_tasks.flows.generate import generate_batch
+from wan_tasks.flows.options import RunOptions
+from wan_tasks.integration import tasks
+from wan_tasks.integration.limits import LimitSettings
+from wan_tasks.integration.runtime import wavespeed_client
+
+POLL = PollPolicy(first_poll_after=0.2, min_interval=0.5, max_interval=1.0, jitter=0.0)
+# The service's own minimum interval between polls of one video.
+SERVICE_POLL = PollPolicy(min_interval=5.0, max_interval=5.0, jitter=0.0)
+
+
+def test_retry_conditions_see_failures_inside_an_event_loop() -> None:
+    """The async wait's engine asks its retry condition inside a running loop, where
+    Prefect's `State.result()` hands back a coroutine: every failure looked like no error,
+    so a transient one was never retried."""
+    state = Failed(data=httpx.ConnectError("connection refused"))
+    final = Failed(data=TaskFailedError("the service failed it", task_code=1403))
+
+    async def ask() -> tuple[bool, bool]:
+        return (
+            tasks.retry_wait(None, None, state),  # type: ignore[arg-type]
+            tasks.retry_wait(None, None, final),  # type: ignore[arg-type]
+        )
+
+    assert asyncio.run(ask()) == (True, False)
+    assert tasks.retry_wait(None, None, state) is True  # type: ignore[arg-type]
+
+
+def test_one_process_waits_on_a_thousand_predictions_with_a_few_threads(
+    make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 predictions in flight at once, each awaited by its own `await_prediction` task run
+    in one flow: the process's thread count stays far below one per wait, every wait ends
+    with the completed prediction, and each prediction is polled about once."""
+    videos = 1000
+    # Inference long enough that all 1,000 are still running when the last is submitted; the
+    # first polls are then aimed at each one's expected end, spread like the submits were.
+    stack = make_stack(latency_s=40.0, concurrency=videos, render_once=True)
+    client = wavespeed_client()
+    image = client.upload(SAMPLE)
+    with ThreadPoolExecutor(8) as pool:  # set-up: the emulator's submit checks each image
+        submitted = list(
+            pool.map(
+                lambda i: submit_once(
+                    client, I2VRequest(image=image, prompt=f"many in flight {i}", seed=i)
+                ),
+                range(videos),
+            )
+        )
+    learned = InferenceTimes()
+    for _ in range(5):  # as if this process had seen the model take 40 s
+        learned.record(MODEL_ID, 5, 40.0)
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
+    threads: list[int] = []
+
+    @flow
+    async def wait_for_all() -> list[str]:  # (1,000 predictions are too big a parameter)
+        done = asyncio.Event()
+
+        async def count_threads() -> None:
+            while not done.is_set():
+                # The emulator runs in this process too: its threads (one per connection)
+                # are the service's, not the waits'.
+                threads.append(
+                    sum(1 for t in threading.enumerate() if "process_request_thread" not in t.name)
+                )
+                await asyncio.sleep(0.2)
+
+        counter = asyncio.ensure_future(count_threads())
+        try:
+            got = await asyncio.gather(
+                *(tasks.await_prediction(s, poll=SERVICE_POLL, notices=False) for s in submitted)
+            )
+        finally:
+            done.set()
+            await counter
+        return [p.status.value for p in got]
+
+    statuses = asyncio.run(wait_for_all())
+    assert statuses == ["completed"] * videos
+    # One thread per wait would be >= 1,000; the loop, Prefect's services and the test's
+    # submit pool are a few dozen.
+    assert threads and max(threads) < 60, max(threads)
+    polls = stack.stats()["polls_by_prediction"]
+    assert sorted(polls) == sorted(s.prediction_id for s in submitted)
+    # Aimed at the learned 40 s: most are polled once; one that a loaded machine finished
+    # late takes another poll every 5 s (the service's minimum), never a schedule of them.
+    assert sum(polls.values()) <= 1.5 * videos, sum(polls.values())
+    assert max(polls.values()) <= 6, max(polls.values())
+
+
+def test_lanes_share_slot_leases_and_keep_the_limit(
+    make_stack: Callable[..., Stack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above MAX_LEASES lanes, lanes take their slots in groups (one lease per group): the
+    groups' slots add up to the limit, the service never has more in flight than the limit,
+    and every video is archived once."""
+    from tests.test_flows import write_manifest
+
+    stack = make_stack(in_flight=24, latency_s=1.0, concurrency=50, render_once=True)
+    monkeypatch.setattr(produce, "MAX_LEASES", 4)
+    leases: list[int] = []
+    real = produce.in_flight_slot
+
+    def counting(limits: LimitSettings, occupy: int = 1) -> Any:
+        leases.append(occupy)
+        return real(limits, occupy)
+
+    monkeypatch.setattr(produce, "in_flight_slot", counting)
+    rows = [{"id": f"g{i}", "image": str(SAMPLE), "prompt": f"lease groups {i}"} for i in range(60)]
+    options = RunOptions(poll=POLL, limits=LimitSettings(release_after_s=None))
+    report = generate_batch(write_manifest(tmp_path / "groups.jsonl", rows), options=options)
+    assert report.archived == 60
+    stats = stack.stats()
+    assert stats["submissions"] == 60 and stats["max_in_flight"] <= 24
+    # 24 lanes in 4 groups of 6, each taking its slots once (no turns: release_after_s None).
+    assert leases == [6, 6, 6, 6]
+
+
+def test_slot_groups() -> None:
+    assert produce.slot_groups(1) == [1]
+    assert produce.slot_groups(64) == [1] * 64
+    groups = produce.slot_groups(3000)
+    assert sum(groups) == 3000 and len(groups) <= produce.MAX_LEASES
+    assert max(groups) - min(groups) <= max(groups)  # no empty group
+    assert min(groups) >= 1
