@@ -13,6 +13,9 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="wan-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
+# The emulator's history never lags: a lost submit answer need not wait 14 s for it to settle
+# (the in-process flows and the child processes inherit it; the multi-host hosts get it too).
+os.environ["WAN_TASKS_RECONCILE_SETTLE_S"] = "[0.2, 0.5, 1.0]"
 
 import logging  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
