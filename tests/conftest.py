@@ -107,6 +107,42 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
+# -- xdist groups ----------------------------------------------------------------------------
+# `--dist loadgroup` keeps a module's tests on one worker (their module-scoped servers start
+# once). pytest-xdist 3.8 marks a group by renaming the test's nodeid, which pytest 9 ignores
+# (nodeids are structured there): every group was silently spread over both workers. The
+# scheduler below groups by module for the modules named here; each of their tests must carry
+# the same `xdist_group` mark (checked at collection), which is what a fixed xdist reads.
+XDIST_GROUPS = {
+    "tests/test_fanout.py": "fanout",
+    "tests/test_multihost.py": "multihost",
+    "tests/test_redis_locking.py": "redis",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marks = {str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args}
+        module = item.nodeid.split("::", 1)[0]
+        expected = {XDIST_GROUPS[module]} if module in XDIST_GROUPS else set()
+        assert marks == expected, f"{item.nodeid}: xdist groups {marks} != {expected}"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope: str = super()._split_scope(nodeid)
+            if scope != nodeid:
+                return scope  # xdist's own group suffix: it works here
+            return XDIST_GROUPS.get(nodeid.split("::", 1)[0].split("@", 1)[0], nodeid)
+
+    return ModuleGroups(config, log)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
