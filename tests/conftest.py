@@ -13,6 +13,9 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="wan-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
+# The emulator's history never lags: a lost submit answer need not wait 14 s for it to settle
+# (the in-process flows and the child processes inherit it; the multi-host hosts get it too).
+os.environ["WAN_TASKS_RECONCILE_SETTLE_S"] = "[0.2, 0.5, 1.0]"
 
 import logging  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -102,6 +105,42 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     for name in ("httpx", "httpcore", "wan_tasks", "prefect", "botocore", "urllib3"):
         caplog.set_level(logging.DEBUG, logger=name)
     return caplog
+
+
+# -- xdist groups ----------------------------------------------------------------------------
+# `--dist loadgroup` keeps a module's tests on one worker (their module-scoped servers start
+# once). pytest-xdist 3.8 marks a group by renaming the test's nodeid, which pytest 9 ignores
+# (nodeids are structured there): every group was silently spread over both workers. The
+# scheduler below groups by module for the modules named here; each of their tests must carry
+# the same `xdist_group` mark (checked at collection), which is what a fixed xdist reads.
+XDIST_GROUPS = {
+    "tests/test_fanout.py": "fanout",
+    "tests/test_multihost.py": "multihost",
+    "tests/test_redis_locking.py": "redis",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marks = {str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args}
+        module = item.nodeid.split("::", 1)[0]
+        expected = {XDIST_GROUPS[module]} if module in XDIST_GROUPS else set()
+        assert marks == expected, f"{item.nodeid}: xdist groups {marks} != {expected}"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope: str = super()._split_scope(nodeid)
+            if scope != nodeid:
+                return scope  # xdist's own group suffix: it works here
+            return XDIST_GROUPS.get(nodeid.split("::", 1)[0].split("@", 1)[0], nodeid)
+
+    return ModuleGroups(config, log)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -410,3 +410,45 @@ def test_a_process_in_another_pid_namespace_has_another_owner_identity() -> None
     lease = datetime.now(UTC) + timedelta(hours=1)
     theirs = entry_for("k", host=other[0], boot_id=other[1], pid=999_999, lease_until=lease)
     assert not theirs.owner_gone()  # its pid says nothing here: live until its lease ends
+
+
+def test_the_settle_times_of_a_lost_answer_are_a_setting(
+    make_emulator: Callable[..., Any],
+    make_client: Callable[..., WaveSpeedClient],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WAN_TASKS_RECONCILE_SETTLE_S (a JSON list) replaces the default 1, 3, 10 s; each history
+    search of a lost answer waits its time first."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from wan_tasks import settings
+    from wan_tasks.core import submit
+    from wan_tasks.core.submit import RECONCILE_SETTLE_S
+
+    monkeypatch.delenv("WAN_TASKS_RECONCILE_SETTLE_S")
+    assert settings.current().reconcile_settle_s == RECONCILE_SETTLE_S == (1.0, 3.0, 10.0)
+    for bad in ("[-1]", "[]", "[601]"):
+        monkeypatch.setenv("WAN_TASKS_RECONCILE_SETTLE_S", bad)
+        with pytest.raises(ValidationError, match="WAN_TASKS_RECONCILE_SETTLE_S"):
+            settings.current()
+    monkeypatch.setenv("WAN_TASKS_RECONCILE_SETTLE_S", "three")  # not JSON
+    with pytest.raises(SettingsError, match="reconcile_settle_s"):
+        settings.current()
+
+    monkeypatch.setenv("WAN_TASKS_RECONCILE_SETTLE_S", "[0, 0.1]")
+    waited: list[float] = []
+    real_reconcile = submit.reconcile
+
+    def reconcile(*args: Any, **kwargs: Any) -> Any:
+        waited.append(kwargs["settle_s"])
+        return real_reconcile(*args, **kwargs)
+
+    monkeypatch.setattr(submit, "reconcile", reconcile)
+    # The answer is lost: the first search (after 0 s) finds the task the POST created.
+    emu = make_emulator(faults={"script": {"submit": ["drop"]}})
+    ledger = FileLedger(tmp_path / "ledger")
+    got = submit_once(make_client(emu), derive_seed(req("settle setting")), ledger=ledger)
+    assert waited == [0.0] and emu.stats()["submissions"] == 1
+    assert ledger.read(got.request_key).prediction_id == got.prediction_id  # type: ignore[union-attr]

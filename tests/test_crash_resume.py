@@ -29,6 +29,9 @@ def test_kill_minus_nine_loses_nothing_and_pays_once(tmp_path: Path) -> None:
         for k, v in os.environ.items()
         if not k.startswith(("PREFECT_", "WAVESPEED_", "AWS_", "WAN_TASKS_"))
     }
+    # The emulator's history never lags: a killed submit's claim is reconciled without the
+    # default 14 s settle (tests/conftest.py).
+    env["WAN_TASKS_RECONCILE_SETTLE_S"] = os.environ["WAN_TASKS_RECONCILE_SETTLE_S"]
     # Through its handle: on failure or a timeout the suite's processes (batch children,
     # Prefect server, SeaweedFS, emulator, each in a session of its own) are stopped too.
     with ManagedProcess(

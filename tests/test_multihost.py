@@ -116,6 +116,8 @@ class Cluster:
             "WAN_TASKS_BUCKET": BUCKET,
             "WAVESPEED_API_KEY": self.emulator.api_key,
             "WAVESPEED_BASE_URL": self.emulator.base_url,
+            # The emulator's history never lags (tests/conftest.py).
+            "WAN_TASKS_RECONCILE_SETTLE_S": os.environ["WAN_TASKS_RECONCILE_SETTLE_S"],
             "COLUMNS": "200",  # Prefect's console wraps long lines (the flow run id) otherwise
             **extra,
         }

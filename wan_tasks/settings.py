@@ -32,6 +32,7 @@ ENV_EMULATOR_KEY = "WAVESPEED_EMULATOR_KEY"
 ENV_LOCK_MANAGER = "WAN_TASKS_LOCK_MANAGER"
 ENV_REDIS_URL = "WAN_TASKS_REDIS_URL"
 DEFAULT_BASE_URL = "https://api.wavespeed.ai"
+DEFAULT_RECONCILE_SETTLE_S = (1.0, 3.0, 10.0)
 
 
 class S3Connection(BaseModel):
@@ -109,6 +110,23 @@ class Settings(BaseSettings):
         description="seconds a ledger claim is its owner's before another machine may take "
         "it over (after searching the history)",
     )
+
+    # How long a lost submit answer waits, round by round, for the service's history to show
+    # the task before it is declared never created (the history may lag behind submits).
+    reconcile_settle_s: tuple[float, ...] = Field(
+        DEFAULT_RECONCILE_SETTLE_S,
+        min_length=1,
+        validation_alias="WAN_TASKS_RECONCILE_SETTLE_S",
+        description="seconds to wait before each history search for a lost submit answer "
+        "(a JSON list)",
+    )
+
+    @field_validator("reconcile_settle_s")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 or v > 600 for v in value):
+            raise ValueError("each settle time is between 0 and 600 seconds")
+        return value
 
     @field_validator("lock_manager", mode="before")
     @classmethod

@@ -40,7 +40,7 @@ from wan_tasks.redact import redact_payload
 logger = logging.getLogger(__name__)
 
 # How long an unanswered submit waits for the service's history to show the task.
-RECONCILE_SETTLE_S = (1.0, 3.0, 10.0)
+RECONCILE_SETTLE_S = settings.DEFAULT_RECONCILE_SETTLE_S
 
 
 class SubmittedVideo(BaseModel):
@@ -76,7 +76,7 @@ def submit_once(
     budget: Budget | None = None,
     run_id: str | None = None,
     before_post: Callable[[], None] | None = None,
-    settle_s: Sequence[float] = RECONCILE_SETTLE_S,
+    settle_s: Sequence[float] | None = None,
     lease_s: float | None = None,
     claim_wait_s: float | None = None,
     log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
@@ -86,13 +86,16 @@ def submit_once(
 
     With a ledger: a recorded prediction id is reconnected to (no POST); an intent without one
     is reconciled through the history first. The intent is recorded before the POST and the
-    id right after; a lost answer is looked for in the history (`settle_s` apart) and raises
+    id right after; a lost answer is looked for in the history (`settle_s` apart; None: the
+    `WAN_TASKS_RECONCILE_SETTLE_S` setting, `RECONCILE_SETTLE_S` by default) and raises
     `SubmissionNotFoundError` (retryable: the retry reconciles again) when the history shows
     no such task. Without a ledger a lost answer raises `SubmissionUncertainError`.
 
     `before_post` runs right before the POST (a rate limit). A budget reservation is kept for
     every submit that may have reached the service and released on every other path.
     """
+    if settle_s is None:
+        settle_s = settings.current().reconcile_settle_s
     model, service = client.ops.model, client.service_id
     key = request_key(request, service=service, model=model, attempt=attempt)
     name = item_id or key[:12]
