@@ -91,7 +91,8 @@ def test_batch_task_runs_are_named_and_tagged_and_videos_are_assets(
     manifest = tmp_path / "assets-batch.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    state = generate_batch(str(manifest), options=FAST, return_state=True)
+    tagged = FAST.model_copy(update={"tag_task_runs": True})
+    state = generate_batch(str(manifest), options=tagged, return_state=True)
     report = state.result()
     assert report.archived == 2, report
     flow_run_id = state.state_details.flow_run_id

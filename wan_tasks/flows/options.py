@@ -94,6 +94,12 @@ class RunOptions(BaseModel):
         "for (archived when done, or by the next run through the ledger); 'cancel_remote' "
         "cancels them at the service",
     )
+    tag_task_runs: bool = Field(
+        False,
+        description="tag each video's task runs batch:<manifest> and item:<id> (their names "
+        "already say which item they work on). Off by default: a tagged task run costs two "
+        "Prefect API writes (its tag-limit check) and a tag per item floods the UI's tags",
+    )
     output_lifetime_s: float = Field(
         7 * 24 * 3600.0,
         ge=0,

@@ -159,8 +159,12 @@ class Producer:
     # -- one video -------------------------------------------------------------------------
 
     def tags(self, job: VideoJob) -> AbstractContextManager[Any]:
-        """Tags for a video's task runs (`batch:<manifest>`, `item:<id>`), so a batch's videos
-        can be told apart and filtered in the UI; events emitted in them carry them too."""
+        """Tags for a video's task runs (`batch:<manifest>`, `item:<id>`) when the options ask
+        for them, so a batch's videos can be filtered in the UI by tag; events emitted in them
+        carry them too. Prefect checks tag concurrency limits for every tagged task run (an
+        acquire and a release: six API writes per video), hence opt-in."""
+        if not self.options.tag_task_runs:
+            return nullcontext()
         names = [f"batch:{self.batch}"] if self.batch else []
         return tags(*names, f"item:{job.item_id or 'video'}")
 
