@@ -161,3 +161,32 @@ def test_slot_groups() -> None:
     assert sum(groups) == 3000 and len(groups) <= produce.MAX_LEASES
     assert max(groups) - min(groups) <= max(groups)  # no empty group
     assert min(groups) >= 1
+
+
+def test_the_async_client_sends_at_most_a_pools_worth_of_calls_at_once() -> None:
+    """Thousands of waits polling at once queue in the client, not inside httpcore's pool
+    (whose queue handling is quadratic: 3,000 queued polls kept a core busy)."""
+    from wan_tasks.api.client import _LIMITS, AsyncWaveSpeedClient
+
+    now = [0, 0]  # in the transport now, most at once
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        now[0] += 1
+        now[1] = max(now)
+        await asyncio.sleep(0.01)
+        now[0] -= 1
+        pid = request.url.path.split("/")[-2]
+        data = {"id": pid, "status": "processing", "outputs": [], "model": MODEL_ID}
+        return httpx.Response(200, json={"code": 200, "message": "success", "data": data})
+
+    async def poll_many() -> None:
+        client = AsyncWaveSpeedClient(
+            "test-key-0123456789abcdef",
+            "http://service.test",
+            transport=httpx.MockTransport(answer),
+        )
+        async with client:
+            await asyncio.gather(*(client.get_prediction(f"p{i}") for i in range(500)))
+
+    asyncio.run(poll_many())
+    assert 1 < now[1] <= (_LIMITS.max_connections or 100), now[1]

@@ -61,7 +61,12 @@ if TYPE_CHECKING:
     from wan_tasks.flows.options import ArchiveOptions, RunOptions
     from wan_tasks.integration.blocks import WaveSpeedCredentials
     from wan_tasks.integration.limits import LimitSettings
-    from wan_tasks.integration.tasks import archive_to_s3, submit_i2v, wait_for_prediction
+    from wan_tasks.integration.tasks import (
+        archive_to_s3,
+        await_prediction,
+        submit_i2v,
+        wait_for_prediction,
+    )
     from wan_tasks.storage.archive import ArchiveResult, ArchiveTarget
     from wan_tasks.storage.place import S3Place
 
@@ -76,6 +81,7 @@ _LAZY = {
     "WaveSpeedCredentials": "wan_tasks.integration.blocks",
     "LimitSettings": "wan_tasks.integration.limits",
     "archive_to_s3": "wan_tasks.integration.tasks",
+    "await_prediction": "wan_tasks.integration.tasks",
     "submit_i2v": "wan_tasks.integration.tasks",
     "wait_for_prediction": "wan_tasks.integration.tasks",
     "ArchiveOptions": "wan_tasks.flows.options",
@@ -153,6 +159,7 @@ __all__ = [
     "WaveSpeedError",
     "WebhookVerificationError",
     "archive_to_s3",
+    "await_prediction",
     "generate_batch",
     "generate_video",
     "submit_i2v",

@@ -248,6 +248,14 @@ class WaveSpeedClient(_Base):
         self.close()
 
 
+def _request_gate() -> asyncio.Semaphore:
+    # At most as many API calls at once as the pool has connections: thousands of waits
+    # polling at once would otherwise all queue inside httpcore's pool, whose assignment of
+    # queued requests to connections is quadratic in the queue (3,000 in flight: a core spent
+    # there, measured with bench/inflight.py).
+    return asyncio.Semaphore(_LIMITS.max_connections or 100)
+
+
 def _async_http(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=transport,
@@ -273,6 +281,7 @@ class AsyncWaveSpeedClient(_Base):
     ) -> None:
         super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
         self._http = _async_http(transport)
+        self._gate = _request_gate()
 
     @classmethod
     def sharing(
@@ -284,6 +293,7 @@ class AsyncWaveSpeedClient(_Base):
         new = cls.__new__(cls)
         new.service_id, new.ops = client.service_id, client.ops
         new._http = _async_http(transport)
+        new._gate = _request_gate()
         return new
 
     async def _run(self, op: Operation[T]) -> T:
@@ -303,7 +313,8 @@ class AsyncWaveSpeedClient(_Base):
                     step = op.send(local)
                     continue
                 try:
-                    response = await self._http.send(step)
+                    async with self._gate:
+                        response = await self._http.send(step)
                 except httpx.TransportError as exc:
                     step = op.throw(exc)
                     continue
