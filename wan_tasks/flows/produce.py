@@ -96,7 +96,8 @@ def in_flight_slot(limits: LimitSettings, occupy: int = 1) -> AbstractAsyncConte
 
 
 def slot_groups(lanes: int) -> list[int]:
-    """How many lanes share each lease: one each up to MAX_LEASES lanes, then evenly."""
+    """How many lanes share each lease: one each up to MAX_LEASES lanes, then groups of
+    ceil(lanes / MAX_LEASES), the last one the remainder."""
     per = -(-lanes // MAX_LEASES)
     sizes = [per] * (lanes // per)
     return [*sizes, lanes % per] if lanes % per else sizes
