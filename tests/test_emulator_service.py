@@ -465,3 +465,37 @@ def test_render_once_renders_each_distinct_input_once(
         other = submit(http, image, seed=10).json()["data"]["id"]
         wait_status(http, other, {"completed"})
         assert emu.stats()["renders"] == 2
+
+
+def test_a_task_ends_on_its_latency_while_renders_are_backed_up(
+    make_emulator: MakeEmu,
+    make_http: Callable[[Emulator], httpx.Client],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The emulated inference time is the timer's: renders (CPU-bound, two at a time) that
+    back up must not hold back the input checks that decide each task's end. They shared one
+    pool, so with 1,000 distinct inputs on a loaded machine the last tasks ended minutes after
+    their latency and their waits polled twenty times each."""
+    from wan_tasks.emulator import engine
+
+    held = __import__("threading").Event()
+    real = engine.render_i2v
+
+    def slow_render(*args: Any, **kwargs: Any) -> bytes:
+        held.wait(60)  # a render backlog: every render worker busy until released
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "render_i2v", slow_render)
+    emu = make_emulator(latency_s=0.1, concurrency=10)
+    http = make_http(emu)
+    image = upload_sample(http)
+    try:
+        ids = [submit(http, image, seed=s).json()["data"]["id"] for s in range(5)]
+        ends = [wait_status(http, i, {"completed", "failed"}, limit_s=30)["status"] for i in ids]
+        assert ends == ["completed"] * 5  # all ended while no render had finished
+        assert emu.stats()["renders"] >= 1 and not held.is_set()
+    finally:
+        held.set()
+    # The download still waits for (and gets) the rendered bytes.
+    url = wait_status(http, ids[-1], {"completed"})["outputs"][0]
+    assert probe_mp4(httpx.get(url, timeout=30).content).width == 832

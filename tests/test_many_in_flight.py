@@ -70,8 +70,10 @@ def test_one_process_waits_on_a_thousand_predictions_with_a_few_threads(
     with ThreadPoolExecutor(8) as pool:  # set-up: the emulator's submit checks each image
         submitted = list(
             pool.map(
+                # One input for all: the emulator renders it once (render_once), so the
+                # test's CPU goes to the waits, not to 1,000 renders nobody downloads.
                 lambda i: submit_once(
-                    client, I2VRequest(image=image, prompt=f"many in flight {i}", seed=i)
+                    client, I2VRequest(image=image, prompt="many in flight", seed=7)
                 ),
                 range(videos),
             )
@@ -112,9 +114,11 @@ def test_one_process_waits_on_a_thousand_predictions_with_a_few_threads(
     assert threads and max(threads) < 60, max(threads)
     polls = stack.stats()["polls_by_prediction"]
     assert sorted(polls) == sorted(s.prediction_id for s in submitted)
-    # Each was polled (its first poll aimed at the learned 40 s). How many polls each took is
-    # not asserted: on a clean CI run a tail of them took ~23 (done ~2 min late), undiagnosed
-    # (the in-process emulator at 1,000 concurrent tasks, or the waits); issue 16 says so.
+    # Each polled about once: the first poll is aimed at the learned 40 s after its submit, a
+    # miss costs one more poll 5 s later. (A tail polled ~23 times each was the emulator's:
+    # its input checks queued behind 1,000 renders; test_emulator_service covers that.)
+    counts = sorted(polls.values())
+    assert sum(counts) <= 1.5 * videos and counts[-1] <= 3, counts[-20:]
 
 
 def test_lanes_share_slot_leases_and_keep_the_limit(

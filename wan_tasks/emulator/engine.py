@@ -179,8 +179,11 @@ class Engine:
         self._render_lock = threading.Lock()
         self._cdn_secret = secrets.token_bytes(32)
         self._render_cache: dict[RenderKey, Future[bytes]] = {}
-        # Rendering is CPU-bound (2 workers for 2 cores); webhooks wait on the network.
+        # Rendering is CPU-bound (2 workers for 2 cores); webhooks wait on the network. The
+        # input checks that decide a task's end have their own pool: behind a backlog of
+        # renders (1,000 distinct inputs) tasks would end minutes past their latency.
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-render")
+        self._check_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="emulator-check")
         self._hook_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="emulator-hook")
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="emulator-engine", daemon=True)
@@ -382,6 +385,7 @@ class Engine:
             self._wake.notify_all()
         self._thread.join(timeout=5)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
+        self._check_pool.shutdown(wait=False, cancel_futures=True)
         self._hook_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the lifecycle -----------------------------------------------------------------------
@@ -410,7 +414,7 @@ class Engine:
         self.stats.processing += 1
         self.stats.max_processing = max(self.stats.max_processing, self.stats.processing)
         if task.forced_code is None and task.forced_status is None:
-            task.rendering = self._render_pool.submit(self._render, task)
+            task.rendering = self._check_pool.submit(self._render, task)
         else:
             done: Future[tuple[int | None, bytes | None]] = Future()
             done.set_result((task.forced_code, None))
