@@ -157,6 +157,35 @@ def test_lanes_share_slot_leases_and_keep_the_limit(
     assert len(runs) == 3 * 36 and not any(r.tags for r in runs)
 
 
+def test_a_batch_makes_its_prefect_clients_once_not_per_task_run(
+    make_stack: Callable[..., Stack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lanes' loop has one Prefect client: an async task run (or a slot release) on a
+    loop without a client context makes its own, an SSL context each (a quarter of a batch's
+    CPU under py-spy)."""
+    from prefect.client.orchestration import PrefectClient
+
+    from tests.test_flows import write_manifest
+
+    make_stack(in_flight=4, latency_s=0.3, concurrency=10, render_once=True)
+    made = [0]
+    real_init = PrefectClient.__init__
+
+    def counting(self: PrefectClient, *args: Any, **kwargs: Any) -> None:
+        made[0] += 1
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrefectClient, "__init__", counting)
+    rows = [{"id": f"c{i}", "image": str(SAMPLE), "prompt": f"clients {i}"} for i in range(12)]
+    report = generate_batch(
+        write_manifest(tmp_path / "clients.jsonl", rows), options=RunOptions(poll=POLL)
+    )
+    assert report.archived == 12
+    # 12 waits and 4 lanes' slot releases; a handful for the flow run, its services and the
+    # loop, however many videos.
+    assert made[0] <= 6, made[0]
+
+
 def test_slot_groups() -> None:
     assert produce.slot_groups(1) == [1]
     assert produce.slot_groups(64) == [1] * 64

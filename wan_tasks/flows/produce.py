@@ -36,6 +36,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from prefect import get_run_logger, tags
+from prefect.context import AsyncClientContext
 from prefect.runtime import flow_run
 
 from wan_tasks.api.models import I2VRequest, Prediction
@@ -444,9 +445,18 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(main)
+        return asyncio.run(_with_prefect_client(main))
     with ThreadPoolExecutor(1, "wan-lanes") as pool:
-        return pool.submit(contextvars.copy_context().run, asyncio.run, main).result()
+        run = contextvars.copy_context().run
+        return pool.submit(run, asyncio.run, _with_prefect_client(main)).result()
+
+
+async def _with_prefect_client(main: Coroutine[Any, Any, T]) -> T:
+    # One Prefect client for the loop: without a client context on this loop, every async
+    # task run and every slot release made its own (an SSL context each, ~25% of a batch's
+    # CPU: bench/growth.py under py-spy).
+    async with AsyncClientContext.get_or_create():
+        return await main
 
 
 def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
