@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import uuid
 
 # Isolate Prefect's home (result storage, cache keys, lock files) before anything imports prefect:
 # the test harness isolates the database only.
@@ -198,6 +199,9 @@ def make_stack(
 
         emulator_settings.setdefault("latency_s", 0.5)
         emulator_settings.setdefault("concurrency", 10)
+        # A key per emulator: the process's clients are per account, and a client reuses
+        # its uploads (a new emulator on a port an old one had would not know them).
+        emulator_settings.setdefault("api_key", f"test-key-{uuid.uuid4().hex}")
         emu = make_emulator(**emulator_settings)
         monkeypatch.setenv("WAVESPEED_API_KEY", emu.api_key)
         monkeypatch.setenv("WAVESPEED_BASE_URL", emu.base_url)

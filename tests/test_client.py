@@ -87,9 +87,17 @@ def test_portrait_input_gives_portrait_video(tmp_path: Any, client: WaveSpeedCli
     assert (info.width, info.height, info.frames) == (480, 832, 81)
 
 
-def test_first_and_last_image(client: WaveSpeedClient, emulator: Emulator) -> None:
-    done = client.run(request(last_image=str(SAMPLE)))
+def test_first_and_last_image(tmp_path: Any, client: WaveSpeedClient, emulator: Emulator) -> None:
+    from PIL import Image
+
+    last = tmp_path / "last.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(last)
+    done = client.run(request(last_image=str(last)))
     assert done.status is PredictionStatus.COMPLETED
+    assert emulator.stats()["uploads"] == 2
+    # The same bytes again (as either image): this client's upload of them is reused.
+    again = client.run(request(image=str(last), last_image=str(SAMPLE), seed=99))
+    assert again.status is PredictionStatus.COMPLETED
     assert emulator.stats()["uploads"] == 2
 
 

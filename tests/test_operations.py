@@ -510,6 +510,39 @@ def test_prepare_yields_the_file_read_as_a_step() -> None:
     assert done.value.value["image"] == "https://cdn.test/u.png"
 
 
+def test_one_image_is_uploaded_once_for_many_requests() -> None:
+    """A batch of many prompts on one image: the second request reuses the first upload of
+    the same bytes; other bytes, or an upload older than UPLOAD_REUSE_S, upload again."""
+    from wan_tasks.api.operations import UPLOAD_REUSE_S
+
+    ops, run, _ = make()
+    info = inspect_image(SAMPLE)
+
+    def prepare(data: bytes) -> tuple[dict[str, Any], int]:
+        op = ops.prepare(I2VRequest(image=str(SAMPLE), prompt="x", seed=3))
+        assert isinstance(next(op), ReadImage)
+        try:
+            step = op.send(LocalImage(info, data))
+        except StopIteration as done:
+            return done.value, 0  # answered without a call
+        assert isinstance(step, httpx.Request) and step.url.path.endswith("/upload/binary")
+        upload = env({"download_url": f"https://cdn.test/{len(data)}-{run.clock.t}.png"})
+        upload.request = step
+        with pytest.raises(StopIteration) as done:
+            op.send(upload)
+        return done.value.value, 1
+
+    first, calls = prepare(b"the image")
+    assert calls == 1
+    again, calls = prepare(b"the image")
+    assert (again["image"], calls) == (first["image"], 0)
+    other, calls = prepare(b"another image")
+    assert calls == 1 and other["image"] != first["image"]
+    run.clock.t += UPLOAD_REUSE_S + 1
+    late, calls = prepare(b"the image")
+    assert calls == 1 and late["image"] != first["image"]
+
+
 def test_a_bad_file_is_thrown_into_the_operation() -> None:
     ops, _, _ = make()
     op = ops.upload_file(SAMPLE)

@@ -19,6 +19,7 @@ and `now` (wall clock, for an HTTP-date Retry-After); jitter from the injected `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -125,6 +126,12 @@ class Submission:
     request: I2VRequest
 
 
+# How long an upload's URL is reused for the same bytes (the service keeps uploads 7 days),
+# and how many distinct uploads are remembered.
+UPLOAD_REUSE_S = 6 * 3600.0
+MAX_REUSED_UPLOADS = 4096
+
+
 class Operations:
     """Builds requests and interprets answers. Holds the key; never shows it."""
 
@@ -154,6 +161,8 @@ class Operations:
         # what a run spent waiting on the account's rate limit.
         self._rate_limited_wait_s = 0.0
         self._wait_lock = threading.Lock()
+        # Uploads by content: a batch of many prompts on one image uploads it once.
+        self._uploads: dict[tuple[str, str, str], tuple[UploadResult, float]] = {}
 
     @property
     def rate_limited_wait_s(self) -> float:
@@ -325,8 +334,25 @@ class Operations:
         )
 
     def upload_file(self, path: Path) -> Operation[UploadResult]:
+        """Upload a local image, or reuse this client's upload of the same bytes (under the
+        same name and type) from the last UPLOAD_REUSE_S: the service keeps uploads 7 days,
+        and re-sending one image for each of a batch's rows costs a call and its bytes."""
         local: LocalImage = yield ReadImage(path)
-        return (yield from self.upload(local.data, local.info.path.name, local.info.content_type))
+        key = (
+            hashlib.sha256(local.data).hexdigest(),
+            local.info.path.name,
+            local.info.content_type,
+        )
+        with self._wait_lock:
+            known = self._uploads.get(key)
+        if known is not None and self._clock() - known[1] < UPLOAD_REUSE_S:
+            return known[0]
+        result = yield from self.upload(local.data, local.info.path.name, local.info.content_type)
+        with self._wait_lock:
+            if len(self._uploads) >= MAX_REUSED_UPLOADS:
+                self._uploads.clear()  # a bound, not an LRU: a process rarely has this many
+            self._uploads[key] = (result, self._clock())
+        return result
 
     def prepare(self, request: I2VRequest) -> Operation[dict[str, Any]]:
         """Upload local images; return the exact JSON body to submit."""
