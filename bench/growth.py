@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=1.0, help="emulated inference, s")
     parser.add_argument("--in-flight", type=int, default=50)
     parser.add_argument("--real-render", action="store_true")
+    parser.add_argument(
+        "--contact-sheets",
+        action="store_true",
+        help="archive a contact sheet per video (the flows' default; the SDK baseline makes "
+        "none, so the comparison leaves them off: a sheet decodes the whole MP4)",
+    )
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK baseline")
     parser.add_argument(
         "--postgres",
@@ -59,7 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(
             json.dumps(
-                _child(args.child, args.videos, args.latency, args.in_flight, not args.real_render)
+                _child(
+                    args.child,
+                    args.videos,
+                    args.latency,
+                    args.in_flight,
+                    not args.real_render,
+                    contact_sheets=args.contact_sheets,
+                )
             ),
             flush=True,
         )
@@ -112,6 +125,8 @@ def _run_child(
     ]
     if args.real_render:
         command.append("--real-render")
+    if args.contact_sheets:
+        command.append("--contact-sheets")
     done = subprocess.run(
         command,
         capture_output=True,
@@ -127,14 +142,20 @@ def _run_child(
 
 
 def _child(
-    variant: str, videos: int, latency: float, in_flight: int, render_once: bool
+    variant: str,
+    videos: int,
+    latency: float,
+    in_flight: int,
+    render_once: bool,
+    *,
+    contact_sheets: bool = False,
 ) -> dict[str, Any]:
     from bench.baseline import sdk_client, sdk_pool
-    from bench.flowrun import PrefectRetries, call_flow, write_manifest
+    from bench.flowrun import PrefectRetries, call_flow, read_spans, write_manifest
     from bench.stack import new_limits
     from wan_tasks.api.policies import PollPolicy
     from wan_tasks.flows.generate import generate_batch
-    from wan_tasks.flows.options import RunOptions
+    from wan_tasks.flows.options import ArchiveOptions, RunOptions
 
     nonce = uuid.uuid4().hex[:8]
     retries = PrefectRetries.install()
@@ -159,11 +180,20 @@ def _child(
             s3 = _s3()
         baseline = rss_mib()
         hwm_ok = reset_hwm()
+        steps: dict[str, float] = {}
         with meter.measure():
             if variant == "flow":
-                archived = call_flow(generate_batch, manifest, options=options).result.archived
+                call = call_flow(
+                    generate_batch,
+                    manifest,
+                    archive=ArchiveOptions(contact_sheet=contact_sheets),
+                    options=options,
+                )
+                archived = call.result.archived
             else:
                 archived = len(sdk_pool(sdk, s3, prompts, threads=in_flight))
+        if variant == "flow":
+            steps = _step_seconds(read_spans(call.flow_run_id))
         stats = emu.stats()
     return {
         "variant": variant,
@@ -176,7 +206,29 @@ def _child(
         "retries": retries.snapshot(),
         "submissions": stats["submissions"],
         "polls": stats["result_polls"],
+        "steps": steps,
+        "contact_sheets": contact_sheets,
     }
+
+
+def _step_seconds(spans: Any) -> dict[str, float]:
+    """Mean wall seconds of each task (submit, wait, archive) from its task runs: where a
+    video's time in its lane goes (the slot is held from before the submit to the wait's
+    end)."""
+    out = {}
+    for name in ("submit-i2v", "wait-for-prediction", "archive-to-s3"):
+        took = [t.end - t.start for t in spans.named(name) if t.end == t.end]  # not NaN
+        if took:
+            out[name] = sum(took) / len(took)
+    return out
+
+
+def _steps(row: dict[str, Any]) -> str:
+    steps = row.get("steps") or {}
+    if not steps:
+        return "-"
+    names = ("submit-i2v", "wait-for-prediction", "archive-to-s3")
+    return " / ".join(f"{steps.get(n, math.nan):.2f}" for n in names)
 
 
 def _s3() -> Any:
@@ -209,6 +261,7 @@ def _report(
                 cpu.get("emulator", 0.0) / n,
                 "-" if r["variant"] == "sdk" else f"{r['retries'][0]} ({r['retries'][1]:.0f} s)",
                 r["server_rss_mib"] if r["variant"] == "flow" else "-",
+                _steps(r),
             ]
         )
     text = table(
@@ -226,6 +279,7 @@ def _report(
             "emulator",
             "Prefect API retries",
             "server RSS after MiB",
+            "mean s: submit / wait / archive",
         ],
         out,
     )
@@ -239,7 +293,12 @@ def _report(
             else "Real rendering: "
         )
         + 'see BENCHMARKS.md. Each row is a fresh process; "client" is that process '
-        "(the flow run, or the SDK threads)."
+        "(the flow run, or the SDK threads). Contact sheets: "
+        + (
+            "on (the flows' default)."
+            if any(r.get("contact_sheets") for r in rows)
+            else "off (the SDK baseline makes none; each decodes the whole MP4, ~0.04 CPU-s)."
+        )
     )
     sizes = ", ".join(str(r["videos"]) for r in rows if r["variant"] == "flow")
     emit(

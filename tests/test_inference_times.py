@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from wan_tasks import I2VRequest, PollPolicy
 from wan_tasks.api.models import MODEL_ID
 from wan_tasks.core.inference_times import InferenceTimes
@@ -70,3 +72,45 @@ def test_seeded_from_the_accounts_history(
     assert expected is not None and expected in reported and expected >= 0.25
     assert times.expected(MODEL, 8) is None and times.seeded(MODEL)
     assert not InferenceTimes().seeded(MODEL)
+
+
+def test_a_slow_answer_to_a_first_poll_that_hit_is_not_a_miss(
+    make_stack: Callable[..., Any], monkeypatch: Any
+) -> None:
+    """Whether the aimed first poll found the task running is counted from the polls, not
+    timed: on a loaded machine a poll that found the task done could take seconds to answer,
+    each such wait doubled the margin, and waits of 1 s tasks grew to 9 s (bench/growth.py)."""
+    from tests.conftest import SAMPLE
+    from wan_tasks.core.submit import submit_once
+    from wan_tasks.integration import tasks
+    from wan_tasks.integration.runtime import wavespeed_client
+
+    stack = make_stack(latency_s=0.3, faults={"slow_s": 3.0})
+    policy = PollPolicy(first_poll_after=0.3, min_interval=0.5, max_interval=1.0, jitter=0.0)
+    learned = InferenceTimes()
+    for _ in range(3):
+        learned.record(MODEL, 5, 0.3)
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
+    client = wavespeed_client()
+
+    def extra_margin() -> float:  # what misses added to the aim
+        expected = learned.expected(MODEL, 5)
+        assert expected is not None
+        return learned.first_poll_after(policy, MODEL, 5)[0] - expected - policy.first_poll_margin
+
+    def submitted(seed: int) -> Any:
+        # Waited on at once: the first poll is aimed 0.55 s after the submit (a 0.3 s task).
+        return submit_once(client, I2VRequest(image=str(SAMPLE), prompt="aim", seed=seed))
+
+    # The first poll hits, and answers 3 s late: not a miss, the aim stays.
+    stack.emulator.set_faults({"script": {"result": ["slow"]}, "slow_s": 3.0})
+    hit = submitted(1)
+    assert tasks.wait_for_prediction(hit, poll=policy).status.value == "completed"
+    assert stack.stats()["polls_by_prediction"][hit.prediction_id] == 1
+    assert extra_margin() == pytest.approx(0.0)
+    # The first poll finds it running (a status shown once): a miss, the margin widens.
+    stack.emulator.set_faults({"script": {"result": ["status=processing"]}})
+    miss = submitted(2)
+    assert tasks.wait_for_prediction(miss, poll=policy).status.value == "completed"
+    assert stack.stats()["polls_by_prediction"][miss.prediction_id] == 2
+    assert extra_margin() == pytest.approx(0.5)  # widened (and doubling per miss)

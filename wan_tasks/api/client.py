@@ -173,10 +173,13 @@ class WaveSpeedClient(_Base):
         timeout: float = DEFAULT_WAIT_TIMEOUT,
         poll: PollPolicy | None = None,
         poll_first: bool = True,
+        polled: list[int] | None = None,
     ) -> Prediction:
         """Poll until done (see Operations.wait); `poll_first=False` right after a submit."""
         return self._run(
-            self.ops.wait(prediction_id, timeout=timeout, poll=poll, poll_first=poll_first)
+            self.ops.wait(
+                prediction_id, timeout=timeout, poll=poll, poll_first=poll_first, polled=polled
+            )
         )
 
     def run(
@@ -345,10 +348,13 @@ class AsyncWaveSpeedClient(_Base):
         timeout: float = DEFAULT_WAIT_TIMEOUT,
         poll: PollPolicy | None = None,
         poll_first: bool = True,
+        polled: list[int] | None = None,
     ) -> Prediction:
         """Poll until done (see Operations.wait); `poll_first=False` right after a submit."""
         return await self._run(
-            self.ops.wait(prediction_id, timeout=timeout, poll=poll, poll_first=poll_first)
+            self.ops.wait(
+                prediction_id, timeout=timeout, poll=poll, poll_first=poll_first, polled=polled
+            )
         )
 
     async def run(

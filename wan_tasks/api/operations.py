@@ -421,8 +421,13 @@ class Operations:
         timeout: float = DEFAULT_WAIT_TIMEOUT,
         poll: PollPolicy | None = None,
         poll_first: bool = True,
+        polled: list[int] | None = None,
     ) -> Operation[Prediction]:
         """Poll until the prediction is terminal or the wall-clock deadline passes.
+
+        `polled`, if given, gets the number of polls made appended when the wait ends
+        (however it ends): whether the first poll found the task done is a fact of the wait,
+        not something a caller should infer from how long it took.
 
         Polls are at least `poll.min_interval` apart, the last one too: near the deadline the
         wait overshoots it by less than one interval rather than break the service's rule.
@@ -488,3 +493,6 @@ class Operations:
                 polls,
             )
             raise
+        finally:
+            if polled is not None:
+                polled.append(polls)
