@@ -84,18 +84,32 @@ def emit(name: str, title: str, text: str, data: dict[str, Any]) -> None:
 
 
 def cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live processes of a process group (the servers here
-    each run in a session of their own, so their pid is their group id)."""
+    """User + system CPU seconds of a server: the live processes of its process group (the
+    servers here each run in a session of their own, so their pid is their group id) and of
+    its descendants, with what their exited children had spent (PostgreSQL's backends are
+    children of the postmaster; counting the group alone missed them)."""
     if pgid <= 0:
         return 0.0
-    total = 0
+    stats: dict[int, list[str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    chosen = {pid for pid, fields in stats.items() if int(fields[2]) == pgid}
+    todo = [pgid, *chosen]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in chosen:
+                chosen.add(child)
+                todo.append(child)
+    if pgid in stats:
+        chosen.add(pgid)
+    # utime, stime, and the cutime and cstime of children that exited and were waited for
+    total = sum(sum(int(v) for v in stats[pid][11:15]) for pid in chosen if pid in stats)
     return total / _CLK_TCK
 
 

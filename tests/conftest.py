@@ -185,6 +185,15 @@ class Stack:
         return answer["Body"].read(), answer
 
 
+@pytest.fixture(autouse=True)
+def _fresh_block_reads() -> None:
+    """Each test saves its own blocks: none is served from a read an earlier test made
+    (the process keeps a block for BLOCK_REFRESH_S)."""
+    from wan_tasks.integration import runtime
+
+    runtime._blocks.clear()
+
+
 @pytest.fixture
 def make_stack(
     prefect_server: None,

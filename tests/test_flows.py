@@ -315,6 +315,17 @@ def test_credentials_from_a_saved_block(stack: Stack, monkeypatch: pytest.Monkey
         api_key=SecretStr(stack.emulator.api_key), base_url=stack.emulator.base_url
     ).save("team-key", overwrite=True)
     monkeypatch.setenv("WAVESPEED_API_KEY", "not-the-key")  # the block's key must be used
+    loads = [0]
+    real_load = WaveSpeedCredentials.load.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        loads[0] += 1
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(WaveSpeedCredentials, "load", classmethod(counting))
     options = FAST.model_copy(update={"credentials_block": "team-key"})
     out = run_video(req("credentials-block"), options=options)
     assert out.status == "archived" and stack.stats()["submissions"] == 1
+    # Read once, not per step: submit, its cache key, wait and archive each asked for it
+    # (a Prefect API read each); a re-saved block is read again after BLOCK_REFRESH_S.
+    assert loads[0] == 1

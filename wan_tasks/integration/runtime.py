@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,26 @@ def _fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
+# Saved blocks are read again after this long: a batch asks for its blocks several times per
+# video (submit, wait, archive), each a Prefect API read; a block re-saved with new
+# credentials is honoured within this time.
+BLOCK_REFRESH_S = 30.0
+_blocks: dict[str, tuple[float, Any]] = {}
+
+
+def _load_block(slug: str, load: Any) -> Any:
+    """`load(slug)`, or what it returned for `slug` in the last BLOCK_REFRESH_S."""
+    now = time.monotonic()
+    with _lock:
+        known = _blocks.get(slug)
+    if known is not None and now - known[0] < BLOCK_REFRESH_S:
+        return known[1]
+    block = load(slug)
+    with _lock:
+        _blocks[slug] = (now, block)
+    return block
+
+
 def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
     """The shared client for a saved `WaveSpeedCredentials` block, or for the environment
     (WAVESPEED_API_KEY / WAVESPEED_BASE_URL)."""
@@ -44,8 +65,9 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
         from wan_tasks.integration.blocks import WaveSpeedCredentials
 
         # _sync: also called from async flows' worker threads (see s3_bucket_block).
-        creds: WaveSpeedCredentials = WaveSpeedCredentials.load(  # type: ignore[call-arg,assignment]
-            credentials_block, _sync=True
+        creds: WaveSpeedCredentials = _load_block(
+            f"wavespeed-credentials/{credentials_block}",
+            lambda _: WaveSpeedCredentials.load(credentials_block, _sync=True),  # type: ignore[call-arg]
         )
         api_key, base_url = creds.api_key.get_secret_value(), creds.base_url
     else:
@@ -99,7 +121,7 @@ def s3_bucket_block(name: str) -> tuple[str, S3Client]:
     try:
         # _sync: also called from async flows' worker threads, where Prefect would otherwise
         # return a coroutine.
-        block: Any = Block.load(slug, _sync=True)  # type: ignore[call-arg]
+        block: Any = _load_block(slug, lambda _: Block.load(slug, _sync=True))  # type: ignore[call-arg]
     except (KeyError, ValueError) as exc:
         raise ConfigurationError(
             f"s3_block {name!r}: cannot load {slug!r} ({exc}). Is prefect-aws installed "
