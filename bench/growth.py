@@ -207,6 +207,9 @@ def _child(
         "submissions": stats["submissions"],
         "polls": stats["result_polls"],
         "steps": steps,
+        # Prefect API calls of this process by endpoint, and the 503s ("database is locked")
+        "api_calls": retries.counts()[0],
+        "api_locked": retries.counts()[1],
         "contact_sheets": contact_sheets,
     }
 
@@ -220,6 +223,9 @@ def _step_seconds(spans: Any) -> dict[str, float]:
         took = [t.end - t.start for t in spans.named(name) if t.end == t.end]  # not NaN
         if took:
             out[name] = sum(took) / len(took)
+    # Task runs reach the server as events: on a loaded server the last ones may not have
+    # landed when these are read (the means are over those that had).
+    out["recorded"] = sum(1 for t in spans.tasks if t.end == t.end)
     return out
 
 
@@ -228,7 +234,8 @@ def _steps(row: dict[str, Any]) -> str:
     if not steps:
         return "-"
     names = ("submit-i2v", "wait-for-prediction", "archive-to-s3")
-    return " / ".join(f"{steps.get(n, math.nan):.2f}" for n in names)
+    each = " / ".join(f"{steps.get(n, math.nan):.2f}" for n in names)
+    return f"{each} ({steps.get('recorded', 0):.0f} of {3 * row['videos']} task runs)"
 
 
 def _s3() -> Any:
