@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from reliability.bad_input import CASES, VALID, Case, Valid, accept, check
-from tests.conftest import SAMPLE, Stack
+from tests.conftest import Stack
 from tests.test_flows import FAST
 from wan_tasks.flows.generate import generate_batch
 
@@ -53,9 +54,12 @@ def test_bad_rows_cost_no_calls_and_the_rest_runs(stack: Stack, tmp_path: Path) 
         fields = case.build(folder)
         rows.append(json.dumps({"id": f"bad-{i}", **fields}, default=str))
     for i in range(2):
+        # An image each: a client uploads one image once however many rows use it.
+        image = tmp_path / f"good-{i}.png"
+        Image.new("RGB", (64, 48), (40 * i, 90, 160)).save(image)
         rows.append(
             json.dumps(
-                {"id": f"good-{i}", "image": str(SAMPLE), "prompt": f"test bad-input neighbour {i}"}
+                {"id": f"good-{i}", "image": str(image), "prompt": f"test bad-input neighbour {i}"}
             )
         )
     manifest = tmp_path / "mixed.jsonl"
