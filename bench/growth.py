@@ -195,6 +195,7 @@ def _child(
         if variant == "flow":
             steps = _step_seconds(read_spans(call.flow_run_id))
         stats = emu.stats()
+    calls, locked = retries.counts()
     return {
         "variant": variant,
         "videos": videos,
@@ -208,8 +209,8 @@ def _child(
         "polls": stats["result_polls"],
         "steps": steps,
         # Prefect API calls of this process by endpoint, and the 503s ("database is locked")
-        "api_calls": retries.counts()[0],
-        "api_locked": retries.counts()[1],
+        "api_calls": calls,
+        "api_locked": locked,
         "contact_sheets": contact_sheets,
     }
 

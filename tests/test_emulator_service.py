@@ -4,6 +4,7 @@ sync mode, common flags, uploads, batch delete, catalogue, pricing and history."
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -478,7 +479,7 @@ def test_a_task_ends_on_its_latency_while_renders_are_backed_up(
     their latency and their waits polled twenty times each."""
     from wan_tasks.emulator import engine
 
-    held = __import__("threading").Event()
+    held = threading.Event()
     real = engine.render_i2v
 
     def slow_render(*args: Any, **kwargs: Any) -> bytes:

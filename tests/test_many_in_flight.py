@@ -59,8 +59,8 @@ def test_one_process_waits_on_a_thousand_predictions_with_a_few_threads(
     make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1,000 predictions in flight at once, each awaited by its own `await_prediction` task run
-    in one flow: the process's thread count stays far below one per wait, and every wait ends
-    with the completed prediction."""
+    in one flow: the process's thread count stays far below one per wait, every wait ends
+    with the completed prediction, and each prediction is polled about once."""
     videos = 1000
     # Inference long enough that all 1,000 are still running when the last is submitted; the
     # first polls are then aimed at each one's expected end, spread like the submits were.

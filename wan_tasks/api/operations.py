@@ -163,6 +163,7 @@ class Operations:
         self._wait_lock = threading.Lock()
         # Uploads by content: a batch of many prompts on one image uploads it once.
         self._uploads: dict[tuple[str, str, str], tuple[UploadResult, float]] = {}
+        self._uploads_lock = threading.Lock()
 
     @property
     def rate_limited_wait_s(self) -> float:
@@ -343,12 +344,12 @@ class Operations:
             local.info.path.name,
             local.info.content_type,
         )
-        with self._wait_lock:
+        with self._uploads_lock:
             known = self._uploads.get(key)
         if known is not None and self._clock() - known[1] < UPLOAD_REUSE_S:
             return known[0]
         result = yield from self.upload(local.data, local.info.path.name, local.info.content_type)
-        with self._wait_lock:
+        with self._uploads_lock:
             if len(self._uploads) >= MAX_REUSED_UPLOADS:
                 self._uploads.clear()  # a bound, not an LRU: a process rarely has this many
             self._uploads[key] = (result, self._clock())

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from wan_tasks import settings
@@ -45,14 +46,14 @@ BLOCK_REFRESH_S = 30.0
 _blocks: dict[str, tuple[float, Any]] = {}
 
 
-def _load_block(slug: str, load: Any) -> Any:
-    """`load(slug)`, or what it returned for `slug` in the last BLOCK_REFRESH_S."""
+def _load_block(slug: str, load: Callable[[], Any]) -> Any:
+    """`load()`, or what it returned for `slug` in the last BLOCK_REFRESH_S."""
     now = time.monotonic()
     with _lock:
         known = _blocks.get(slug)
     if known is not None and now - known[0] < BLOCK_REFRESH_S:
         return known[1]
-    block = load(slug)
+    block = load()
     with _lock:
         _blocks[slug] = (now, block)
     return block
@@ -67,7 +68,7 @@ def wavespeed_client(credentials_block: str | None = None) -> WaveSpeedClient:
         # _sync: also called from async flows' worker threads (see s3_bucket_block).
         creds: WaveSpeedCredentials = _load_block(
             f"wavespeed-credentials/{credentials_block}",
-            lambda _: WaveSpeedCredentials.load(credentials_block, _sync=True),  # type: ignore[call-arg]
+            lambda: WaveSpeedCredentials.load(credentials_block, _sync=True),  # type: ignore[call-arg]
         )
         api_key, base_url = creds.api_key.get_secret_value(), creds.base_url
     else:
@@ -121,7 +122,7 @@ def s3_bucket_block(name: str) -> tuple[str, S3Client]:
     try:
         # _sync: also called from async flows' worker threads, where Prefect would otherwise
         # return a coroutine.
-        block: Any = _load_block(slug, lambda _: Block.load(slug, _sync=True))  # type: ignore[call-arg]
+        block: Any = _load_block(slug, lambda: Block.load(slug, _sync=True))  # type: ignore[call-arg]
     except (KeyError, ValueError) as exc:
         raise ConfigurationError(
             f"s3_block {name!r}: cannot load {slug!r} ({exc}). Is prefect-aws installed "
