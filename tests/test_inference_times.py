@@ -88,8 +88,11 @@ def test_a_slow_answer_to_a_first_poll_that_hit_is_not_a_miss(
     stack = make_stack(latency_s=0.3)
     policy = PollPolicy(first_poll_after=0.3, min_interval=0.5, max_interval=1.0, jitter=0.0)
     learned = InferenceTimes()
+    # Learned at 3 s (the tasks take 0.3): a wait task that starts up to ~3 s after its
+    # submit on a loaded machine still aims its first poll (later, it polls at once, not
+    # aimed, and a poll that finds the task running is then rightly no miss).
     for _ in range(3):
-        learned.record(MODEL, 5, 0.3)
+        learned.record(MODEL, 5, 3.0)
     monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
     client = wavespeed_client()
 
@@ -99,7 +102,7 @@ def test_a_slow_answer_to_a_first_poll_that_hit_is_not_a_miss(
         return learned.first_poll_after(policy, MODEL, 5)[0] - expected - policy.first_poll_margin
 
     def submitted(seed: int) -> Any:
-        # Waited on at once: the first poll is aimed 0.55 s after the submit (a 0.3 s task).
+        # Waited on at once: the first poll is aimed 3.25 s after the submit.
         return submit_once(client, I2VRequest(image=str(SAMPLE), prompt="aim", seed=seed))
 
     # The first poll hits, and answers 3 s late: not a miss, the aim stays.

@@ -55,7 +55,7 @@ from wan_tasks.flows.cancel import CancelWatch
 from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.flows.progress import Progress
-from wan_tasks.integration.limits import LimitSettings, read_limit
+from wan_tasks.integration.limits import LimitSettings, hold_slots, read_limit
 from wan_tasks.integration.runtime import close_async_clients, wavespeed_client
 from wan_tasks.integration.tasks import (
     archive_to_s3,
@@ -82,18 +82,10 @@ def in_flight_slot(limits: LimitSettings, occupy: int = 1) -> AbstractAsyncConte
     """`occupy` slots of the in-flight limit, as one lease (renewed while held)."""
     if not limits.in_flight:
         return nullcontext()
-    from prefect.concurrency.asyncio import concurrency
-
-    # strict: a missing limit fails loudly instead of throttling nothing. A failed lease
+    # Strict: a missing limit fails loudly instead of throttling nothing. A failed lease
     # renewal does not abort the lanes: their videos are paid for, and the slots are
     # re-counted by the server when the lease expires.
-    return concurrency(
-        limits.in_flight,
-        occupy=occupy,
-        strict=True,
-        timeout_seconds=limits.acquire_timeout_s,
-        raise_on_lease_renewal_failure=False,
-    )
+    return hold_slots(limits.in_flight, occupy, timeout_s=limits.acquire_timeout_s)
 
 
 def slot_groups(lanes: int) -> list[int]:

@@ -6,17 +6,51 @@ opt-in rate limit (a limit with slot decay) taken once per submit: it costs a Pr
 video, and the service's own 429 (with Retry-After) is already retried safely, so it is only
 worth it for accounts whose per-minute cap binds before the in-flight cap does. Both are
 strict: a named limit that does not exist raises instead of silently throttling nothing.
+
+`hold_slots` takes in-flight slots as one lease, renews it while held and gives it back. It is
+Prefect's `concurrency()` minus the client's sleep on a 503: Prefect's client answers a 503 by
+sleeping 2**attempt s (2, 4, 8 ...; once even at PREFECT_CLIENT_MAX_RETRIES=0). On a SQLite
+server (the default one) `increment-with-lease` answers 503 whenever another write commits
+between its read and its write (Prefect 3.9.1 runs it in a deferred transaction, so it fails
+at once instead of waiting), and every 503 a batch saw was that call: lanes started 2-6 s
+late. A 503 there took no slot (the transaction rolled back), so it is retried here after
+50 ms, doubling to 1 s (`acquire_backoff`). What it leaves out of `concurrency()`: the
+acquired/released events (UI decoration, an event write each).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, cast
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from wan_tasks.errors import MissingLimitError
 
+if TYPE_CHECKING:
+    import httpx
+    from prefect.client.orchestration import PrefectClient
+
 logger = logging.getLogger(__name__)
+
+# A lease the server reclaims this long after its holder stopped renewing it (a crash).
+LEASE_S = 300.0
+# Renewed when this share of it has passed (Prefect renews at 75% too).
+RENEW_AT = 0.75
+RENEW_RETRY_S = 10.0
+# Retrying a 503 (or a dropped connection): first after this long, doubling up to the cap,
+# at most this many times in a row before the error is the caller's.
+ACQUIRE_RETRY_FIRST_S = 0.05
+ACQUIRE_RETRY_MAX_S = 1.0
+ACQUIRE_RETRIES = 60
+_RETRYABLE = frozenset({502, 503, 504})
+_INCREMENT = "/v2/concurrency_limits/increment-with-lease"
 
 DEFAULT_IN_FLIGHT_LIMIT = "wan-video-in-flight"
 DEFAULT_RATE_LIMIT = "wan-video-submits-per-minute"
@@ -121,3 +155,119 @@ def reset_in_flight(names: LimitSettings | None = None) -> None:
         client.update_global_concurrency_limit(
             names.in_flight, GlobalConcurrencyLimitUpdate(active_slots=0)
         )
+
+
+def acquire_backoff(attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before retry `attempt` (1, 2, ...) of a slot request the server
+    could not serve: ACQUIRE_RETRY_FIRST_S doubling to ACQUIRE_RETRY_MAX_S, jittered into
+    its upper half so that lanes that collided do not collide again, and never zero."""
+    ceiling = min(ACQUIRE_RETRY_MAX_S, ACQUIRE_RETRY_FIRST_S * 2.0 ** max(attempt - 1, 0))
+    return ceiling * (0.5 + 0.5 * rand())
+
+
+async def _post_once(client: PrefectClient, body: dict[str, Any]) -> httpx.Response:
+    """One POST of a slot request through the client's connection, auth and headers, but not
+    its retry loop (which sleeps seconds per 503)."""
+    import httpx
+
+    http = client._client  # a PrefectHttpxAsyncClient: its send() is the retry loop
+    request = http.build_request("POST", _INCREMENT, json=body)
+    prefect_http = cast(Any, http)
+    if getattr(prefect_http, "enable_csrf_support", False):
+        await prefect_http._add_csrf_headers(request)
+    return await httpx.AsyncClient.send(http, request)
+
+
+async def acquire_lease(
+    client: PrefectClient,
+    name: str,
+    occupy: int,
+    *,
+    timeout_s: float | None = None,
+    lease_s: float = LEASE_S,
+    post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]] = _post_once,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> UUID:
+    """The lease id of `occupy` slots of limit `name`: waits while the limit is full (the
+    server's 423 and Retry-After), retries what the server could not serve (a 5xx or a
+    dropped connection, which took no slot) after `acquire_backoff`. TimeoutError after
+    `timeout_s`; MissingLimitError if the limit does not exist."""
+    import httpx
+
+    body = {"names": [name], "slots": occupy, "mode": "concurrency", "lease_duration": lease_s}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failures = 0
+    while True:
+        try:
+            response = await post(client, body)
+        except httpx.TransportError as exc:
+            failure: str | None = f"{type(exc).__name__}: {exc}"
+        else:
+            failure = f"HTTP {response.status_code}" if response.status_code in _RETRYABLE else None
+        if failure is not None:
+            failures += 1
+            if failures > ACQUIRE_RETRIES:
+                raise ConnectionError(f"slots of {name!r}: {failures} tries failed ({failure})")
+            wait = acquire_backoff(failures)
+        elif response.status_code == 423:  # the limit is full: the server says when to ask
+            failures = 0
+            wait = float(response.headers.get("Retry-After") or 1.0)
+        else:
+            response.raise_for_status()
+            data = response.json()
+            if not data.get("limits"):
+                raise MissingLimitError(
+                    f"limits.in_flight: the concurrency limit {name!r} does not exist on this "
+                    f"Prefect server. Create it with `wan-video limits --in-flight N "
+                    f"--in-flight-name {name}`, or set limits.in_flight to null."
+                )
+            return UUID(data["lease_id"])
+        if deadline is not None and time.monotonic() + wait > deadline:
+            raise TimeoutError(f"no {occupy} slot(s) of {name!r} within {timeout_s} s")
+        await sleep(wait)
+
+
+async def _renew(
+    client: PrefectClient,
+    lease_id: UUID,
+    lease_s: float,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Renew every RENEW_AT of the lease; after a failure, again within seconds (the lease
+    is still good for a quarter of its length), not a whole period later, when it has run
+    out."""
+    delay = lease_s * RENEW_AT
+    while True:
+        await sleep(delay)
+        try:
+            await client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+            delay = lease_s * RENEW_AT
+        except Exception as exc:  # the slots stay held until the lease runs out
+            logger.warning("renewing in-flight lease %s failed: %s", lease_id, exc)
+            delay = min(RENEW_RETRY_S, lease_s * (1 - RENEW_AT) / 4)
+
+
+@asynccontextmanager
+async def hold_slots(
+    name: str, occupy: int = 1, *, timeout_s: float | None = None, lease_s: float = LEASE_S
+) -> AsyncIterator[UUID]:
+    """`occupy` slots of global concurrency limit `name` as one lease, renewed while the
+    block runs and given back when it ends (on errors and cancellation too)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        lease_id = await acquire_lease(client, name, occupy, timeout_s=timeout_s, lease_s=lease_s)
+        renewal = asyncio.create_task(_renew(client, lease_id, lease_s))
+        try:
+            yield lease_id
+        finally:
+            renewal.cancel()
+            # Shielded: a cancelled holder still gives its slots back (else they stay taken
+            # until the lease runs out).
+            release = asyncio.ensure_future(client.release_concurrency_slots_with_lease(lease_id))
+            try:
+                await asyncio.shield(release)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the server re-counts the slots when the lease ends
+                logger.warning("giving back in-flight lease %s failed: %s", lease_id, exc)
