@@ -65,10 +65,13 @@ def test_a_busy_database_is_retried_in_milliseconds_not_prefects_seconds() -> No
     assert len(sleeps) == 2 and all(0.025 <= s <= 0.1 for s in sleeps), sleeps
 
 
-def test_a_full_limit_waits_what_the_server_says_and_a_dropped_connection_is_retried() -> None:
+@pytest.mark.parametrize("code", [423, 429])  # the limit is full; Prefect Cloud's rate limit
+def test_a_full_limit_waits_what_the_server_says_and_a_dropped_connection_is_retried(
+    code: int,
+) -> None:
     transport, seen = _server(
         [
-            httpx.Response(423, headers={"Retry-After": "3"}),
+            httpx.Response(code, headers={"Retry-After": "3"}),
             httpx.ConnectError("reset"),
             httpx.Response(200, json=GRANTED),
         ]

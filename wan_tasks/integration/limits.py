@@ -49,7 +49,10 @@ RENEW_RETRY_S = 10.0
 ACQUIRE_RETRY_FIRST_S = 0.05
 ACQUIRE_RETRY_MAX_S = 1.0
 ACQUIRE_RETRIES = 60
-_RETRYABLE = frozenset({502, 503, 504})
+# What Prefect's client retries too (408, 502, 503; 504 from proxies); 423 (the limit is
+# full) and 429 (Prefect Cloud's rate limit) wait the server's Retry-After.
+_RETRYABLE = frozenset({408, 502, 503, 504})
+_WAIT_AS_TOLD = frozenset({423, 429})
 _INCREMENT = "/v2/concurrency_limits/increment-with-lease"
 
 DEFAULT_IN_FLIGHT_LIMIT = "wan-video-in-flight"
@@ -166,16 +169,21 @@ def acquire_backoff(attempt: int, rand: Callable[[], float] = random.random) -> 
 
 
 async def _post_once(client: PrefectClient, body: dict[str, Any]) -> httpx.Response:
-    """One POST of a slot request through the client's connection, auth and headers, but not
-    its retry loop (which sleeps seconds per 503)."""
+    """One POST of a slot request through the client's connection, auth, CSRF token and
+    attribution headers, but not its retry loop (which sleeps seconds per 503). Private
+    parts of Prefect's client (pinned <3.10); tests/test_limits.py drives this through it."""
     import httpx
 
     http = client._client  # a PrefectHttpxAsyncClient: its send() is the retry loop
     request = http.build_request("POST", _INCREMENT, json=body)
     prefect_http = cast(Any, http)
+    prefect_http._add_attribution_headers(request)
     if getattr(prefect_http, "enable_csrf_support", False):
         await prefect_http._add_csrf_headers(request)
-    return await httpx.AsyncClient.send(http, request)
+    response = await httpx.AsyncClient.send(http, request)
+    if response.status_code == 403 and "Invalid CSRF token" in response.text:
+        prefect_http.csrf_token = None  # fetched again on the next try
+    return response
 
 
 async def acquire_lease(
@@ -188,10 +196,10 @@ async def acquire_lease(
     post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]] = _post_once,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> UUID:
-    """The lease id of `occupy` slots of limit `name`: waits while the limit is full (the
-    server's 423 and Retry-After), retries what the server could not serve (a 5xx or a
-    dropped connection, which took no slot) after `acquire_backoff`. TimeoutError after
-    `timeout_s`; MissingLimitError if the limit does not exist."""
+    """The lease id of `occupy` slots of limit `name`. Waits for the Retry-After given while
+    the limit is full (423) or the API rate-limits (429); retries what the server could not
+    serve (a 5xx, a dropped connection: no slot taken) after `acquire_backoff`. TimeoutError
+    after `timeout_s`; MissingLimitError if the limit does not exist."""
     import httpx
 
     body = {"names": [name], "slots": occupy, "mode": "concurrency", "lease_duration": lease_s}
@@ -203,15 +211,17 @@ async def acquire_lease(
         except httpx.TransportError as exc:
             failure: str | None = f"{type(exc).__name__}: {exc}"
         else:
-            failure = f"HTTP {response.status_code}" if response.status_code in _RETRYABLE else None
+            code = response.status_code
+            stale_csrf = code == 403 and "Invalid CSRF token" in response.text
+            failure = f"HTTP {code}" if code in _RETRYABLE or stale_csrf else None
         if failure is not None:
             failures += 1
             if failures > ACQUIRE_RETRIES:
                 raise ConnectionError(f"slots of {name!r}: {failures} tries failed ({failure})")
             wait = acquire_backoff(failures)
-        elif response.status_code == 423:  # the limit is full: the server says when to ask
+        elif response.status_code in _WAIT_AS_TOLD:  # full, or rate-limited: asked to wait
             failures = 0
-            wait = float(response.headers.get("Retry-After") or 1.0)
+            wait = _retry_after(response.headers.get("Retry-After"))
         else:
             response.raise_for_status()
             data = response.json()
@@ -223,8 +233,16 @@ async def acquire_lease(
                 )
             return UUID(data["lease_id"])
         if deadline is not None and time.monotonic() + wait > deadline:
-            raise TimeoutError(f"no {occupy} slot(s) of {name!r} within {timeout_s} s")
+            raise TimeoutError(f"timed out: no {occupy} slot(s) of {name!r} within {timeout_s} s")
         await sleep(wait)
+
+
+def _retry_after(header: str | None) -> float:
+    """Seconds from a Retry-After of seconds (what Prefect sends); 1 s if absent or a date."""
+    try:
+        return max(float(header), 0.0) if header else 1.0
+    except ValueError:
+        return 1.0
 
 
 async def _renew(
