@@ -35,6 +35,7 @@ from typing import Any
 
 from bench.common import CpuMeter, emit, table
 from bench.stack import BUCKET, ROOT, EmulatorProcess, flow_env, prefect_api, s3_store
+from deployments.pool import deploy_generate_batch
 
 logger = logging.getLogger("bench.workers")
 POOL = "bench-workers"
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             pids = {"prefect server": api.pid or 0, "seaweedfs": weed_pid or 0, "emulator": emu.pid}
             if api.db_pid:
                 pids["postgres"] = api.db_pid
-            _deploy()
+            deploy_generate_batch(POOL, "bench-workers", ROOT)
             rows = [_sdk_row(args, emu, pids)]
             rows.append(_flow_row(args, emu, pids, workdir, workers=1, fan_out=False))
             for n in counts:
@@ -75,37 +76,6 @@ def main(argv: list[str] | None = None) -> None:
             _report(rows, args, api.database)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _deploy() -> None:
-    """The pool and a deployment of generate-batch from this checkout."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.utilities.callables import parameter_schema
-    from prefect.workers.process import ProcessWorker
-
-    from wan_tasks.flows.generate import generate_batch
-
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL,
-                type="process",
-                base_job_template=ProcessWorker.get_default_base_job_template(),
-            ),
-            overwrite=True,
-        )
-        client.create_deployment(
-            flow_id=client.create_flow_from_name("generate-batch"),
-            name="bench-workers",
-            work_pool_name=POOL,
-            entrypoint="flows/generate.py:generate_batch",
-            pull_steps=[
-                {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
-            ],
-            parameter_openapi_schema=parameter_schema(generate_batch).model_dump_for_openapi(),
-            enforce_parameter_schema=True,
-        )
 
 
 def _sdk_row(

@@ -4,4 +4,6 @@
 - `serve.py`: the same deployments served from one process, for teams without a work pool.
 - `pipeline.py`: how other steps compose with them (upstream hand-off, downstream trigger).
 - `stack.py`: a complete local stack to try it all (`python -m deployments.stack up`).
+- `pool.py`: a process pool and a deployment of generate-batch made through the API, for the
+  tests and benchmarks that run batches on workers.
 """

@@ -291,16 +291,12 @@ def pool(
 ) -> Iterator[Pool]:
     """The session's Prefect server, a process work pool with a deployment of generate-batch,
     two workers (their flow runs share a PREFECT_HOME, as on one machine), an emulator."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
-    from prefect.utilities.callables import parameter_schema
-    from prefect.workers.process import ProcessWorker
 
+    from deployments.pool import deploy_generate_batch
     from wan_tasks.devstack.prefect_server import clean_env, executable
     from wan_tasks.devstack.processes import ManagedProcess
     from wan_tasks.emulator import Emulator, EmulatorConfig
-    from wan_tasks.flows.generate import generate_batch
     from wan_tasks.integration.limits import ensure_limits
 
     root = tmp_path_factory.mktemp("fanout")
@@ -310,42 +306,8 @@ def pool(
     workers: list[ManagedProcess] = []
     try:
         ensure_limits(IN_FLIGHT, None)
-        with get_client(sync_client=True) as client:
-            client.create_work_pool(
-                WorkPoolCreate(
-                    name=POOL,
-                    type="process",
-                    base_job_template=ProcessWorker.get_default_base_job_template(),
-                ),
-                overwrite=True,
-            )
-            client.create_work_pool(
-                WorkPoolCreate(
-                    name=PARKED_POOL,
-                    type="process",
-                    base_job_template=ProcessWorker.get_default_base_job_template(),
-                ),
-                overwrite=True,
-            )
-            flow_id = client.create_flow_from_name("generate-batch")
-            for name, work_pool in (("fanout-test", POOL), ("fanout-parked", PARKED_POOL)):
-                client.create_deployment(
-                    flow_id=flow_id,
-                    name=name,
-                    work_pool_name=work_pool,
-                    entrypoint="flows/generate.py:generate_batch",
-                    pull_steps=[
-                        {
-                            "prefect.deployments.steps.set_working_directory": {
-                                "directory": str(REPO)
-                            }
-                        }
-                    ],
-                    parameter_openapi_schema=parameter_schema(
-                        generate_batch
-                    ).model_dump_for_openapi(),
-                    enforce_parameter_schema=True,
-                )
+        deploy_generate_batch(POOL, "fanout-test", REPO)
+        deploy_generate_batch(PARKED_POOL, "fanout-parked", REPO)
         env = {
             **clean_env(),
             "PREFECT_API_URL": PREFECT_API_URL.value(),
