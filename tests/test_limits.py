@@ -143,6 +143,34 @@ def test_a_failed_renewal_is_tried_again_while_the_lease_still_holds() -> None:
     assert sleeps == [225.0, 10.0, 225.0] and calls == [300.0, 300.0, 300.0]
 
 
+def test_a_holder_cancelled_while_its_request_is_out_gives_back_what_is_granted() -> None:
+    """A cancelled run's lane can be cancelled after its slot request left: the server still
+    grants the lease, and it is given back (not held until it expires, 300 s)."""
+    released: list[uuid.UUID] = []
+
+    class Client:
+        async def release_concurrency_slots_with_lease(self, lease_id: uuid.UUID) -> None:
+            released.append(lease_id)
+
+    async def run() -> None:
+        answer: asyncio.Future[httpx.Response] = asyncio.get_running_loop().create_future()
+
+        async def post(client: Any, body: dict[str, Any]) -> httpx.Response:
+            return await answer
+
+        acquiring = asyncio.ensure_future(acquire_lease(Client(), "l", 1, post=post))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        acquiring.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acquiring
+        answer.set_result(httpx.Response(200, json=GRANTED))  # the server granted it anyway
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert released == [uuid.UUID(LEASE)]
+
+
 def test_a_lease_is_held_then_given_back_on_a_real_server(prefect_server: None) -> None:
     """On the session's Prefect server: the slots are taken while the block runs and
     freed after it, also when the block fails; a missing limit raises MissingLimitError."""

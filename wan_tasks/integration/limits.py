@@ -206,8 +206,14 @@ async def acquire_lease(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failures = 0
     while True:
+        # Shielded: a holder cancelled while its request is out (a cancelled run) must not
+        # lose a lease the server grants anyway, or its slots stay taken until it expires.
+        sent = asyncio.ensure_future(post(client, body))
         try:
-            response = await post(client, body)
+            response = await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            sent.add_done_callback(lambda done: _give_back_if_granted(client, done))
+            raise
         except httpx.TransportError as exc:
             failure: str | None = f"{type(exc).__name__}: {exc}"
         else:
@@ -235,6 +241,30 @@ async def acquire_lease(
         if deadline is not None and time.monotonic() + wait > deadline:
             raise TimeoutError(f"timed out: no {occupy} slot(s) of {name!r} within {timeout_s} s")
         await sleep(wait)
+
+
+# Give-backs of leases granted to cancelled holders, kept until done (the loop only holds
+# weak references to tasks).
+_giving_back: set[asyncio.Task[Any]] = set()
+
+
+def _give_back_if_granted(client: PrefectClient, sent: asyncio.Future[httpx.Response]) -> None:
+    if sent.cancelled() or sent.exception() is not None or sent.result().status_code != 200:
+        return
+    data = sent.result().json()
+    if not data.get("limits"):
+        return
+    lease_id = UUID(data["lease_id"])
+    task = asyncio.ensure_future(_release(client, lease_id))
+    _giving_back.add(task)
+    task.add_done_callback(_giving_back.discard)
+
+
+async def _release(client: PrefectClient, lease_id: UUID) -> None:
+    try:
+        await client.release_concurrency_slots_with_lease(lease_id)
+    except Exception as exc:  # the server re-counts the slots when the lease ends
+        logger.warning("giving back in-flight lease %s failed: %s", lease_id, exc)
 
 
 def _retry_after(header: str | None) -> float:
@@ -282,10 +312,4 @@ async def hold_slots(
             renewal.cancel()
             # Shielded: a cancelled holder still gives its slots back (else they stay taken
             # until the lease runs out).
-            release = asyncio.ensure_future(client.release_concurrency_slots_with_lease(lease_id))
-            try:
-                await asyncio.shield(release)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the server re-counts the slots when the lease ends
-                logger.warning("giving back in-flight lease %s failed: %s", lease_id, exc)
+            await asyncio.shield(_release(client, lease_id))
