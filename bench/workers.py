@@ -38,8 +38,8 @@ from bench.stack import BUCKET, ROOT, EmulatorProcess, flow_env, prefect_api, s3
 from deployments.pool import deploy_generate_batch
 
 logger = logging.getLogger("bench.workers")
-POOL = "bench-workers"
-DEPLOYMENT = "generate-batch/bench-workers"
+POOL = NAME = "bench-workers"
+DEPLOYMENT = f"generate-batch/{NAME}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             pids = {"prefect server": api.pid or 0, "seaweedfs": weed_pid or 0, "emulator": emu.pid}
             if api.db_pid:
                 pids["postgres"] = api.db_pid
-            deploy_generate_batch(POOL, "bench-workers", ROOT)
+            deploy_generate_batch(POOL, NAME, ROOT)
             rows = [_sdk_row(args, emu, pids)]
             rows.append(_flow_row(args, emu, pids, workdir, workers=1, fan_out=False))
             for n in counts:
