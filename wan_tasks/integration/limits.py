@@ -128,6 +128,16 @@ def ensure_limits(
             logger.info("limit %s: %d submits per minute", names.per_minute, per_minute)
 
 
+def missing_limit(name: str) -> MissingLimitError:
+    """The error for an in-flight limit the Prefect server does not have, naming the fix."""
+    return MissingLimitError(
+        f"limits.in_flight: the concurrency limit {name!r} does not exist on this Prefect "
+        f"server. Create it with `wan-video limits --in-flight N --in-flight-name {name}` "
+        "(N = the account's concurrent-task cap), or set limits.in_flight to null to run "
+        "without one."
+    )
+
+
 def read_limit(name: str) -> int:
     """The size of a global concurrency limit, or MissingLimitError naming the fix."""
     from prefect.client.orchestration import get_client
@@ -137,12 +147,7 @@ def read_limit(name: str) -> int:
         try:
             return int(client.read_global_concurrency_limit_by_name(name).limit)
         except ObjectNotFound:
-            raise MissingLimitError(
-                f"limits.in_flight: the concurrency limit {name!r} does not exist on this "
-                f"Prefect server. Create it with `wan-video limits --in-flight N "
-                f"--in-flight-name {name}` (N = the account's concurrent-task cap), or set "
-                "limits.in_flight to null to run without one."
-            ) from None
+            raise missing_limit(name) from None
 
 
 def reset_in_flight(names: LimitSettings | None = None) -> None:
@@ -232,11 +237,7 @@ async def acquire_lease(
             response.raise_for_status()
             data = response.json()
             if not data.get("limits"):
-                raise MissingLimitError(
-                    f"limits.in_flight: the concurrency limit {name!r} does not exist on this "
-                    f"Prefect server. Create it with `wan-video limits --in-flight N "
-                    f"--in-flight-name {name}`, or set limits.in_flight to null."
-                )
+                raise missing_limit(name)
             return UUID(data["lease_id"])
         if deadline is not None and time.monotonic() + wait > deadline:
             raise TimeoutError(f"timed out: no {occupy} slot(s) of {name!r} within {timeout_s} s")
