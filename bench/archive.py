@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,10 +37,12 @@ from bench.common import (
     median,
     reset_hwm,
     rss_mib,
+    run_script,
     self_cpu_seconds,
     table,
 )
 from bench.stack import BUCKET, s3_store
+from wan_tasks.devstack.processes import run_child
 
 logger = logging.getLogger("bench.archive")
 
@@ -94,10 +95,8 @@ def _run_child(variant: str, source: Path, s3_env: dict[str, str]) -> dict[str, 
     env = {**os.environ, **s3_env}
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         env.pop(key, None)
-    done = subprocess.run(
+    done = run_child(
         [sys.executable, "-m", "bench.archive", "--child", variant, "--file", str(source)],
-        capture_output=True,
-        text=True,
         env=env,
         timeout=1800,
         cwd=Path(__file__).resolve().parents[1],
@@ -253,6 +252,4 @@ def _report(results: dict[str, list[dict[str, Any]]], size_mib: int) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    main()
+    run_script(main)

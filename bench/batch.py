@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, emit, median, p90, table
+from bench.common import CpuMeter, emit, median, p90, run_script, table
 from bench.flowrun import top_endpoints
 from bench.sampling import Watch
 from bench.stack import (
@@ -319,6 +319,4 @@ def _report(
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    main()
+    run_script(main)

@@ -7,13 +7,14 @@ collects. Nothing here starts a server (see `bench.stack`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -25,6 +26,17 @@ SAMPLE = Path(__file__).resolve().parents[1] / "wan_tasks" / "assets" / "sample.
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def run_script(main: Callable[[], object], *, bench_log: int = logging.INFO) -> None:
+    """A benchmark's `__main__`: logging set up, and SIGTERM handled as Ctrl-C, so a killed
+    benchmark stops the servers it started (through their handles) instead of leaving them."""
+    from wan_tasks.devstack.processes import interrupt_on_sigterm
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("bench").setLevel(bench_log)
+    interrupt_on_sigterm()
+    main()
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -33,9 +32,11 @@ from bench.common import (
     hwm_mib,
     reset_hwm,
     rss_mib,
+    run_script,
     table,
 )
 from bench.stack import BUCKET, EmulatorProcess, flow_env, prefect_api, s3_store
+from wan_tasks.devstack.processes import run_child
 
 logger = logging.getLogger("bench.growth")
 
@@ -127,10 +128,8 @@ def _run_child(
         command.append("--real-render")
     if args.contact_sheets:
         command.append("--contact-sheets")
-    done = subprocess.run(
+    done = run_child(
         command,
-        capture_output=True,
-        text=True,
         env=env,
         timeout=3600,
         cwd=Path(__file__).resolve().parents[1],
@@ -324,6 +323,4 @@ def _report(
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    main()
+    run_script(main)

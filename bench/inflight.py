@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,8 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, emit, hwm_mib, reset_hwm, rss_mib, table
+from bench.common import CpuMeter, emit, hwm_mib, reset_hwm, rss_mib, run_script, table
 from bench.stack import EmulatorProcess, flow_env, prefect_api
+from wan_tasks.devstack.processes import run_child
 
 logger = logging.getLogger("bench.inflight")
 VARIANTS = {
@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run_child(variant: str, n: int, latency: float, env: dict[str, str]) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.inflight", "--child", variant, "--n", str(n)]
-    done = subprocess.run(
+    done = run_child(
         [*command, "--latency", str(latency)],
-        capture_output=True,
-        text=True,
         env=env,
         timeout=3600,
         cwd=Path(__file__).resolve().parents[1],
@@ -234,5 +232,4 @@ def _report(rows: list[dict[str, Any]], latency: float, database: str) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    main()
+    run_script(main, bench_log=logging.WARNING)

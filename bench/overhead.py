@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, emit, median, p90, table
+from bench.common import CpuMeter, emit, median, p90, run_script, table
 from bench.stack import (
     EmulatorProcess,
     PrefectApi,
@@ -274,6 +274,4 @@ def _phases(
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    main()
+    run_script(main)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, median, table
+from bench.common import emit, median, run_script, table
 from bench.stack import EmulatorProcess, flow_env, new_limits, prefect_api, s3_store
 
 logger = logging.getLogger("bench.polls")
@@ -196,6 +196,4 @@ def run(workdir: Path, videos: int, latency: float, emu: EmulatorProcess, endpoi
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    main()
+    run_script(main)

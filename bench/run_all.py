@@ -29,6 +29,7 @@ from typing import Any
 from bench.common import RESULT_PREFIX, machine, table
 from bench.stack import bench_server
 from wan_tasks.devstack.postgres import PostgresServer
+from wan_tasks.devstack.processes import interrupt_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 # (module, extra arguments for a full run, extra arguments for --quick)
@@ -88,12 +89,18 @@ def run_one(
         text=True,
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                results.append(json.loads(line[len(RESULT_PREFIX) :]))
-            else:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        try:
+            for line in proc.stdout:
+                if line.startswith(RESULT_PREFIX):
+                    results.append(json.loads(line[len(RESULT_PREFIX) :]))
+                else:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        except BaseException:
+            # Ctrl-C or SIGTERM here: the benchmark stops its own servers on SIGTERM; leaving
+            # this block waits for it to finish doing so.
+            proc.terminate()
+            raise
     return results, time.perf_counter() - began, proc.returncode
 
 
@@ -166,4 +173,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()
     sys.exit(main())

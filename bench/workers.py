@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, emit, table
+from bench.common import CpuMeter, emit, run_script, table
 from bench.stack import BUCKET, ROOT, EmulatorProcess, flow_env, prefect_api, s3_store
 from deployments.pool import deploy_generate_batch
 
@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="1,2,3", help="comma-separated worker counts")
     parser.add_argument("--sqlite", action="store_true", help="Prefect server on SQLite")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     counts = [int(n) for n in args.workers.split(",") if n]
     workdir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
@@ -265,4 +264,4 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, database: str)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stack import EmulatorProcess, flow_env, new_limits, prefect_api, s3_store
-from wan_tasks.devstack.processes import ManagedProcess
+from wan_tasks.devstack.processes import ManagedProcess, interrupt_on_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "wan_tasks" / "assets" / "sample.png"
@@ -146,15 +146,6 @@ def run(
         "prefect_server_start_s": api.startup_s,
         **acc.as_row(),
     }
-
-
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM run every cleanup a Ctrl-C would (servers are stopped by their handles)."""
-
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:

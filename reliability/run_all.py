@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from wan_tasks.devstack.processes import interrupt_on_sigterm
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,11 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, command in suites.items():
         began = time.monotonic()
         print(f"== {name}: {' '.join(command[2:])}", flush=True)
-        codes[name] = subprocess.run(command, cwd=REPO, check=False).returncode
+        with subprocess.Popen(command, cwd=REPO) as suite:
+            try:
+                codes[name] = suite.wait()
+            except BaseException:
+                # Ctrl-C or SIGTERM: the suite stops its servers on SIGTERM (a SIGKILL, what
+                # subprocess.run sends, would leave them running); leaving the block waits.
+                suite.terminate()
+                raise
         print(f"== {name}: exit {codes[name]} in {time.monotonic() - began:.0f}s", flush=True)
     (out / "exit_codes.json").write_text(json.dumps(codes))
     return 0 if not any(codes.values()) else 1
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()
     raise SystemExit(main())

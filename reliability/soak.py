@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.stack import BUCKET, EmulatorProcess, new_limits, prefect_api
-from reliability.crash_resume import REPO, SAMPLE, interrupt_on_sigterm
+from reliability.crash_resume import REPO, SAMPLE
 from reliability.s3_proxy import S3FaultProxy
-from wan_tasks.devstack.processes import ManagedProcess
+from wan_tasks.devstack.processes import ManagedProcess, interrupt_on_sigterm
 
 FAULTS: dict[str, Any] = {
     "seed": 11,

@@ -83,7 +83,9 @@ def make_client() -> Iterator[Callable[..., WaveSpeedClient]]:
     def make(emu: Emulator, **kwargs: Any) -> WaveSpeedClient:
         kwargs.setdefault("poll", FAST_POLL)
         kwargs.setdefault("retry", FAST_RETRY)
-        kwargs.setdefault("timeouts", Timeouts(read=5.0, submit_read=5.0))
+        # Generous: an in-process emulator answers late when two suites share 2 cores (a 5 s
+        # read timed out a download there); tests of timeouts set their own.
+        kwargs.setdefault("timeouts", Timeouts(read=20.0, submit_read=20.0))
         client = WaveSpeedClient(kwargs.pop("api_key", emu.api_key), emu.base_url, **kwargs)
         made.append(client)
         return client

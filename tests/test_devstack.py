@@ -121,3 +121,51 @@ def test_prefect_server_starts_healthy_and_stops(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
     assert (tmp_path / "prefect" / "server.log").exists()
+
+
+def test_a_benchmark_killed_with_sigterm_stops_what_it_started(tmp_path: Path) -> None:
+    """SIGTERM to a benchmark (its process only, as `kill PID` sends it) while its child
+    uploads: the child and the SeaweedFS it started are stopped through their handles. Before,
+    SIGTERM ended the benchmark at once and left both running."""
+    import os
+    import subprocess
+
+    from wan_tasks.devstack.processes import descendants
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench.archive", "--size-mib", "128"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        seen: dict[int, ProcInfo] = {}
+
+        def child_uploading() -> bool:
+            for info in descendants(bench.pid):
+                seen.setdefault(info.pid, info)
+            return any(
+                "--child" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                for pid in list(seen)
+                if same_process(seen[pid])
+            )
+
+        deadline = time.monotonic() + 240
+        while not child_uploading():
+            assert bench.poll() is None, "the benchmark ended before its child was seen"
+            assert time.monotonic() < deadline, "no child within 240 s"
+            time.sleep(0.05)
+        assert len(seen) >= 2  # SeaweedFS and the child (and what they started)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) != 0
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    deadline = time.monotonic() + 10
+    while any(not _gone(i) for i in seen.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [i.pid for i in seen.values() if not _gone(i)] == []

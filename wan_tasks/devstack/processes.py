@@ -119,6 +119,53 @@ def terminate_orphan(info: ProcInfo, timeout: float) -> None:
         signal_process(child, signal.SIGKILL)
 
 
+# -- termination signals and plain children ----------------------------------------------------
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM run every cleanup a Ctrl-C would, so servers a script started are stopped
+    by their handles (`with` blocks, `finally`) when it is killed, not left running. For a
+    script's main thread, before it starts anything."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def run_child(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float,
+    grace_s: float = 30.0,
+) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(command, capture_output=True, text=True)`, except that a child left
+    behind by an exception here (a Ctrl-C, a SIGTERM turned into one, the timeout) is sent
+    SIGTERM and given `grace_s` to stop the servers it started, not SIGKILLed at once as
+    `subprocess.run` does (which leaves them running)."""
+    with subprocess.Popen(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=grace_s)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 # -- a managed child ------------------------------------------------------------------------------
 
 
