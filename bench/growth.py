@@ -56,11 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK baseline")
     parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the Prefect floor (three no-op task runs a video, bench/floor.py)",
+    )
+    parser.add_argument(
         "--postgres",
         action="store_true",
         help="run the Prefect server on PostgreSQL instead of SQLite",
     )
-    parser.add_argument("--child", choices=("flow", "sdk"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("flow", "sdk", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--videos", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -95,7 +100,12 @@ def main(argv: list[str] | None = None) -> None:
             }
             rows: list[dict[str, Any]] = []
             for size in sizes:
-                for variant in ("sdk", "flow") if not args.no_sdk else ("flow",):
+                variants = [
+                    v
+                    for v, skip in (("sdk", args.no_sdk), ("floor", args.no_floor), ("flow", False))
+                    if not skip
+                ]
+                for variant in variants:
                     env["PREFECT_HOME"] = str(workdir / f"home-{variant}-{size}")
                     weed0 = cpu_seconds(weed_pid or 0)
                     result = _run_child(variant, size, args, env)
@@ -174,6 +184,8 @@ def _child(
             manifest = write_manifest(
                 Path(os.environ["PREFECT_HOME"]).parent / f"growth-{videos}.jsonl", prompts
             )
+        elif variant == "floor":
+            from bench.floor import floor_batch
         else:
             sdk = sdk_client(emu.api_key, emu.base_url)
             s3 = _s3()
@@ -189,8 +201,16 @@ def _child(
                     options=options,
                 )
                 archived = call.result.archived
+            elif variant == "floor":
+                call = call_flow(floor_batch, nonce, videos, in_flight, latency)
+                archived = call.result
             else:
                 archived = len(sdk_pool(sdk, s3, prompts, threads=in_flight))
+        backlog: dict[str, float] = {}
+        if variant != "sdk":
+            # The server records task runs from events, behind the run on a busy machine:
+            # what it spends catching up is part of the run's cost.
+            backlog = _server_backlog(CpuMeter(pids), call.flow_run_id, 3 * videos)
         if variant == "flow":
             steps = _step_seconds(read_spans(call.flow_run_id))
         stats = emu.stats()
@@ -203,6 +223,7 @@ def _child(
         "baseline_rss_mib": baseline,
         "peak_rss_mib": hwm_mib() if hwm_ok else math.nan,
         "cpu": meter.spent,
+        "server_backlog_cpu": backlog,
         "retries": retries.snapshot(),
         "submissions": stats["submissions"],
         "polls": stats["result_polls"],
@@ -212,6 +233,32 @@ def _child(
         "api_locked": locked,
         "contact_sheets": contact_sheets,
     }
+
+
+def _server_backlog(
+    meter: CpuMeter, flow_run_id: Any, task_runs: int, timeout_s: float = 600.0
+) -> dict[str, float]:
+    """The servers' CPU (Prefect's, PostgreSQL's) from the run's end until the Prefect server
+    has recorded all `task_runs` as completed, and how long that took."""
+    import time
+
+    import httpx
+
+    query = {
+        "flow_runs": {"id": {"any_": [str(flow_run_id)]}},
+        "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+    }
+    url = f"{os.environ['PREFECT_API_URL']}/task_runs/count"
+    recorded = 0
+    with meter.measure(), httpx.Client(timeout=httpx.Timeout(30.0)) as http:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            recorded = int(http.post(url, json=query).json())
+            if recorded >= task_runs:
+                break
+            time.sleep(0.5)
+    spent = {k: v for k, v in meter.spent.items() if k in ("prefect server", "postgres")}
+    return {**spent, "seconds": meter.wall, "recorded": recorded}
 
 
 def _step_seconds(spans: Any) -> dict[str, float]:
@@ -244,10 +291,22 @@ def _s3() -> Any:
     return make_s3_client()
 
 
+def _server_cpu(row: dict[str, Any]) -> float:
+    """The Prefect server's and its database's CPU during the run and until it had recorded
+    the run's task runs."""
+    names = ("prefect server", "postgres")
+    during = sum(float(row["cpu"].get(k, 0.0)) for k in names)
+    return during + sum(float(row.get("server_backlog_cpu", {}).get(k, 0.0)) for k in names)
+
+
 def _report(
     rows: list[dict[str, Any]], latency: float, in_flight: int, render_once: bool, database: str
 ) -> None:
-    names = {"sdk": "official SDK pool (baseline)", "flow": "generate_batch"}
+    names = {
+        "sdk": "official SDK pool (baseline)",
+        "floor": "Prefect floor: 3 no-op task runs a video",
+        "flow": "generate_batch",
+    }
     out = []
     for r in rows:
         ideal = math.ceil(r["videos"] / in_flight) * latency
@@ -264,10 +323,11 @@ def _report(
                 r["peak_rss_mib"] - r["baseline_rss_mib"],
                 r["peak_rss_mib"],
                 cpu.get("bench process", 0.0) / n,
-                (cpu.get("prefect server", 0.0) + cpu.get("postgres", 0.0)) / n,
+                _server_cpu(r) / n,
+                (cpu.get("bench process", 0.0) + _server_cpu(r)) / n,
                 cpu.get("emulator", 0.0) / n,
                 "-" if r["variant"] == "sdk" else f"{r['retries'][0]} ({r['retries'][1]:.0f} s)",
-                r["server_rss_mib"] if r["variant"] == "flow" else "-",
+                r["server_rss_mib"] if r["variant"] != "sdk" else "-",
                 _steps(r),
             ]
         )
@@ -282,7 +342,8 @@ def _report(
             "peak RSS above start MiB",
             "peak RSS MiB",
             "CPU-s/video: client",
-            "Prefect server",
+            "Prefect server (+ database, + backlog)",
+            "client + server",
             "emulator",
             "Prefect API retries",
             "server RSS after MiB",
@@ -300,7 +361,11 @@ def _report(
             else "Real rendering: "
         )
         + 'see BENCHMARKS.md. Each row is a fresh process; "client" is that process '
-        "(the flow run, or the SDK threads). Contact sheets: "
+        "(the flow run, or the SDK threads); the server's CPU includes its database and what it "
+        "spent after the run recording the run's task runs (they reach it as events). The "
+        "Prefect floor (bench/floor.py) runs three no-op tasks a video with the flows' task "
+        "settings (cache keys, SERIALIZABLE submit, persisted results, retries) on the same "
+        "lanes: what keeping the three steps as Prefect tasks costs by itself. Contact sheets: "
         + (
             "on (the flows' default)."
             if any(r.get("contact_sheets") for r in rows)
