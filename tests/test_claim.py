@@ -99,6 +99,53 @@ def test_a_stale_version_cannot_overwrite(ledger: Ledger) -> None:
     assert stored is not None and stored.item_id == "b"
 
 
+def _counting_reads(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    read = ledger.read
+
+    def counted(request_key: str) -> LedgerEntry | None:
+        reads.append(request_key)
+        return read(request_key)
+
+    monkeypatch.setattr(ledger, "read", counted)
+    return reads
+
+
+def test_the_archive_is_recorded_over_the_record_just_read_without_reading_it_again(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wan_tasks.core.ledger import ArchivedAt
+
+    key = f"known-{uuid.uuid4().hex[:6]}"
+    assert ledger.create(entry_for(key, prediction_id="p1")) is not None
+    known = ledger.read(key)
+    where = ArchivedAt(bucket="b", key="v/p1.mp4", sha256="ab" * 32, size=10)
+    reads = _counting_reads(ledger, monkeypatch)
+    ledger.record_archived(key, where, known=known)
+    assert reads == []  # the archive task read it a moment ago: no second read
+    stored = ledger.read(key)
+    assert stored is not None and stored.archived == where and stored.prediction_id == "p1"
+
+
+def test_a_record_changed_since_it_was_read_is_read_again_and_loses_nothing(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wan_tasks.core.ledger import ArchivedAt
+
+    key = f"stale-{uuid.uuid4().hex[:6]}"
+    first = ledger.create(entry_for(key))
+    assert first is not None
+    known = ledger.read(key)
+    # Another writer lands meanwhile: the known version is stale.
+    assert ledger.record_prediction(first, "p2") is not None
+    where = ArchivedAt(bucket="b", key="v/p2.mp4", sha256="cd" * 32, size=11)
+    reads = _counting_reads(ledger, monkeypatch)
+    ledger.record_archived(key, where, known=known)
+    assert reads == [key]
+    stored = ledger.read(key)
+    assert stored is not None and stored.archived == where and stored.prediction_id == "p2"
+
+
 class _Waiting(logging.Handler):
     """Sets `seen` when the submit says it is waiting for another owner's claim."""
 

@@ -261,14 +261,21 @@ class Ledger(ABC):
         )
         return self.replace(ended, expected=entry)
 
-    def record_archived(self, request_key: str, archived: ArchivedAt) -> None:
-        """Note where the video of `request_key` landed (nothing when it has no entry)."""
+    def record_archived(
+        self, request_key: str, archived: ArchivedAt, *, known: LedgerEntry | None = None
+    ) -> None:
+        """Note where the video of `request_key` landed (nothing when it has no entry).
+        `known`: the record as the caller just read it (with its version), written over
+        without reading it again; if it changed since, it is read and tried again."""
+        entry = known if known is not None and known.version is not None else None
         for _ in range(CAS_ROUNDS):
-            entry = self.read(request_key)
+            if entry is None:
+                entry = self.read(request_key)
             if entry is None or entry.archived == archived:
                 return
             if self.replace(entry.model_copy(update={"archived": archived}), expected=entry):
                 return
+            entry = None
         logger.warning("request %s: could not note its archive location", request_key[:12])
 
 

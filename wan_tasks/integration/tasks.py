@@ -453,6 +453,7 @@ def archive_to_s3(
     archiver = S3Archiver(s3_client(target.s3_block), target)
     book = open_ledger(ledger) if ledger else None
     recorded = submitted.archived
+    entry = None
     if recorded is None and book is not None:
         entry = book.read(submitted.request_key)
         recorded = entry.archived if entry else None
@@ -476,6 +477,7 @@ def archive_to_s3(
             ArchivedAt(
                 bucket=result.bucket, key=result.key, sha256=result.sha256, size=result.size
             ),
+            known=entry,  # read above: one S3 GET a video less
         )
     log.info(
         "%s %s (%d bytes)",
