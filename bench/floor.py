@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from prefect import Task, flow, task
 from prefect.cache_policies import CacheKeyFnPolicy
@@ -28,6 +28,7 @@ from prefect.context import AsyncClientContext, TaskRunContext
 from wan_tasks.integration.tasks import serializable
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 POOL = 16  # MAX_SUBMITTERS and MAX_ARCHIVERS of the flows' Producer
 
 
@@ -42,36 +43,35 @@ def _retry(task: Task[..., Any], run: TaskRun, state: State[Any]) -> bool:
     return False  # evaluated only on failure, as the flows' conditions are
 
 
-@task(
-    name="floor-submit",
-    cache_policy=serializable(CacheKeyFnPolicy(cache_key_fn=_key("submit"))),
-    persist_result=True,
-    retries=3,
-    retry_condition_fn=_retry,
-)
+def _step(step: str, *, serializable_key: bool = False) -> Callable[[F], F]:
+    """The flows' task settings for one step: its own cache key (under SERIALIZABLE isolation
+    with the flows' lock manager for the submit), persisted result, retries, a condition."""
+    policy = CacheKeyFnPolicy(cache_key_fn=_key(step))
+    # Typed as the function it wraps: a Task is called like it (the flows' tasks are too).
+    return cast(
+        Callable[[F], F],
+        task(
+            name=f"floor-{step}",
+            cache_policy=serializable(policy) if serializable_key else policy,
+            persist_result=True,
+            retries=3,
+            retry_condition_fn=_retry,
+        ),
+    )
+
+
+@_step("submit", serializable_key=True)
 def floor_submit(batch: str, i: int) -> dict[str, Any]:
     return {"id": f"{batch}-{i}", "i": i}
 
 
-@task(
-    name="floor-wait",
-    cache_policy=CacheKeyFnPolicy(cache_key_fn=_key("wait")),
-    persist_result=True,
-    retries=3,
-    retry_condition_fn=_retry,
-)
+@_step("wait")
 async def floor_wait(batch: str, i: int, latency_s: float) -> dict[str, Any]:
     await asyncio.sleep(latency_s)
     return {"id": f"{batch}-{i}", "status": "completed"}
 
 
-@task(
-    name="floor-archive",
-    cache_policy=CacheKeyFnPolicy(cache_key_fn=_key("archive")),
-    persist_result=True,
-    retries=3,
-    retry_condition_fn=_retry,
-)
+@_step("archive")
 def floor_archive(batch: str, i: int) -> dict[str, Any]:
     return {"id": f"{batch}-{i}", "archived": True}
 

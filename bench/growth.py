@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="run the Prefect server on PostgreSQL instead of SQLite",
     )
+    parser.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the Prefect server this starts (repeatable), e.g. "
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE=100",
+    )
     parser.add_argument("--child", choices=("flow", "sdk", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--videos", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -87,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-growth-"))
     try:
         with (
-            prefect_api(workdir, postgres=args.postgres) as api,
+            prefect_api(
+                workdir,
+                postgres=args.postgres,
+                server_settings=dict(kv.split("=", 1) for kv in args.server_setting),
+            ) as api,
             s3_store(workdir) as (endpoint, weed_pid),
         ):
             env = {
@@ -113,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
                     result["server_rss_mib"] = rss_mib(api.pid) if api.pid else math.nan
                     rows.append(result)
                     logger.info("%s x%d: %.1fs", variant, size, result["makespan"])
-            _report(rows, args.latency, args.in_flight, not args.real_render, api.database)
+            settings = dict(kv.split("=", 1) for kv in args.server_setting)
+            _report(
+                rows, args.latency, args.in_flight, not args.real_render, api.database, settings
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -300,7 +315,12 @@ def _server_cpu(row: dict[str, Any]) -> float:
 
 
 def _report(
-    rows: list[dict[str, Any]], latency: float, in_flight: int, render_once: bool, database: str
+    rows: list[dict[str, Any]],
+    latency: float,
+    in_flight: int,
+    render_once: bool,
+    database: str,
+    settings: dict[str, str],
 ) -> None:
     names = {
         "sdk": "official SDK pool (baseline)",
@@ -353,7 +373,8 @@ def _report(
     )
     text += (
         f"\n\nEmulated inference {latency:g} s, in-flight limit {in_flight} (the SDK: as "
-        f"many threads), Prefect server on {database}. "
+        f"many threads), Prefect server on {database}"
+        + (f" with {', '.join(f'{k}={v}' for k, v in settings.items())}. " if settings else ". ")
         + (
             "The emulator rendered one MP4 per duration and served it for every task "
             "(bench option render_once): "
@@ -381,6 +402,7 @@ def _report(
             "latency_s": latency,
             "in_flight": in_flight,
             "render_once": render_once,
+            "server_settings": settings,
             "bucket": BUCKET,
             "rows": rows,
         },

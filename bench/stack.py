@@ -36,9 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "bench-videos"
 
 
-def bench_server(home: Path, *, database_url: str | None = None) -> PrefectServer:
-    """A Prefect server for benchmarks: API and services, no UI, logging at WARNING."""
-    return PrefectServer(home, database_url=database_url, env={"PREFECT_LOGGING_LEVEL": "WARNING"})
+def bench_server(
+    home: Path, *, database_url: str | None = None, settings: dict[str, str] | None = None
+) -> PrefectServer:
+    """A Prefect server for benchmarks: API and services, no UI, logging at WARNING, and
+    `settings` (PREFECT_SERVER_* variables) on top."""
+    env = {"PREFECT_LOGGING_LEVEL": "WARNING", **(settings or {})}
+    return PrefectServer(home, database_url=database_url, env=env)
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ def server_pids(api: PrefectApi) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def prefect_api(workdir: Path, *, postgres: bool = False) -> Iterator[PrefectApi]:
+def prefect_api(
+    workdir: Path, *, postgres: bool = False, server_settings: dict[str, str] | None = None
+) -> Iterator[PrefectApi]:
     """The Prefect server to use: $PREFECT_API_URL if set, else a new one for this block (on
     SQLite, or with `postgres` on a throwaway PostgreSQL).
 
@@ -86,7 +92,11 @@ def prefect_api(workdir: Path, *, postgres: bool = False) -> Iterator[PrefectApi
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(PostgresServer()) if postgres else None
         server = stack.enter_context(
-            bench_server(workdir / "prefect-server", database_url=pg.url if pg else None)
+            bench_server(
+                workdir / "prefect-server",
+                database_url=pg.url if pg else None,
+                settings=server_settings,
+            )
         )
         os.environ["PREFECT_API_URL"] = server.api_url
         try:
