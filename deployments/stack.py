@@ -50,7 +50,7 @@ import httpx
 
 from wan_tasks.devstack.emulator_process import EmulatorProcess
 from wan_tasks.devstack.postgres import PostgresServer
-from wan_tasks.devstack.prefect_server import PrefectServer, clean_env
+from wan_tasks.devstack.prefect_server import BATCH_SERVER_SETTINGS, PrefectServer, clean_env
 from wan_tasks.devstack.prefect_server import executable as _executable
 from wan_tasks.devstack.processes import (
     HOST,
@@ -136,7 +136,8 @@ class LocalStack:
             emulator_concurrency,
         )
         self.ui = ui
-        self.server_env = dict(server_env or {})
+        # Batch-friendly recorder settings first; the caller's on top.
+        self.server_env = {**BATCH_SERVER_SETTINGS, **(server_env or {})}
         self.worker_env = dict(worker_env or {})
         self.startup_timeout_s = startup_timeout_s
         self.prefect_home = self.root / "prefect"

@@ -394,3 +394,27 @@ def test_a_long_wait_logs_that_it_is_still_running(
     assert out.status == "archived"
     notices = [r.getMessage() for r in caplog.records if "still running after" in r.getMessage()]
     assert notices and notices[0].startswith(out.prediction_id or "?")
+
+
+def test_the_temporary_server_records_task_runs_in_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without PREFECT_API_URL a command starts Prefect's temporary server: its recorder is set
+    for batches, unless the user set it; a server of the user's is left as it is."""
+    from wan_tasks.cli.main import _prepare_environment
+    from wan_tasks.devstack.prefect_server import BATCH_SERVER_SETTINGS
+
+    size = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"
+    from wan_tasks.cli.main import STARTUP_TIMEOUT_ENV
+
+    for name in (*BATCH_SERVER_SETTINGS, STARTUP_TIMEOUT_ENV):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, as they were
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    _prepare_environment()
+    assert size not in os.environ
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv(size, "7")
+    _prepare_environment()
+    assert os.environ[size] == "7"
+    flush = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"
+    assert os.environ[flush] == BATCH_SERVER_SETTINGS[flush] == "1"

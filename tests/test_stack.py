@@ -111,6 +111,10 @@ def test_the_stack_runs_prefect_on_a_kept_postgres_and_down_stops_it_all(
         assert names[-2:] == ["prefect-server", "postgres"]  # stopped after its clients
         assert "PostgreSQL" in log.read_text()
         api = state["api_url"]
+        # The server records task runs in batches (BATCH_SERVER_SETTINGS), not one a transaction.
+        settings = httpx.get(f"{api}/admin/settings", timeout=30).json()
+        recorder = settings["server"]["services"]["task_run_recorder"]
+        assert recorder["batch_size"] == 100 and recorder["flush_interval"] == 1
         made = httpx.post(f"{api}/variables/", json={"name": "kept", "value": 7}, timeout=30)
         assert made.status_code == 201, made.text
         # `up` dies without its teardown (SIGKILL): `down` stops what it recorded, in order.

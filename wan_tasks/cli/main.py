@@ -715,9 +715,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare_environment() -> None:
     """Before Prefect is imported: a startup timeout for the temporary server that holds on a
-    loaded machine, and PREFECT_HOME's folder (Prefect creates only its last level, with a
-    warning when the parent is missing)."""
+    loaded machine, its task-run recorder set for batches (both only where not set), and
+    PREFECT_HOME's folder (Prefect creates only its last level, with a warning when the
+    parent is missing)."""
     os.environ.setdefault(STARTUP_TIMEOUT_ENV, str(STARTUP_TIMEOUT_S))
+    if not os.environ.get("PREFECT_API_URL"):
+        from wan_tasks.devstack.prefect_server import BATCH_SERVER_SETTINGS
+
+        for name, value in BATCH_SERVER_SETTINGS.items():
+            os.environ.setdefault(name, value)
     home = os.environ.get("PREFECT_HOME")
     if home:
         with contextlib.suppress(OSError):

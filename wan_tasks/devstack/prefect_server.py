@@ -32,6 +32,16 @@ from wan_tasks.errors import LocalServiceError
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 180.0
+# For a server that records batches (the stack's; the CLI's temporary one). Prefect's
+# task-run recorder writes each task-run state event in a transaction of its own by default
+# (batch size 1): with three task runs a video that was ~85% of a batch's server CPU, and one
+# server process fell behind at ~6-7 videos a second. In batches of 100, flushed at least
+# every second (the UI shows a state at most ~1 s late), the same work costs about a quarter
+# (BENCHMARKS.md, "Prefect's floor"). Official settings; users of their own server set them.
+BATCH_SERVER_SETTINGS: dict[str, str] = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
 _PORT_RETRIES = 2
 
 
