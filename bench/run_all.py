@@ -29,7 +29,7 @@ from typing import Any
 from bench.common import RESULT_PREFIX, machine, table
 from bench.stack import bench_server
 from wan_tasks.devstack.postgres import PostgresServer
-from wan_tasks.devstack.processes import interrupt_on_sigterm
+from wan_tasks.devstack.processes import end_child, interrupt_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 # (module, extra arguments for a full run, extra arguments for --quick)
@@ -96,10 +96,9 @@ def run_one(
                 else:
                     sys.stdout.write(line)
                     sys.stdout.flush()
-        except BaseException:
-            # Ctrl-C or SIGTERM here: the benchmark stops its own servers on SIGTERM; leaving
-            # this block waits for it to finish doing so.
-            proc.terminate()
+        except BaseException as exc:
+            # Ctrl-C or SIGTERM here: the benchmark stops its own servers; wait for it.
+            end_child(proc, exc)
             raise
     return results, time.perf_counter() - began, proc.returncode
 

@@ -78,6 +78,8 @@ def prefect_api(
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     url = os.environ.get("PREFECT_API_URL")
+    if url and server_settings:
+        raise RuntimeError("server settings are for a server started here; PREFECT_API_URL is set")
     if url:
         pid, db_pid = os.environ.get("BENCH_PREFECT_PID"), os.environ.get("BENCH_DB_PID")
         startup = os.environ.get("BENCH_SERVER_STARTUP_S")

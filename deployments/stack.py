@@ -263,8 +263,11 @@ class LocalStack:
                 root=self.root / "postgres",
                 log=self.logs / "postgres.log",
                 startup_timeout=self.startup_timeout_s,
-            ).start()
-            self._record()
+                # Recorded for `down` as soon as it runs: an `up` killed while it starts
+                # must not leave a server that holds the cluster's folder.
+                on_launch=lambda _: self._record(),
+            )
+            self.postgres.start()
         self.server = PrefectServer(
             self.prefect_home,
             database_url=self.postgres.url if self.postgres is not None else None,
@@ -548,14 +551,18 @@ def cmd_up(args: argparse.Namespace) -> int:
             "python -m deployments.stack down"
         )
         return 1
-    stack = LocalStack(
-        root,
-        in_flight=args.in_flight,
-        per_minute=args.per_minute,
-        emulator_latency_s=args.latency_s,
-        record_state=True,
-        database=args.database,
-    )
+    try:
+        stack = LocalStack(
+            root,
+            in_flight=args.in_flight,
+            per_minute=args.per_minute,
+            emulator_latency_s=args.latency_s,
+            record_state=True,
+            database=args.database,
+        )
+    except StackError as exc:  # --database postgres where it cannot be served
+        logger.error("%s", exc)
+        return 1
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         with stack:  # stops everything on the way out, however it is left

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from wan_tasks.devstack.processes import interrupt_on_sigterm
+from wan_tasks.devstack.processes import end_child, interrupt_on_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         with subprocess.Popen(command, cwd=REPO) as suite:
             try:
                 codes[name] = suite.wait()
-            except BaseException:
-                # Ctrl-C or SIGTERM: the suite stops its servers on SIGTERM (a SIGKILL, what
-                # subprocess.run sends, would leave them running); leaving the block waits.
-                suite.terminate()
+            except BaseException as exc:
+                # Ctrl-C or SIGTERM: the suite stops its servers (a SIGKILL, what
+                # subprocess.run sends, would leave them running); wait for it.
+                end_child(suite, exc)
                 raise
         print(f"== {name}: exit {codes[name]} in {time.monotonic() - began:.0f}s", flush=True)
     (out / "exit_codes.json").write_text(json.dumps(codes))

@@ -408,7 +408,10 @@ def test_the_temporary_server_records_task_runs_in_batches(
     from wan_tasks.cli.main import STARTUP_TIMEOUT_ENV
 
     for name in (*BATCH_SERVER_SETTINGS, STARTUP_TIMEOUT_ENV):
-        monkeypatch.delenv(name, raising=False)  # restored after the test, as they were
+        # setenv first: monkeypatch then restores (or removes) the variable after the test,
+        # whatever _prepare_environment writes (a delenv of an unset name records nothing).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
     _prepare_environment()
     assert size not in os.environ

@@ -139,3 +139,11 @@ def test_the_stack_runs_prefect_on_a_kept_postgres_and_down_stops_it_all(
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
             up.wait(timeout=120)
+        # An assertion that failed after `up` was killed: what it recorded is still running.
+        subprocess.run(
+            [sys.executable, "-m", "deployments.stack", "--root", str(root), "down"],
+            cwd=REPO,
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )

@@ -29,6 +29,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -136,9 +137,13 @@ class PostgresServer:
         host: str = HOST,
         allow: str | None = None,
         log: Path | None = None,
+        on_launch: Callable[[ManagedProcess], None] | None = None,
     ) -> None:
         self.root = Path(root).resolve() if root is not None else None
         self.log = log
+        # Called as soon as the server process exists, before it is ready: a caller that
+        # records its children for a later `down` records this one in time.
+        self.on_launch = on_launch
         self.binaries = binaries
         self.startup_timeout = startup_timeout
         self.max_connections = max_connections
@@ -252,16 +257,23 @@ class PostgresServer:
                         self.host,
                         "-p",
                         str(self.port),
-                        "-k",
-                        str(self._dir),
+                        # Clients come over TCP. A kept cluster's folder can be deeper than
+                        # a Unix socket's path allows (107 bytes): no socket for it.
+                        *(("-k", str(self._dir)) if self.root is None else ()),
+                        *(("-c", "unix_socket_directories=") if self.root is not None else ()),
                         "-c",
                         f"max_connections={self.max_connections}",
+                        # Errors in English whatever the locale (createdb's is read below).
+                        "-c",
+                        "lc_messages=C",
                     ]
                 ),
                 log=self.log or self._dir / "postgres.log",
                 stop_signal=signal.SIGINT,
                 stop_timeout=25.0,
             )
+            if self.on_launch is not None:
+                self.on_launch(self.process)
 
             def ready() -> bool:
                 return (
@@ -304,20 +316,28 @@ class PostgresServer:
             self.url = ""
 
     def _initdb(self, bins: PostgresBinaries, data: Path) -> None:
-        done = subprocess.run(
-            self._as_owner(
-                [bins.initdb, "-D", str(data), "-A", "trust", "-U", "prefect", "--no-sync"]
-            ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            shutil.rmtree(data, ignore_errors=True)  # a half-made cluster is made again next time
-            raise LocalServiceError(
-                f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+        """A new cluster at `data`, made beside it and moved there whole: an initdb that fails
+        or is interrupted leaves nothing a later start would take for a cluster."""
+        staging = data.with_name(f"{data.name}.initdb")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            done = subprocess.run(
+                self._as_owner(
+                    [bins.initdb, "-D", str(staging), "-A", "trust", "-U", "prefect", "--no-sync"]
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
+            if done.returncode != 0:
+                raise LocalServiceError(
+                    f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+                )
+            staging.rename(data)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def __enter__(self) -> Self:
         return self.start()

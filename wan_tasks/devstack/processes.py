@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
@@ -125,12 +125,32 @@ def terminate_orphan(info: ProcInfo, timeout: float) -> None:
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM run every cleanup a Ctrl-C would, so servers a script started are stopped
     by their handles (`with` blocks, `finally`) when it is killed, not left running. For a
-    script's main thread, before it starts anything."""
+    script's main thread, before it starts anything. The KeyboardInterrupt it raises says
+    "SIGTERM" (`from_sigterm`)."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def from_sigterm(exc: BaseException) -> bool:
+    """Whether `exc` is the KeyboardInterrupt `interrupt_on_sigterm` raises."""
+    return isinstance(exc, KeyboardInterrupt) and exc.args == ("SIGTERM",)
+
+
+def end_child(proc: subprocess.Popen[Any], exc: BaseException, grace_s: float = 30.0) -> None:
+    """A child of this script, left behind by `exc`: on a Ctrl-C it has had the SIGINT too
+    (one process group) and stops itself; otherwise (SIGTERM, a timeout, an error) it is sent
+    SIGTERM. Either way it gets `grace_s` to stop the servers it started, then SIGKILL."""
+    if not isinstance(exc, KeyboardInterrupt) or from_sigterm(exc):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def run_child(
@@ -142,9 +162,9 @@ def run_child(
     grace_s: float = 30.0,
 ) -> subprocess.CompletedProcess[str]:
     """`subprocess.run(command, capture_output=True, text=True)`, except that a child left
-    behind by an exception here (a Ctrl-C, a SIGTERM turned into one, the timeout) is sent
-    SIGTERM and given `grace_s` to stop the servers it started, not SIGKILLed at once as
-    `subprocess.run` does (which leaves them running)."""
+    behind by an exception here (a Ctrl-C, a SIGTERM turned into one, the timeout) is given
+    `grace_s` to stop the servers it started (sent SIGTERM unless a Ctrl-C reached it
+    already), not SIGKILLed at once as `subprocess.run` does (which leaves them running)."""
     with subprocess.Popen(
         list(command),
         stdout=subprocess.PIPE,
@@ -155,11 +175,14 @@ def run_child(
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except BaseException:
-            proc.terminate()
-            try:
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                # communicate() drains the pipes while it waits (a wait() could block on a
+                # child writing to a full pipe).
+                if not isinstance(exc, KeyboardInterrupt) or from_sigterm(exc):
+                    proc.terminate()
                 proc.communicate(timeout=grace_s)
-            except BaseException:
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             raise
