@@ -4,6 +4,7 @@ did), and everything `up` started, the database too, stopped by `down` when `up`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -147,3 +148,32 @@ def test_the_stack_runs_prefect_on_a_kept_postgres_and_down_stops_it_all(
             timeout=180,
             check=False,
         )
+
+
+def test_an_interrupted_initdb_leaves_no_half_cluster_behind(traversable: Path) -> None:
+    """initdb stopped half-way (Ctrl-C, SIGTERM as one, a timeout) while it makes the kept
+    cluster: the next start makes it whole. Before, the half-made folder (PG_VERSION written)
+    was taken for a cluster and every later start failed."""
+    from wan_tasks.devstack.postgres import PostgresBinaries
+
+    real = PostgresBinaries.find()
+    assert real is not None
+    stall = traversable / "initdb-stall"
+    # Writes PG_VERSION where it was asked to make the cluster, then hangs.
+    stall.write_text('#!/bin/sh\nmkdir -p "$2" && echo 15 > "$2/PG_VERSION"\nexec sleep 600\n')
+    stall.chmod(0o755)
+    root = traversable / "pg"
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt):
+            PostgresServer(root=root, binaries=dataclasses.replace(real, initdb=str(stall))).start()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with PostgresServer(root=root, binaries=real) as pg:
+        assert pg.url and (root / "data" / "PG_VERSION").is_file()
