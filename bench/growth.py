@@ -93,13 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     sizes = [int(s) for s in (args.sizes or ("10,30" if args.quick else "10,100,1000")).split(",")]
+    settings = dict(kv.split("=", 1) for kv in args.server_setting)
     workdir = Path(tempfile.mkdtemp(prefix="wan-bench-growth-"))
     try:
         with (
             prefect_api(
                 workdir,
                 postgres=args.postgres,
-                server_settings=dict(kv.split("=", 1) for kv in args.server_setting),
+                server_settings=settings,
             ) as api,
             s3_store(workdir) as (endpoint, weed_pid),
         ):
@@ -126,7 +127,6 @@ def main(argv: list[str] | None = None) -> None:
                     result["server_rss_mib"] = rss_mib(api.pid) if api.pid else math.nan
                     rows.append(result)
                     logger.info("%s x%d: %.1fs", variant, size, result["makespan"])
-            settings = dict(kv.split("=", 1) for kv in args.server_setting)
             _report(
                 rows, args.latency, args.in_flight, not args.real_render, api.database, settings
             )

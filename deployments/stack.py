@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -56,6 +56,7 @@ from wan_tasks.devstack.processes import (
     HOST,
     ManagedProcess,
     ProcInfo,
+    interrupt_on_sigterm,
     proc_info,
     same_process,
     terminate_orphan,
@@ -510,14 +511,6 @@ def _write_private(path: Path, text: str) -> None:
 # -- command line -----------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """SIGTERM, turned into an exception so that teardown runs as for Ctrl-C."""
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 def _read_state(root: Path) -> dict[str, Any] | None:
     try:
         state: dict[str, Any] = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
@@ -563,7 +556,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except StackError as exc:  # --database postgres where it cannot be served
         logger.error("%s", exc)
         return 1
-    signal.signal(signal.SIGTERM, _raise_stop)
+    interrupt_on_sigterm()  # teardown as for Ctrl-C
     try:
         with stack:  # stops everything on the way out, however it is left
             for _ in range(args.workers):
@@ -575,7 +568,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             while True:
                 stack.check()
                 time.sleep(1.0)
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         _out("stopped")
         return 0
     except (LocalServiceError, SeaweedError) as exc:

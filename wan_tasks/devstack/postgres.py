@@ -234,8 +234,12 @@ class PostgresServer:
                 if blocked is not None:
                     raise LocalServiceError(
                         f"the data directory {self._dir} is not reachable by "
-                        f"{_UNPRIVILEGED!r}: {blocked} is not traversable by others "
-                        "(set TMPDIR to a world-traversable directory)"
+                        f"{_UNPRIVILEGED!r}: {blocked} is not traversable by others"
+                        + (
+                            " (set TMPDIR to a world-traversable directory)"
+                            if self.root is None
+                            else ""
+                        )
                     )
             data, self.port = self._dir / "data", free_port(self.host)
             # A kept cluster is made once; its configuration (pg_hba.conf) stays as made.

@@ -145,12 +145,13 @@ def end_child(proc: subprocess.Popen[Any], exc: BaseException, grace_s: float = 
     SIGTERM. Either way it gets `grace_s` to stop the servers it started, then SIGKILL."""
     if not isinstance(exc, KeyboardInterrupt) or from_sigterm(exc):
         proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except BaseException:
+    with contextlib.suppress(BaseException):  # a second Ctrl-C, or out of time: SIGKILL
+        # communicate(), not wait(): it drains piped output meanwhile (a child writing to a
+        # full pipe would never exit).
+        proc.communicate(timeout=grace_s)
+    if proc.poll() is None:
         proc.kill()
         proc.wait()
-        raise
 
 
 def run_child(
@@ -176,15 +177,7 @@ def run_child(
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException as exc:
-            with contextlib.suppress(BaseException):
-                # communicate() drains the pipes while it waits (a wait() could block on a
-                # child writing to a full pipe).
-                if not isinstance(exc, KeyboardInterrupt) or from_sigterm(exc):
-                    proc.terminate()
-                proc.communicate(timeout=grace_s)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            end_child(proc, exc, grace_s)
             raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
