@@ -871,3 +871,44 @@ def test_history_items_in_the_documented_shape(
     }
     assert not page.items[1].is_terminal and page.items[1].outputs == []
     assert page.total is None
+
+
+def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Loading the CA bundle costs 25-50 ms of CPU; a flow run makes a client per event loop,
+    so the clients load it once per process, and again only when SSL_CERT_FILE changes."""
+    import ssl
+
+    import certifi
+
+    from wan_tasks.api._tls import shared_ssl_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    shared_ssl_context()  # whatever an earlier test left cached for this setting
+    loads: list[object] = []
+    real = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        loads.append(kwargs.get("cafile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    sync = WaveSpeedClient("k" * 32, "https://api.example.invalid")
+
+    async def make_async() -> None:
+        for _ in range(3):
+            async with AsyncWaveSpeedClient.sharing(sync):
+                pass
+
+    asyncio.run(make_async())
+    sync.close()
+    assert loads == []
+
+    # A CA setting of the user's own is honoured, as httpx honours it.
+    pem = certifi.contents()
+    one_ca = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    (tmp_path / "ca.pem").write_text(one_ca[one_ca.index("-----BEGIN") :] + "\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    assert len(shared_ssl_context().get_ca_certs()) == 1
+    assert loads == [str(tmp_path / "ca.pem")]
+    assert shared_ssl_context() is shared_ssl_context()

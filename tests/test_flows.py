@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -63,6 +64,25 @@ def test_generate_video_archives_a_verified_object(stack: Stack) -> None:
     assert httpx.get(out.presigned_url or "", timeout=10).content == data
     stats = stack.stats()
     assert stats["submissions"] == 1 and stats["downloads"] == 1
+
+
+def test_one_video_shares_one_prefect_client(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Prefect client loads the CA bundle (25-50 ms of CPU, BENCHMARKS.md). The
+    single-video flow's sync task runs, limit read, artifacts and cancel watch share the
+    run's one client; Prefect's engine makes the other (its result-storage lookup)."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    made: list[str] = []
+    real = SyncPrefectClient.__init__
+
+    def counting(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> None:
+        made.append(threading.current_thread().name)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncPrefectClient, "__init__", counting)
+    out = run_video(req("one client"), options=FAST)
+    assert out.status == "archived"
+    assert len(made) <= 2, made
 
 
 def test_second_run_submits_nothing(stack: Stack) -> None:

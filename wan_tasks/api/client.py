@@ -24,6 +24,7 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import SecretStr
 
+from wan_tasks.api._tls import shared_ssl_context
 from wan_tasks.api.config import resolve_api_key, resolve_base_url, service_fingerprint
 from wan_tasks.api.models import MODEL_ID, HistoryPage, HistoryStatus, I2VRequest, Prediction
 from wan_tasks.api.operations import (
@@ -121,6 +122,7 @@ class WaveSpeedClient(_Base):
         super().__init__(api_key, base_url, model=model, timeouts=timeouts, retry=retry, poll=poll)
         self._http = httpx.Client(
             transport=transport,
+            verify=shared_ssl_context(),
             limits=_LIMITS,
             headers={"User-Agent": _USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
@@ -262,6 +264,7 @@ def _request_gate() -> asyncio.Semaphore:
 def _async_http(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=transport,
+        verify=shared_ssl_context(),
         limits=_LIMITS,
         headers={"User-Agent": _USER_AGENT},
         timeout=httpx.Timeout(30.0, connect=10.0),

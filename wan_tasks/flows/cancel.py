@@ -17,6 +17,7 @@ tells the lanes to start nothing new; then, by `RunOptions.on_cancel`:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -43,8 +44,13 @@ class CancelWatch:
 
     def __enter__(self) -> CancelWatch:
         if self.flow_run_id:
+            # In the caller's context: the flow's Prefect client serves the watch too (a
+            # client of its own would load the CA bundle again, beside the run's first steps).
             self._thread = threading.Thread(
-                target=self._watch, name="wan-cancel-watch", daemon=True
+                target=contextvars.copy_context().run,
+                args=(self._watch,),
+                name="wan-cancel-watch",
+                daemon=True,
             )
             self._thread.start()
         return self

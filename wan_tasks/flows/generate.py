@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.context import SyncClientContext
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
@@ -85,9 +86,15 @@ def _generate_video(
     request: I2VRequest, variant: str, archive: ArchiveOptions | None, options: RunOptions | None
 ) -> VideoOutcome:
     archive, options = archive or ArchiveOptions(), options or RunOptions()
-    with embedded_defaults(
-        s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
-    ) as services:
+    # One Prefect client for this thread and the lanes' threads: the async flow's engine keeps
+    # only an async one, so every sync task run, limit read and artifact here made its own,
+    # each loading the CA bundle (25-50 ms of CPU before the submit, BENCHMARKS.md).
+    with (
+        SyncClientContext.get_or_create(),
+        embedded_defaults(
+            s3=not (archive.bucket or archive.s3_block), emulator=not options.credentials_block
+        ) as services,
+    ):
         _limits_for_emulator(services, options)
         target = resolve_target(archive)
         job = VideoJob(request=request, variant=variant, item_id="video")
