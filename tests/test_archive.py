@@ -165,3 +165,33 @@ def test_stored_urls_are_scrubbed_of_signatures() -> None:
     assert redact_url("https://user:pw@host/x.png") == "https://REDACTED@host/x.png"
     body = redact_payload({"image": signed, "prompt": "p", "loras": [{"path": signed}]})
     assert "abc123" not in json.dumps(body) and body["prompt"] == "p"
+
+
+def test_a_runs_threads_share_the_s3_client_without_dropping_connections(
+    s3_store: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run's submit and archive threads (16 each) share one client. boto3's pool keeps 10
+    connections: past that, every request opened a connection and dropped it afterwards,
+    with a urllib3 warning in the run's log each time."""
+    import logging
+    import threading
+
+    from wan_tasks.storage.archive import make_s3_client
+
+    for key, value in s3_store.env().items():
+        monkeypatch.setenv(key, value)
+    client = make_s3_client()
+    start = threading.Barrier(32)
+
+    def ask() -> None:
+        start.wait()
+        for _ in range(5):
+            client.head_bucket(Bucket=TEST_BUCKET)
+
+    threads = [threading.Thread(target=ask) for _ in range(32)]
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

@@ -66,8 +66,9 @@ def resolve_target(options: ArchiveOptions) -> ArchiveTarget:
 # generate_video is an async shell over synchronous work run in a thread (with the flow's
 # context): Prefect 3.9 joins a sync flow run's heartbeat thread when the run ends, and that
 # thread sleeps in 1 s steps, adding 0.5-1 s to every run; an async run does not wait for it.
-# generate_batch stays sync: it pays that once per batch, while each sync task called from an
-# async flow's thread costs ~6x the CPU (27 vs 4.4 ms a task run, BENCHMARKS.md).
+# generate_batch stays sync (a plain call for its users), and pays that once per batch. The
+# thread gets a sync Prefect client for its task runs to share: without one each made its
+# own, ~6x the CPU of a task run in a sync flow (BENCHMARKS.md).
 # From synchronous code: `asyncio.run(generate_video(...))`.
 
 

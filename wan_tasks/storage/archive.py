@@ -72,6 +72,12 @@ class ArchiveResult(BaseModel):
     contact_sheet_uri: str | None = None
 
 
+# Connections one client keeps. A run's threads share the client: 16 submitters (ledger
+# writes), 16 archivers, and each archive's part uploads; boto3's default of 10 made every
+# request past the tenth open a connection and drop it after, logging a urllib3 warning.
+S3_POOL_CONNECTIONS = 64
+
+
 def make_s3_client(config: Settings | None = None) -> S3Client:
     """An S3 client for the settings: their explicit connection (the embedded store) when one
     is set, else boto3's standard configuration chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
@@ -92,6 +98,7 @@ def make_s3_client(config: Settings | None = None) -> S3Client:
     client_config = Config(
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
         retries={"max_attempts": 8, "mode": "adaptive"},
+        max_pool_connections=S3_POOL_CONNECTIONS,
         connect_timeout=10,
         read_timeout=60,
     )
