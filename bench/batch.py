@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-flight", type=int, default=10)
     parser.add_argument("--latency", type=float, default=10.0, help="emulated inference, s")
     parser.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        help="each task's inference drawn from latency +- this (the emulator's "
+        "latency_jitter_s); done->seen is then not reported",
+    )
+    parser.add_argument(
         "--postgres",
         action="store_true",
         help="run the Prefect server on PostgreSQL instead of SQLite",
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 default=not args.no_default,
                 tuned=not args.no_tuned,
                 margin=args.margin,
+                jitter=args.latency_jitter,
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -117,11 +125,14 @@ def run(
     default: bool = True,
     tuned: bool = True,
     margin: float = 0.25,
+    jitter: float = 0.0,
 ) -> None:
     from wan_tasks.api.policies import PollPolicy
 
     nonce = uuid.uuid4().hex[:8]
-    settings = {"latency_s": latency, "concurrency": in_flight}
+    settings: dict[str, Any] = {"latency_s": latency, "concurrency": in_flight}
+    if jitter:
+        settings["latency_jitter_s"] = jitter
     rows = [_sdk_row(settings, endpoint, pids, videos, nonce)] if sdk else []
     fast = PollPolicy(first_poll_after=latency + margin, first_poll_margin=margin)
     label = f"first_poll_after={latency + margin:g}s"
@@ -151,7 +162,8 @@ def run(
             nonce,
             rerun=True,
         )
-    _report(rows, videos, in_flight, latency, math.ceil(videos / in_flight) * latency, database)
+    ideal = math.ceil(videos / in_flight) * latency
+    _report(rows, videos, in_flight, latency, ideal, database, jitter=jitter)
 
 
 def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
@@ -184,7 +196,10 @@ def _sdk_row(
             _delta(before, emu.stats()),
             watch.mean_in_flight,
             meter.summary(),
-            lateness=[d.seconds - latency for d in done],
+            # With jitter each task's own inference time is not known here.
+            lateness=[]
+            if settings.get("latency_jitter_s")
+            else [d.seconds - latency for d in done],
             ok=len(done),
         )
     logger.info("sdk: %.1fs", row.makespan)
@@ -237,7 +252,8 @@ def _flow_rows(
             )
             if not again:
                 pairs = read_spans(call.flow_run_id, settle_s=3).waits_after_submit()
-                row.lateness = [w.end - s.end - latency for s, w in pairs]
+                if not settings.get("latency_jitter_s"):
+                    row.lateness = [w.end - s.end - latency for s, w in pairs]
                 row.submit_s = [s.end - s.start for s, _ in pairs]
             rows.append(row)
             logger.info("%s: %.1fs, %d archived", row.name, row.makespan, row.ok)
@@ -245,7 +261,14 @@ def _flow_rows(
 
 
 def _report(
-    rows: list[Row], videos: int, in_flight: int, latency: float, ideal: float, database: str
+    rows: list[Row],
+    videos: int,
+    in_flight: int,
+    latency: float,
+    ideal: float,
+    database: str,
+    *,
+    jitter: float = 0.0,
 ) -> None:
     table_rows = []
     for r in rows:
@@ -287,7 +310,8 @@ def _report(
     )
     text += (
         f"\n\n{videos} videos, in-flight limit {in_flight}, emulated inference "
-        f"{latency:g} s: ideal {ideal:.0f} s. Prefect server on {database}. "
+        f"{latency:g} s{f' +- {jitter:g} s (uniform; the ideal from the mean)' if jitter else ''}"
+        f": ideal {ideal:.0f} s. Prefect server on {database}. "
         '"done->seen": from the end of inference to '
         "the end of the wait (SDK: job time minus inference, so it includes the image "
         'upload, download and S3 put). "mean in flight": tasks at the service, sampled '
@@ -312,6 +336,7 @@ def _report(
             "database": database,
             "in_flight": in_flight,
             "latency_s": latency,
+            "latency_jitter_s": jitter,
             "ideal_s": ideal,
             "rows": [r.__dict__ for r in rows],
         },

@@ -85,6 +85,24 @@ def test_bronze_tier_processes_two_at_once_and_queues_the_rest(
     assert emu.stats()["in_flight"] == 0
 
 
+def test_inference_times_vary_when_asked(
+    make_emulator: MakeEmu, make_http: Callable[[Emulator], httpx.Client]
+) -> None:
+    """The real service's inference times vary (50-65 s on the model page); a client whose
+    polls only line up with an exact latency would look better here than there. With
+    `latency_jitter_s`, each task takes latency_s +- that (a render on a loaded machine can
+    only add to it, so the lower bound and a draw below the mean are what is checked)."""
+    with pytest.raises(ValueError, match="latency_jitter_s"):
+        EmulatorConfig(api_key="k", latency_s=1.0, latency_jitter_s=1.5)
+    emu = make_emulator(latency_s=1.0, latency_jitter_s=0.5, time_scale=0.3, concurrency=12)
+    http = make_http(emu)
+    image = upload_sample(http)
+    ids = [submit(http, image, seed=n).json()["data"]["id"] for n in range(12)]
+    took = [wait_status(http, i, {"completed"})["timings"]["inference"] for i in ids]
+    assert all(ms >= 0.5 * 0.3 * 1000 - 5 for ms in took), took
+    assert min(took) < 1.0 * 0.3 * 1000, took
+
+
 def test_bronze_tier_refuses_the_third_video_a_minute_with_retry_after(
     make_emulator: MakeEmu,
     make_http: Callable[[Emulator], httpx.Client],

@@ -173,6 +173,14 @@ class EmulatorConfig(BaseModel):
     api_key: str = Field(min_length=1)
     tier: Tier = "test"
     latency_s: float = Field(4.0, ge=0, description="emulated inference time of a task")
+    latency_jitter_s: float = Field(
+        0.0,
+        ge=0,
+        description="each task's inference time is drawn uniformly from latency_s +- this "
+        "(seeded by latency_seed), as the real service's vary (the model page: 50-65 s); 0: "
+        "every task takes exactly latency_s",
+    )
+    latency_seed: int = Field(0, description="seeds the draws of latency_jitter_s")
     time_scale: float = Field(1.0, gt=0, description="multiplies every emulated delay")
     concurrency: int = Field(3, ge=1, description="tasks processed at once; more queue")
     submits_per_minute: int | None = Field(None, ge=1, description="None: no cap")
@@ -201,6 +209,15 @@ class EmulatorConfig(BaseModel):
     faults: FaultPlan = Field(default_factory=FaultPlan)
     # Fetching an input image over HTTP: only local URLs are reachable from this machine.
     image_fetch_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _jitter_within_latency(self) -> EmulatorConfig:
+        if self.latency_jitter_s > self.latency_s:
+            raise ValueError(
+                f"latency_jitter_s: {self.latency_jitter_s} is more than latency_s "
+                f"({self.latency_s}); an inference time cannot be negative"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import hmac
 import io
 import json
 import logging
+import random
 import secrets
 import threading
 import time
@@ -184,6 +185,8 @@ class Engine:
         # renders (1,000 distinct inputs) tasks would end minutes past their latency.
         self._render_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-render")
         self._check_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="emulator-check")
+        # Draws of each task's inference time (under self.lock: tasks start there).
+        self._latency_rng = random.Random(config.latency_seed)
         self._hook_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="emulator-hook")
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="emulator-engine", daemon=True)
@@ -419,7 +422,14 @@ class Engine:
             done: Future[tuple[int | None, bytes | None]] = Future()
             done.set_result((task.forced_code, None))
             task.rendering = done
-        heapq.heappush(self._timers, (now + self.scaled(self.config.latency_s), task.id))
+        heapq.heappush(self._timers, (now + self.scaled(self._inference_s()), task.id))
+
+    def _inference_s(self) -> float:
+        """This task's emulated inference time: latency_s, or a seeded draw around it."""
+        jitter = self.config.latency_jitter_s
+        if not jitter:
+            return self.config.latency_s
+        return self.config.latency_s + self._latency_rng.uniform(-jitter, jitter)
 
     def _on_rendered(self, task: Task, done: Future[tuple[int | None, bytes | None]]) -> None:
         try:
