@@ -1,16 +1,25 @@
 """What the service has been taking, to aim first polls at (PollPolicy.learn_first_poll).
 
-A first poll that comes too early costs a whole `min_interval` (5 s) of lateness; one that
-comes late costs only its delay. So the first poll aims at an upper quantile of recent
-inference times for the same model and duration, plus the policy's margin, plus an extra
-margin that doubles whenever an aimed poll still finds the task running (the service's
-`timings.inference` leaves out queueing and output upload) and decays slowly while polls hit.
-Seeded from the account's history at the start of a run, so even a run's first wave aims.
+A first poll that comes too early costs the task the wait until the next poll (the policy's
+`min_interval`, 5 s: the service's rule); one that comes late costs only its delay. So the
+first poll aims where the expected lateness over the recent inference times of the same model
+and duration is least, counting that cost (`aim`): with times that vary less than the interval
+that is the slowest of them, with times spread wider an earlier one. Then come the policy's
+margin and an extra margin for what `timings.inference` leaves out (queueing, output upload):
+it doubles when an aimed poll finds running a task whose own inference fitted the aim (a miss
+the spread of the times does not explain) and decays slowly while polls hit. Seeded from the
+account's history at the start of a run, so even a run's first wave aims.
+
+It aimed at the 80th percentile and widened on every miss: with inference times that vary
+(10 s +- 1.5 s in the emulator), one first poll in five missed by design, each miss doubled
+the margin, and a 40-video batch kept half its lanes idle (bench/batch.py --latency-jitter).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 from collections import deque
 from datetime import UTC, datetime, timedelta
@@ -36,6 +45,7 @@ class InferenceTimes:
         self._max_extra = max_extra_s
         self._seen: dict[Key, deque[float]] = {}
         self._extra: dict[Key, float] = {}
+        self._miss_cost: dict[Key, float] = {}  # the policy's min_interval, as last aimed
         self._seeded: set[str] = set()
         self._lock = threading.Lock()
 
@@ -43,10 +53,32 @@ class InferenceTimes:
         """One finished task; `early`: a first poll aimed from these times found it running."""
         key = (model, duration)
         with self._lock:
+            seen = sorted(self._seen.get(key, ()))
+            miss_cost = self._miss_cost.get(key, 5.0)
+        # A task whose own inference took longer than the aim is a miss the aim accepted
+        # (the times vary); only one that fitted it says the margin is short.
+        unexplained = early and not (
+            len(seen) >= self._min_samples and seconds > _least_late(tuple(seen), miss_cost)
+        )
+        with self._lock:
             if seconds > 0:
                 self._seen.setdefault(key, deque(maxlen=self._keep)).append(seconds)
             extra = self._extra.get(key, 0.0)
-            self._extra[key] = min(self._max_extra, max(0.5, 2 * extra)) if early else extra * 0.95
+            if unexplained:
+                self._extra[key] = min(self._max_extra, max(0.5, 2 * extra))
+            elif not early:
+                self._extra[key] = extra * 0.95
+
+    def aim(self, model: str, duration: int, miss_cost_s: float) -> float | None:
+        """The first poll's time (before margins) with the least expected lateness over the
+        recent times, when a task still running at the poll is seen `miss_cost_s` later (or
+        a multiple of it); of equal ones the latest (fewer polls). None: too few times."""
+        with self._lock:
+            seen = sorted(self._seen.get((model, duration), ()))
+            self._miss_cost[(model, duration)] = miss_cost_s
+        if len(seen) < self._min_samples:
+            return None
+        return _least_late(tuple(seen), miss_cost_s)
 
     def expected(self, model: str, duration: int) -> float | None:
         """The upper quantile of recent inference times, once there are enough of them."""
@@ -64,7 +96,9 @@ class InferenceTimes:
     def first_poll_after(self, policy: PollPolicy, model: str, duration: int) -> tuple[float, bool]:
         """Seconds after the submit to poll first under `policy`, and whether that was aimed
         from what was seen (False: the policy's fixed `first_poll_after`)."""
-        expected = self.expected(model, duration) if policy.learn_first_poll else None
+        expected = (
+            self.aim(model, duration, policy.min_interval) if policy.learn_first_poll else None
+        )
         if expected is None:
             return policy.first_poll_after, False
         with self._lock:
@@ -98,3 +132,29 @@ class InferenceTimes:
                 self.record(model, duration, item.inference_ms / 1000)
                 learned += 1
         return learned
+
+
+@functools.lru_cache(maxsize=64)
+def _least_late(seen: tuple[float, ...], miss_cost_s: float) -> float:
+    """Of polls at each time some task would be seen the moment it finished (a time seen,
+    or a whole number of `miss_cost_s` before one), the one with the least total lateness
+    over `seen` (sorted); ties go to the latest. Cached: the times change once a task."""
+    if miss_cost_s <= 0:
+        return seen[0]
+    low = max(0.0, seen[0] - miss_cost_s)
+    candidates = {
+        x - k * miss_cost_s for x in seen for k in range(int((x - low) // miss_cost_s) + 1)
+    }
+    best, best_cost = seen[-1], math.inf
+    for aim in sorted(candidates):
+        cost = 0.0
+        for x in seen:
+            late = (
+                aim - x
+                if x <= aim
+                else miss_cost_s * math.ceil((x - aim) / miss_cost_s) - (x - aim)
+            )
+            cost += late
+        if cost <= best_cost + 1e-9:
+            best, best_cost = aim, cost
+    return best
