@@ -54,7 +54,10 @@ def test_an_early_poll_widens_the_margin_and_hits_narrow_it_slowly() -> None:
 def _lateness(aim: float, times: list[float], interval: float) -> float:
     """Total lateness of first polls at `aim`, then every `interval`, over `times`."""
     return sum(
-        aim - x if x <= aim else interval * math.ceil((x - aim) / interval) - (x - aim)
+        # (to the nanosecond: a float 2.0000000001 intervals is two)
+        aim - x
+        if x <= aim + 1e-9
+        else interval * math.ceil((x - aim) / interval - 1e-9) - (x - aim)
         for x in times
     )
 
@@ -80,24 +83,45 @@ def test_the_first_poll_aims_where_the_least_lateness_is_expected() -> None:
     grid = [45.0 + i * 0.05 for i in range(500)]
     assert _lateness(aim, wide, 5.0) <= min(_lateness(a, wide, 5.0) for a in grid) + 1e-6
     assert _lateness(aim, wide, 5.0) < _lateness(65.0, wide, 5.0)
+    # Times that vary less than the interval but unevenly: not always the slowest.
+    uneven = InferenceTimes(min_samples=3)
+    for x in (10.0, 10.0, 10.0, 10.0, 14.0):
+        uneven.record(MODEL, 5, x)
+    assert uneven.aim(MODEL, 5, 5.0) == 10.0
+    # Rounding at the points where a task is seen at once costs it nothing.
+    tight = InferenceTimes(min_samples=1)
+    for x in (6.63, 7.03, 7.39, 7.83):
+        tight.record(MODEL, 5, x)
+    aim = tight.aim(MODEL, 5, 0.2)
+    assert aim is not None
+    times_ = [6.63, 7.03, 7.39, 7.83]
+    assert (
+        _lateness(aim, times_, 0.2)
+        <= min(_lateness(6.4 + i * 0.001, times_, 0.2) for i in range(1600)) + 1e-6
+    )
 
 
 def test_only_a_miss_the_spread_does_not_explain_widens_the_margin() -> None:
     """The aim accepts that some tasks take longer than it (the times vary): a miss by such
-    a task leaves the margin as it is. A miss by a task whose own inference fitted the aim
-    means time the service's timings leave out (queueing, upload): the margin widens. With
-    every miss widening it, varying times kept half a batch's lanes idle."""
+    a task leaves the margin as it is, judged against the aim its poll used (a batch's
+    second wave is aimed from the fast tasks of the first, and the slow ones arrive before
+    it is done). A miss by a task whose own inference fitted its aim means time the
+    service's timings leave out (queueing, upload): the margin widens. With every miss
+    widening it, varying times kept half a batch's lanes idle."""
     times = InferenceTimes(min_samples=3)
     policy = PollPolicy(first_poll_margin=0.25)
-    for x in (50.0, 52.0, 54.0, 56.0, 58.0, 60.0, 62.0, 64.0):
+    for x in (8.6, 9.0, 9.3):  # the first wave's fast tasks
         times.record(MODEL, 5, x)
+    seconds, aimed_at = times.aimed_poll(policy, MODEL, 5)
+    assert aimed_at == 9.3 and seconds == pytest.approx(9.55)  # the second wave's aim
+    for x in (11.0, 11.4):  # the first wave's slow tasks, seen later
+        times.record(MODEL, 5, x)
+    for x in (10.5, 10.8, 11.2):  # the second wave: slower than its aim
+        times.record(MODEL, 5, x, early=True, aimed_at=aimed_at)
     aim = times.aim(MODEL, 5, policy.min_interval)
-    assert aim is not None and aim < 63.0
-    times.record(MODEL, 5, 63.0, early=True)  # slower than the aim: the aim's accepted miss
-    assert times.first_poll_after(policy, MODEL, 5)[0] == pytest.approx(
-        times.aim(MODEL, 5, policy.min_interval) + 0.25  # type: ignore[operator]
-    )
-    times.record(MODEL, 5, aim - 1.0, early=True)  # fitted the aim, still running: widen
+    assert aim is not None
+    assert times.first_poll_after(policy, MODEL, 5)[0] == pytest.approx(aim + 0.25)
+    times.record(MODEL, 5, aim - 1.0, early=True, aimed_at=aim)  # fitted, still running
     widened = times.first_poll_after(policy, MODEL, 5)[0]
     assert widened == pytest.approx(times.aim(MODEL, 5, policy.min_interval) + 0.25 + 0.5)  # type: ignore[operator]
 

@@ -14,7 +14,7 @@ import functools
 import os
 import ssl
 
-import httpx
+import certifi
 
 
 def shared_ssl_context() -> ssl.SSLContext:
@@ -24,9 +24,12 @@ def shared_ssl_context() -> ssl.SSLContext:
 
 @functools.lru_cache(maxsize=4)
 def _context_for(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
-    # The arguments are the cache key; httpx reads the same variables itself.
-    del cert_file, cert_dir
-    return httpx.create_ssl_context()
+    # As httpx.create_ssl_context builds its default, from the values the cache is keyed on.
+    if cert_file:
+        return ssl.create_default_context(cafile=cert_file)
+    if cert_dir:
+        return ssl.create_default_context(capath=cert_dir)
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 __all__ = ["shared_ssl_context"]

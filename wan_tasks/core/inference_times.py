@@ -4,7 +4,7 @@ A first poll that comes too early costs the task the wait until the next poll (t
 `min_interval`, 5 s: the service's rule); one that comes late costs only its delay. So the
 first poll aims where the expected lateness over the recent inference times of the same model
 and duration is least, counting that cost (`aim`): with times that vary less than the interval
-that is the slowest of them, with times spread wider an earlier one. Then come the policy's
+usually the slowest of them, with times spread wider an earlier one. Then come the policy's
 margin and an extra margin for what `timings.inference` leaves out (queueing, output upload):
 it doubles when an aimed poll finds running a task whose own inference fitted the aim (a miss
 the spread of the times does not explain) and decays slowly while polls hit. Seeded from the
@@ -45,21 +45,25 @@ class InferenceTimes:
         self._max_extra = max_extra_s
         self._seen: dict[Key, deque[float]] = {}
         self._extra: dict[Key, float] = {}
-        self._miss_cost: dict[Key, float] = {}  # the policy's min_interval, as last aimed
         self._seeded: set[str] = set()
         self._lock = threading.Lock()
 
-    def record(self, model: str, duration: int, seconds: float, *, early: bool = False) -> None:
-        """One finished task; `early`: a first poll aimed from these times found it running."""
+    def record(
+        self,
+        model: str,
+        duration: int,
+        seconds: float,
+        *,
+        early: bool = False,
+        aimed_at: float | None = None,
+    ) -> None:
+        """One finished task; `early`: a first poll aimed at `aimed_at` (an inference time,
+        before the margins) found it running."""
         key = (model, duration)
-        with self._lock:
-            seen = sorted(self._seen.get(key, ()))
-            miss_cost = self._miss_cost.get(key, 5.0)
-        # A task whose own inference took longer than the aim is a miss the aim accepted
-        # (the times vary); only one that fitted it says the margin is short.
-        unexplained = early and not (
-            len(seen) >= self._min_samples and seconds > _least_late(tuple(seen), miss_cost)
-        )
+        # A task whose own inference took longer than its poll's aim is a miss the aim
+        # accepted (the times vary); only one that fitted it says the margin is short. The
+        # aim is the one its poll used: the times have changed since.
+        unexplained = early and (aimed_at is None or seconds <= aimed_at)
         with self._lock:
             if seconds > 0:
                 self._seen.setdefault(key, deque(maxlen=self._keep)).append(seconds)
@@ -75,7 +79,6 @@ class InferenceTimes:
         a multiple of it); of equal ones the latest (fewer polls). None: too few times."""
         with self._lock:
             seen = sorted(self._seen.get((model, duration), ()))
-            self._miss_cost[(model, duration)] = miss_cost_s
         if len(seen) < self._min_samples:
             return None
         return _least_late(tuple(seen), miss_cost_s)
@@ -96,14 +99,20 @@ class InferenceTimes:
     def first_poll_after(self, policy: PollPolicy, model: str, duration: int) -> tuple[float, bool]:
         """Seconds after the submit to poll first under `policy`, and whether that was aimed
         from what was seen (False: the policy's fixed `first_poll_after`)."""
-        expected = (
-            self.aim(model, duration, policy.min_interval) if policy.learn_first_poll else None
-        )
-        if expected is None:
-            return policy.first_poll_after, False
+        seconds, aimed_at = self.aimed_poll(policy, model, duration)
+        return seconds, aimed_at is not None
+
+    def aimed_poll(
+        self, policy: PollPolicy, model: str, duration: int
+    ) -> tuple[float, float | None]:
+        """Seconds after the submit to poll first, and the inference time that aims at (None:
+        the policy's fixed `first_poll_after`, nothing learned or learning off)."""
+        aim = self.aim(model, duration, policy.min_interval) if policy.learn_first_poll else None
+        if aim is None:
+            return policy.first_poll_after, None
         with self._lock:
             extra = self._extra.get((model, duration), 0.0)
-        return expected + policy.first_poll_margin + extra, True
+        return aim + policy.first_poll_margin + extra, aim
 
     def seed_from_history(
         self,
@@ -136,25 +145,31 @@ class InferenceTimes:
 
 @functools.lru_cache(maxsize=64)
 def _least_late(seen: tuple[float, ...], miss_cost_s: float) -> float:
-    """Of polls at each time some task would be seen the moment it finished (a time seen,
-    or a whole number of `miss_cost_s` before one), the one with the least total lateness
-    over `seen` (sorted); ties go to the latest. Cached: the times change once a task."""
+    """The aim with the least total lateness over `seen` (sorted), a task still running at
+    the poll being seen a whole number of `miss_cost_s` later; of equal ones the latest.
+
+    Moving an aim `miss_cost_s` earlier changes no task's lateness but those that finished
+    before the earlier aim, whose lateness it cuts: so the best aim is below seen[0] +
+    miss_cost_s, and, by the tie rule, not below seen[0]. It is one of the points in that
+    window where a task is seen the moment it finishes: each time moved down by whole
+    intervals into it. Cached: the times change once a task."""
     if miss_cost_s <= 0:
         return seen[0]
-    low = max(0.0, seen[0] - miss_cost_s)
-    candidates = {
-        x - k * miss_cost_s for x in seen for k in range(int((x - low) // miss_cost_s) + 1)
-    }
-    best, best_cost = seen[-1], math.inf
+    low = seen[0]
+    candidates = {x - miss_cost_s * math.floor((x - low) / miss_cost_s + _EPS) for x in seen}
+    best, best_cost = low, math.inf
     for aim in sorted(candidates):
-        cost = 0.0
-        for x in seen:
-            late = (
-                aim - x
-                if x <= aim
-                else miss_cost_s * math.ceil((x - aim) / miss_cost_s) - (x - aim)
-            )
-            cost += late
-        if cost <= best_cost + 1e-9:
+        cost = sum(
+            aim - x
+            if x <= aim + _EPS
+            else miss_cost_s * math.ceil((x - aim) / miss_cost_s - _EPS) - (x - aim)
+            for x in seen
+        )
+        if cost <= best_cost + _EPS:
             best, best_cost = aim, cost
     return best
+
+
+# Float tolerance: a candidate aim sits exactly where a task is seen at once, and rounding
+# must not charge that task a whole interval.
+_EPS = 1e-9

@@ -17,10 +17,13 @@ late. A 503 there took no slot (the transaction rolled back), so it is retried h
 50 ms, doubling to 1 s (`acquire_backoff`). What it leaves out of `concurrency()`: the
 acquired/released events (UI decoration, an event write each).
 
-A process's slot writes (take, renew, give back) go to the server one at a time per event loop
-(`_slot_writes`): a batch's K lanes asking at once collided with each other on SQLite, which
-answered 503 to all but one of them, again and again (10 lanes: 32 503s, the last lane
-starting 3 s late). One at a time, each is a ~15 ms write; PostgreSQL loses next to nothing.
+A run's slot requests go to the server one at a time (`SLOT_REQUESTS`, a lock the run sets;
+`wan_tasks.flows.produce` does): a batch's K lanes asking at once collided with each other on
+SQLite, which answered 503 to all but one of them, again and again (10 lanes: 32 503s, the
+last lane starting 3 s late). Only the single POST is inside the lock (its retries wait
+outside it); renewals and give-backs are not in it (they are not what SQLite refuses, and
+Prefect's client retries them with sleeps of seconds). One at a time, a run's first slots
+take a round trip each: ~15 ms against a local server, more against a remote one.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
@@ -180,30 +182,20 @@ def acquire_backoff(attempt: int, rand: Callable[[], float] = random.random) -> 
     return ceiling * (0.5 + 0.5 * rand())
 
 
-# One asyncio.Lock per event loop (a lock belongs to the loop that first waits on it); loops
-# run in several threads (a flow's, its lanes'), hence the threading lock around the map.
-_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
-_gates_lock = threading.Lock()
+# The lock a run's slot requests take in turn (None: no turns). A ContextVar set by the run's
+# loop, so the lock lives and dies with the run.
+SLOT_REQUESTS: ContextVar[asyncio.Lock | None] = ContextVar("wan_slot_requests", default=None)
 
 
-def _slot_writes() -> asyncio.Lock:
-    """The gate this loop's slot writes pass one at a time (FIFO: asyncio.Lock is fair)."""
-    loop = asyncio.get_running_loop()
-    with _gates_lock:
-        gate = _gates.get(loop)
-        if gate is None:
-            gate = _gates[loop] = asyncio.Lock()
-        return gate
-
-
-async def _one_at_a_time(
+async def _in_turn(
     post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]],
     client: PrefectClient,
     body: dict[str, Any],
+    gate: asyncio.Lock | None,
 ) -> httpx.Response:
-    async with _slot_writes():
+    if gate is None:
+        return await post(client, body)
+    async with gate:
         return await post(client, body)
 
 
@@ -234,11 +226,13 @@ async def acquire_lease(
     lease_s: float = LEASE_S,
     post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]] = _post_once,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    gate: asyncio.Lock | None = None,
 ) -> UUID:
     """The lease id of `occupy` slots of limit `name`. Waits for the Retry-After given while
     the limit is full (423) or the API rate-limits (429); retries what the server could not
     serve (a 5xx, a dropped connection: no slot taken) after `acquire_backoff`. TimeoutError
-    after `timeout_s`; MissingLimitError if the limit does not exist."""
+    after `timeout_s`; MissingLimitError if the limit does not exist. With `gate`, each POST
+    waits its turn on it (the retries' waits are outside it)."""
     import httpx
 
     body = {"names": [name], "slots": occupy, "mode": "concurrency", "lease_duration": lease_s}
@@ -247,7 +241,7 @@ async def acquire_lease(
     while True:
         # Shielded: a holder cancelled while its request is out (a cancelled run) must not
         # lose a lease the server grants anyway, or its slots stay taken until it expires.
-        sent = asyncio.ensure_future(_one_at_a_time(post, client, body))
+        sent = asyncio.ensure_future(_in_turn(post, client, body, gate))
         try:
             response = await asyncio.shield(sent)
         except asyncio.CancelledError:
@@ -297,11 +291,7 @@ def _give_back_if_granted(client: PrefectClient, sent: asyncio.Future[httpx.Resp
 
 async def _release(client: PrefectClient, lease_id: UUID) -> None:
     try:
-        # In turn with the loop's other slot writes. Give-backs and renewals are not the
-        # writes SQLite answers 503 (increment-with-lease's deferred transaction is), so
-        # Prefect's client, which sleeps 2 s per 503 inside the gate, is kept for them.
-        async with _slot_writes():
-            await client.release_concurrency_slots_with_lease(lease_id)
+        await client.release_concurrency_slots_with_lease(lease_id)
     except Exception as exc:  # the server re-counts the slots when the lease ends
         logger.warning("giving back in-flight lease %s failed: %s", lease_id, exc)
 
@@ -327,8 +317,7 @@ async def _renew(
     while True:
         await sleep(delay)
         try:
-            async with _slot_writes():
-                await client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+            await client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
             delay = lease_s * RENEW_AT
         except Exception as exc:  # the slots stay held until the lease runs out
             logger.warning("renewing in-flight lease %s failed: %s", lease_id, exc)
@@ -344,7 +333,9 @@ async def hold_slots(
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
-        lease_id = await acquire_lease(client, name, occupy, timeout_s=timeout_s, lease_s=lease_s)
+        lease_id = await acquire_lease(
+            client, name, occupy, timeout_s=timeout_s, lease_s=lease_s, gate=SLOT_REQUESTS.get()
+        )
         renewal = asyncio.create_task(_renew(client, lease_id, lease_s))
         try:
             yield lease_id

@@ -372,16 +372,17 @@ async def await_prediction(
     return _waited(submitted, prediction, aimed=aimed, polls=polled[-1])
 
 
-def _first_poll(submitted: SubmittedVideo, policy: PollPolicy) -> tuple[float, bool]:
-    """(seconds to sleep before the first poll, whether that poll is aimed at a learned time).
+def _first_poll(submitted: SubmittedVideo, policy: PollPolicy) -> tuple[float, float | None]:
+    """(seconds to sleep before the first poll, the inference time it is aimed at: None when
+    it is not aimed at learned times).
 
     The first poll lands near the expected inference time after the *submit*, not after the
     wait started; a reconnect to an old prediction polls at once."""
-    first, aimed = INFERENCE_TIMES.first_poll_after(policy, submitted.model, submitted.duration)
+    first, aimed = INFERENCE_TIMES.aimed_poll(policy, submitted.model, submitted.duration)
     age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
     if 0 <= age < first:
         return first - age, aimed
-    return 0.0, False
+    return 0.0, None
 
 
 def _cancelled_after(submitted: SubmittedVideo, timeout_s: float) -> WaitTimeoutError:
@@ -393,14 +394,18 @@ def _cancelled_after(submitted: SubmittedVideo, timeout_s: float) -> WaitTimeout
 
 
 def _waited(
-    submitted: SubmittedVideo, prediction: Prediction, *, aimed: bool, polls: int
+    submitted: SubmittedVideo, prediction: Prediction, *, aimed: float | None, polls: int
 ) -> Prediction:
     # Early: the aimed first poll found it running. Counted, not timed: on a loaded machine a
     # poll that hit can take seconds to answer, and timing it widened every later first poll
     # (the margin doubles per miss) until waits of 1 s tasks took 9 s (bench/growth.py).
-    early = aimed and polls > 1
+    early = aimed is not None and polls > 1
     INFERENCE_TIMES.record(
-        submitted.model, submitted.duration, (prediction.inference_ms or 0) / 1000, early=early
+        submitted.model,
+        submitted.duration,
+        (prediction.inference_ms or 0) / 1000,
+        early=early,
+        aimed_at=aimed,
     )
     # The result is persisted: signed output URLs are bearer credentials, so the stored copy
     # keeps them scrubbed and the archive step asks the service for live ones.

@@ -73,9 +73,10 @@ class ArchiveResult(BaseModel):
 
 
 # Connections one client keeps. A run's threads share the client: 16 submitters (ledger
-# writes), 16 archivers, and each archive's part uploads; boto3's default of 10 made every
-# request past the tenth open a connection and drop it after, logging a urllib3 warning.
-S3_POOL_CONNECTIONS = 64
+# writes), 16 archivers and each archive's part uploads (4 at once by default: 80 in all);
+# boto3's default of 10 made every request past the tenth open a connection and drop it
+# after, logging a urllib3 warning. Idle ones cost a socket each.
+S3_POOL_CONNECTIONS = 128
 
 
 def make_s3_client(config: Settings | None = None) -> S3Client:
