@@ -142,3 +142,31 @@ def _history(stack: Stack) -> list[Any]:
                 return items
             items += got
             page += 1
+
+
+def test_steps_left_running_by_an_ended_run_keep_its_prefect_client(prefect_server: None) -> None:
+    """A run ended by a signal leaves its running submits and archives to finish (a submit
+    records its prediction in the ledger). Their task runs share the run's Prefect client,
+    which closes with the flow's context: the run holds it open for them, so they still
+    record their end, and it closes when the last of them has."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.context import SyncClientContext
+
+    from wan_tasks.flows.produce import keep_client_open_for
+
+    release = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    with SyncClientContext.get_or_create() as ctx:
+        client = ctx.client
+
+        def step() -> int:  # a step still running when the run ends
+            release.wait(30)
+            return client.hello().status_code
+
+        running = pool.submit(step)
+        pool.shutdown(wait=False)
+        keep_client_open_for([pool])
+    release.set()  # the run's context has ended
+    assert running.result(timeout=30) == 200
+    assert _until(lambda: client._closed, timeout=30)

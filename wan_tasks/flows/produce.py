@@ -36,7 +36,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from prefect import get_run_logger, tags
-from prefect.context import AsyncClientContext
+from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.runtime import flow_run
 
 from wan_tasks.api.models import I2VRequest, Prediction
@@ -340,6 +340,8 @@ class Producer:
             # to finish (a submit records its prediction in the ledger); nothing new starts.
             for pool in (self._submitters, self._archivers):
                 pool.shutdown(wait=finished, cancel_futures=not finished)
+            if not finished:
+                keep_client_open_for([self._submitters, self._archivers])
             await close_async_clients()
 
     async def _slot_group(
@@ -451,6 +453,30 @@ async def _with_prefect_client(main: Coroutine[Any, Any, T]) -> T:
     # CPU: bench/growth.py under py-spy).
     async with AsyncClientContext.get_or_create():
         return await main
+
+
+def keep_client_open_for(pools: list[ThreadPoolExecutor]) -> None:
+    """Steps already running in `pools` outlive an unfinished run (a signal, Ctrl-C): hold
+    the run's sync Prefect client open until they end. Their task runs share it, and it
+    closes when the flow's context does; closed, their ends could not be recorded and the
+    task runs stayed Running."""
+    ctx = SyncClientContext.get()
+    if ctx is None:
+        return
+    client = ctx.client
+    try:
+        client.__enter__()  # reentrant: one more holder, the drain below
+    except RuntimeError:  # closed already
+        return
+
+    def drain() -> None:
+        try:
+            for pool in pools:
+                pool.shutdown(wait=True)
+        finally:
+            client.__exit__(None, None, None)
+
+    threading.Thread(target=drain, name="wan-drain", daemon=True).start()
 
 
 def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:
