@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
@@ -193,9 +193,7 @@ async def _in_turn(
     body: dict[str, Any],
     gate: asyncio.Lock | None,
 ) -> httpx.Response:
-    if gate is None:
-        return await post(client, body)
-    async with gate:
+    async with gate or nullcontext():
         return await post(client, body)
 
 
