@@ -171,36 +171,113 @@ def test_a_holder_cancelled_while_its_request_is_out_gives_back_what_is_granted(
     assert released == [uuid.UUID(LEASE)]
 
 
-def test_a_runs_lanes_send_their_slot_requests_one_at_a_time() -> None:
-    """Ten lanes asking at once collided on a SQLite server, which answered 503 to all but
-    one, again and again (10 lanes: 32 503s, the last lane 3 s late). With the run's lock,
-    each lane's request goes when the one before it is answered, in the order asked, and
-    every lane still gets its lease; without one (a caller of its own), they go at once."""
-    out = 0
-    most = 0
-    order: list[int] = []
+class _Server:
+    """Answers slot requests after a moment; with `collides`, like SQLite: 503 to a request
+    sent while another one was out (it took no slot)."""
 
-    async def post(client: Any, body: dict[str, Any]) -> httpx.Response:
-        nonlocal out, most
-        out += 1
-        most = max(most, out)
-        order.append(body["slots"])
+    def __init__(self, collides: bool) -> None:
+        self.collides = collides
+        self.out = self.most = self.refused = 0
+        self.order: list[int] = []
+
+    async def post(self, client: Any, body: dict[str, Any]) -> httpx.Response:
+        self.out += 1
+        self.most = max(self.most, self.out)
+        self.order.append(body["slots"])
+        clash = self.collides and self.out > 1
         await asyncio.sleep(0.001)  # the server's answer takes a while
-        out -= 1
-        return httpx.Response(200, json=GRANTED, request=httpx.Request("POST", "http://p.test"))
+        self.out -= 1
+        request = httpx.Request("POST", "http://p.test")
+        if clash:
+            self.refused += 1
+            return httpx.Response(503, request=request)
+        return httpx.Response(200, json=GRANTED, request=request)
 
-    async def run(gate: asyncio.Lock | None) -> list[uuid.UUID]:
-        lanes = [acquire_lease(None, "l", n, post=post, gate=gate) for n in range(1, 11)]  # type: ignore[arg-type]
-        return await asyncio.gather(*lanes)
 
-    async def in_a_run() -> list[uuid.UUID]:
-        return await run(asyncio.Lock())
+def _lanes(server: _Server, window: limits.RequestWindow | None, n: int = 10) -> int:
+    async def instant(_: float) -> None:
+        await asyncio.sleep(0)
 
-    assert len(asyncio.run(in_a_run())) == 10
-    assert most == 1 and order == list(range(1, 11))
-    most = 0
-    assert len(asyncio.run(run(None))) == 10
-    assert most == 10
+    async def run() -> list[uuid.UUID]:
+        asks = [
+            acquire_lease(None, "l", k, post=server.post, window=window, sleep=instant)  # type: ignore[arg-type]
+            for k in range(1, n + 1)
+        ]
+        return await asyncio.gather(*asks)
+
+    return len(asyncio.run(run()))
+
+
+def test_a_runs_slot_requests_go_out_as_the_server_keeps_up() -> None:
+    """Ten lanes asking at once collided on a SQLite server, which answered 503 to all but
+    one, again and again (10 lanes: 32 503s, the last lane 3 s late); one at a time, a
+    PostgreSQL server's round trips put the last of 10 lanes 1.1 s behind the first (64
+    leases: ~6 s). The run's window lets one request out first, doubles while the server
+    answers, halves on a refusal: against a server that keeps up, the requests of 64 lanes go
+    out several at once, in the order asked; against one that collides, barely more 503s
+    than lanes, where all at once keeps colliding."""
+    keeps_up = _Server(collides=False)
+    assert _lanes(keeps_up, limits.RequestWindow(), n=64) == 64
+    assert keeps_up.order == list(range(1, 65))  # in the order asked
+    assert 8 <= keeps_up.most <= limits.RequestWindow.MOST
+
+    colliding = _Server(collides=True)
+    assert _lanes(colliding, limits.RequestWindow()) == 10
+    paced = colliding.refused
+    assert paced <= 10
+
+    unpaced = _Server(collides=True)
+    assert _lanes(unpaced, None) == 10
+    assert unpaced.most == 10 and unpaced.refused > 2 * paced
+
+
+def test_the_window_grows_on_answers_shrinks_on_refusals_and_loses_nothing_to_a_cancel() -> None:
+    """The window's own decisions: 1 at first; +1 per served answer up to MOST; halved by
+    a refusal, never below 1, and slower to grow after each; a waiter cancelled in the
+    queue takes no room."""
+
+    async def run() -> list[int]:
+        window = limits.RequestWindow(most=4)
+        seen = [window.size]
+        for _ in range(6):
+            window.served(True)
+        seen.append(window.size)
+        window.served(False)
+        seen.append(window.size)
+        for _ in range(3):
+            window.served(False)
+        seen.append(window.size)
+        for _ in range(15):  # refused 4 times: growing again takes 16 served answers
+            window.served(True)
+        seen.append(window.size)
+        window.served(True)
+        seen.append(window.size)
+        for _ in range(4):
+            window.served(False)
+
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with window.turn():
+                entered.set()
+                await release.wait()
+
+        first = asyncio.create_task(holder())
+        await entered.wait()
+        queued = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        release.set()
+        await first
+        seen.append(window.out)
+        async with asyncio.timeout(1):  # room again: a third gets in at once
+            async with window.turn():
+                seen.append(window.out)
+        return seen
+
+    assert asyncio.run(run()) == [1, 4, 2, 1, 1, 2, 0, 1]
 
 
 def test_a_lease_is_held_then_given_back_on_a_real_server(prefect_server: None) -> None:

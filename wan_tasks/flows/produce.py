@@ -55,7 +55,13 @@ from wan_tasks.flows.cancel import CancelWatch
 from wan_tasks.flows.models import VideoJob, VideoOutcome, archived_outcome
 from wan_tasks.flows.options import RunOptions
 from wan_tasks.flows.progress import Progress
-from wan_tasks.integration.limits import SLOT_REQUESTS, LimitSettings, hold_slots, read_limit
+from wan_tasks.integration.limits import (
+    SLOT_REQUESTS,
+    LimitSettings,
+    RequestWindow,
+    hold_slots,
+    read_limit,
+)
 from wan_tasks.integration.runtime import close_async_clients, wavespeed_client
 from wan_tasks.integration.tasks import (
     archive_to_s3,
@@ -323,8 +329,8 @@ class Producer:
         pending: deque[tuple[int, VideoJob]] = deque(enumerate(jobs))
         results: dict[int, asyncio.Future[VideoOutcome]] = {}
         lane_errors: list[BaseException] = []
-        # The lanes' slot requests in turn: at once, they collided on SQLite (limits.py).
-        SLOT_REQUESTS.set(asyncio.Lock())
+        # The lanes' slot requests paced: at once, they collided on SQLite (limits.py).
+        SLOT_REQUESTS.set(RequestWindow())
         self._submitters = ThreadPoolExecutor(min(lanes, MAX_SUBMITTERS), "wan-submit")
         self._archivers = ThreadPoolExecutor(min(lanes, MAX_ARCHIVERS), "wan-archive")
         finished = False

@@ -17,13 +17,19 @@ late. A 503 there took no slot (the transaction rolled back), so it is retried h
 50 ms, doubling to 1 s (`acquire_backoff`). What it leaves out of `concurrency()`: the
 acquired/released events (UI decoration, an event write each).
 
-A run's slot requests go to the server one at a time (`SLOT_REQUESTS`, a lock the run sets;
-`wan_tasks.flows.produce` does): a batch's K lanes asking at once collided with each other on
+A run's slot requests are paced (`SLOT_REQUESTS`, a `RequestWindow` the run sets;
+`wan_tasks.flows.produce` does). A batch's K lanes asking at once collided with each other on
 SQLite, which answered 503 to all but one of them, again and again (10 lanes: 32 503s, the
-last lane starting 3 s late). Only the single POST is inside the lock (its retries wait
-outside it); renewals and give-backs are not in it (they are not what SQLite refuses, and
-Prefect's client retries them with sleeps of seconds). One at a time, a run's first slots
-take a round trip each: ~15 ms against a local server, more against a remote one.
+last lane starting 3 s late). One at a time cost a round trip per lease instead: on
+PostgreSQL, with the first submits starting beside them, ~0.1 s each, so a 10-lane batch's
+last lane started 1.1 s after its first (and the whole batch ended that much later), a
+64-lease Gold run's ~6 s. The window lets one request out at first, one more after each
+answer the server could serve and half as many after one it could not (a 503, a dropped
+connection), as TCP paces a path it knows nothing about: a server that keeps up gets the
+requests 1, 2, 4, 8 ... at once (at most `RequestWindow.MOST`); SQLite, colliding, one at a
+time, probed for more less and less often. Only the single POST is paced (its retries wait
+outside the window); renewals and give-backs are not (they are not what SQLite refuses, and
+Prefect's client retries them with sleeps of seconds).
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
@@ -182,19 +189,90 @@ def acquire_backoff(attempt: int, rand: Callable[[], float] = random.random) -> 
     return ceiling * (0.5 + 0.5 * rand())
 
 
-# The lock a run's slot requests take in turn (None: no turns). A ContextVar set by the run's
-# loop, so the lock lives and dies with the run.
-SLOT_REQUESTS: ContextVar[asyncio.Lock | None] = ContextVar("wan_slot_requests", default=None)
+class RequestWindow:
+    """How many of a run's slot requests may be out at once: 1 at first, one more after each
+    answer the server could serve (up to MOST), half as many after one it could not; after a
+    refusal, growing again takes twice as many served answers as before, so a server that
+    refuses company (SQLite) is probed less and less often. Waiters go in the order they
+    came; one cancelled while waiting takes nothing."""
+
+    MOST = 16
+    MOST_PATIENCE = 64
+
+    def __init__(self, most: int = MOST) -> None:
+        self.size = 1
+        self.most = most
+        self.out = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        # Served answers needed to grow by one, and those counted towards it.
+        self._patience = 1
+        self._credit = 0
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self.out < self.size and not self._waiting:
+            self.out += 1
+        else:
+            ticket = asyncio.get_running_loop().create_future()
+            self._waiting.append(ticket)
+            try:
+                await ticket
+            except asyncio.CancelledError:
+                if ticket.done() and not ticket.cancelled():  # let in as it was cancelled
+                    self._leave()
+                elif ticket in self._waiting:
+                    self._waiting.remove(ticket)
+                raise
+        try:
+            yield
+        finally:
+            self._leave()
+
+    def served(self, ok: bool) -> None:
+        """An answer came: `ok`, the server could serve the request (a grant, or "full")."""
+        if ok:
+            self._credit += 1
+            if self._credit >= self._patience:
+                self.size, self._credit = min(self.most, self.size + 1), 0
+        else:
+            self.size, self._credit = max(1, self.size // 2), 0
+            self._patience = min(self.MOST_PATIENCE, 2 * self._patience)
+        self._let_in()
+
+    def _leave(self) -> None:
+        self.out -= 1
+        self._let_in()
+
+    def _let_in(self) -> None:
+        while self._waiting and self.out < self.size:
+            ticket = self._waiting.popleft()
+            if ticket.done():  # cancelled: its waiter is on its way out
+                continue
+            self.out += 1
+            ticket.set_result(None)
+
+
+# The window a run's slot requests go through (None: no pacing). A ContextVar set by the
+# run's loop, so the window lives and dies with the run.
+SLOT_REQUESTS: ContextVar[RequestWindow | None] = ContextVar("wan_slot_requests", default=None)
 
 
 async def _in_turn(
     post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]],
     client: PrefectClient,
     body: dict[str, Any],
-    gate: asyncio.Lock | None,
+    window: RequestWindow | None,
 ) -> httpx.Response:
-    async with gate or nullcontext():
+    if window is None:
         return await post(client, body)
+    async with window.turn():
+        try:
+            response = await post(client, body)
+        except Exception:
+            window.served(False)
+            raise
+        window.served(response.status_code not in _RETRYABLE and response.status_code != 429)
+        return response
 
 
 async def _post_once(client: PrefectClient, body: dict[str, Any]) -> httpx.Response:
@@ -224,13 +302,13 @@ async def acquire_lease(
     lease_s: float = LEASE_S,
     post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]] = _post_once,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    gate: asyncio.Lock | None = None,
+    window: RequestWindow | None = None,
 ) -> UUID:
     """The lease id of `occupy` slots of limit `name`. Waits for the Retry-After given while
     the limit is full (423) or the API rate-limits (429); retries what the server could not
     serve (a 5xx, a dropped connection: no slot taken) after `acquire_backoff`. TimeoutError
-    after `timeout_s`; MissingLimitError if the limit does not exist. With `gate`, each POST
-    waits its turn on it (the retries' waits are outside it)."""
+    after `timeout_s`; MissingLimitError if the limit does not exist. With `window`, each POST
+    waits for room in it (the retries' waits are outside it)."""
     import httpx
 
     body = {"names": [name], "slots": occupy, "mode": "concurrency", "lease_duration": lease_s}
@@ -239,7 +317,7 @@ async def acquire_lease(
     while True:
         # Shielded: a holder cancelled while its request is out (a cancelled run) must not
         # lose a lease the server grants anyway, or its slots stay taken until it expires.
-        sent = asyncio.ensure_future(_in_turn(post, client, body, gate))
+        sent = asyncio.ensure_future(_in_turn(post, client, body, window))
         try:
             response = await asyncio.shield(sent)
         except asyncio.CancelledError:
@@ -332,7 +410,7 @@ async def hold_slots(
 
     async with get_client() as client:
         lease_id = await acquire_lease(
-            client, name, occupy, timeout_s=timeout_s, lease_s=lease_s, gate=SLOT_REQUESTS.get()
+            client, name, occupy, timeout_s=timeout_s, lease_s=lease_s, window=SLOT_REQUESTS.get()
         )
         renewal = asyncio.create_task(_renew(client, lease_id, lease_s))
         try:
