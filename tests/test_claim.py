@@ -313,6 +313,31 @@ def test_a_refused_submit_gives_its_claim_back(
     assert stored is not None and stored.prediction_id == got.prediction_id
 
 
+def test_the_submit_time_is_the_services_answer_not_the_ledgers_write(
+    make_stack: Callable[..., Stack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first poll is aimed from `submitted_at`: taken after the ledger's record of the
+    id, every first poll came that write's round trip late. It is the time the POST was
+    answered, before the write, and the ledger records the same time."""
+    stack = make_stack()
+    ledger = FileLedger(tmp_path / "ledger")
+    writes: list[datetime] = []
+    record = ledger.record_prediction
+
+    def slow_record(entry: LedgerEntry, prediction_id: str, **kw: Any) -> LedgerEntry | None:
+        writes.append(datetime.now(UTC))
+        return record(entry, prediction_id, **kw)
+
+    monkeypatch.setattr(ledger, "record_prediction", slow_record)
+    request = derive_seed(req("answered-at"))
+    with WaveSpeedClient(stack.emulator.api_key, stack.emulator.base_url) as client:
+        got = submit_once(client, request, ledger=ledger)
+        key = request_key(request, service=client.service_id)
+    assert len(writes) == 1 and got.submitted_at <= writes[0]
+    stored = ledger.read(key)
+    assert stored is not None and stored.submitted_at == got.submitted_at
+
+
 def test_threads_of_one_process_submit_one_request_once(
     make_stack: Callable[..., Stack], s3_store: Any
 ) -> None:

@@ -244,11 +244,14 @@ class Ledger(ABC):
             raise SubmissionUncertainError(f"request {request_key[:12]}: claimed meanwhile")
         return entry
 
-    def record_prediction(self, entry: LedgerEntry, prediction_id: str) -> LedgerEntry | None:
-        """Write the prediction id over this owner's claim. None: the claim was taken over
-        meanwhile (its lease ran out); the caller reads what is there now."""
+    def record_prediction(
+        self, entry: LedgerEntry, prediction_id: str, *, at: datetime | None = None
+    ) -> LedgerEntry | None:
+        """Write the prediction id (submitted `at`; None: now) over this owner's claim. None:
+        the claim was taken over meanwhile (its lease ran out); the caller reads what is there
+        now."""
         done = entry.model_copy(
-            update={"prediction_id": prediction_id, "submitted_at": datetime.now(UTC)}
+            update={"prediction_id": prediction_id, "submitted_at": at or datetime.now(UTC)}
         )
         return self.replace(done, expected=entry)
 

@@ -128,8 +128,8 @@ def submit_once(
         body = client.prepare(request)
         if before_post is not None:
             before_post()
-        prediction = _post(client, request, body, key, budget, name, log)
-        return submitted(prediction.id, body, datetime.now(UTC), run_id)
+        prediction, answered = _post(client, request, body, key, budget, name, log)
+        return submitted(prediction.id, body, answered, run_id)
 
     lease_s = settings.current().claim_lease_s if lease_s is None else lease_s
     # A live owner is never overtaken: the claim outlasts the POST with all its retries and
@@ -182,7 +182,7 @@ def submit_once(
                     pid = _recorded(ledger, mine, taken, name, log)
                     return submitted(pid, earlier.payload, earlier.intent_at, run_id)
             try:
-                prediction = _post(client, request, payload, key, budget, name, log)
+                prediction, answered = _post(client, request, payload, key, budget, name, log)
             except SubmissionUncertainError:
                 # The task may exist and be billed: look for it before giving up; the claim
                 # stays ours (its lease keeps other machines waiting) and the budget kept.
@@ -211,8 +211,10 @@ def submit_once(
                 # taken over at once, by whoever checks the history first.
                 _release(ledger, mine, created_nothing=_refused(exc), log=log)
                 raise
-            pid = _recorded(ledger, mine, prediction.id, name, log)
-            return submitted(pid, payload, datetime.now(UTC), run_id)
+            # The time the service answered, not after the ledger's write: the first poll is
+            # aimed from it (a later one made every first poll late by that write).
+            pid = _recorded(ledger, mine, prediction.id, name, log, at=answered)
+            return submitted(pid, payload, answered, run_id)
     raise SubmissionUncertainError(
         f"{name}: the ledger's record for this request kept changing under {CLAIM_ROUNDS} "
         "reads (many machines at once?); nothing was sent. Retry."
@@ -231,13 +233,14 @@ def _post(
     budget: Budget | None,
     name: str,
     log: _Log,
-) -> Prediction:
+) -> tuple[Prediction, datetime]:
     """POST, with a budget reservation kept for every submit that may have reached the
-    service and given back on every other path."""
+    service and given back on every other path; the prediction and when it was answered."""
     if budget is not None:
         budget.reserve(key, request.cost_usd)
     try:
         prediction = client.submit_payload(payload)
+        answered = datetime.now(UTC)
     except SubmissionUncertainError:
         raise
     except Exception:
@@ -253,7 +256,7 @@ def _post(
         request.seed,
         request.cost_usd,
     )
-    return prediction
+    return prediction, answered
 
 
 def _post_bound_s(client: WaveSpeedClient) -> float:
@@ -346,11 +349,12 @@ def _recorded(
     prediction_id: str,
     name: str,
     log: _Log,
+    at: datetime | None = None,
 ) -> str:
-    """Record the id over our claim. When the claim was taken over meanwhile (our submit
-    outlived its lease), the record that is there now decides, loudly."""
+    """Record the id (submitted `at`) over our claim. When the claim was taken over meanwhile
+    (our submit outlived its lease), the record that is there now decides, loudly."""
     for _ in range(CLAIM_ROUNDS):
-        if ledger.record_prediction(mine, prediction_id) is not None:
+        if ledger.record_prediction(mine, prediction_id, at=at) is not None:
             return prediction_id
         now = ledger.read(mine.request_key)
         if now is None:
