@@ -193,3 +193,61 @@ def test_a_slow_answer_to_a_first_poll_that_hit_is_not_a_miss(
     assert tasks.wait_for_prediction(miss, poll=policy).status.value == "completed"
     assert stack.stats()["polls_by_prediction"][miss.prediction_id] == 2
     assert extra_margin() == pytest.approx(0.5)  # widened (and doubling per miss)
+
+
+def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_poll(
+    make_stack: Callable[..., Any], monkeypatch: Any
+) -> None:
+    """The account's history was read before anything else of a run: a service round trip
+    before the first submit, in every new worker process. It is now read beside the slot
+    and the submit; the wait, whose first poll is aimed from it, waits for it (at most
+    until the fixed first poll)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime
+
+    from tests.conftest import SAMPLE, run_video
+    from wan_tasks.flows.options import RunOptions
+    from wan_tasks.integration import tasks
+    from wan_tasks.integration.runtime import wavespeed_client
+
+    stack = make_stack(latency_s=4.0)
+    client = wavespeed_client()
+    quick = PollPolicy(first_poll_after=4.0, min_interval=0.5, max_interval=1.0, jitter=0.0)
+    with ThreadPoolExecutor(3) as pool:  # the account's history: three 4 s tasks
+        done = pool.map(
+            lambda i: client.run(I2VRequest(image=str(SAMPLE), prompt=f"earlier {i}"), poll=quick),
+            range(3),
+        )
+        assert all(p.status.value == "completed" for p in done)
+    learned = InferenceTimes()
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
+    answered: list[datetime] = []
+    read = learned.seed_from_history
+
+    def seed(*args: Any, **kwargs: Any) -> int:
+        learned_from = read(*args, **kwargs)
+        answered.append(datetime.now(UTC))
+        return learned_from
+
+    monkeypatch.setattr(learned, "seed_from_history", seed)
+    first_polls: list[tuple[datetime, float | None]] = []
+    aim = tasks._first_poll
+
+    def first_poll(submitted: Any, policy: PollPolicy) -> tuple[float, float | None]:
+        pause, aimed = aim(submitted, policy)
+        first_polls.append((submitted.submitted_at, aimed))
+        return pause, aimed
+
+    monkeypatch.setattr(tasks, "_first_poll", first_poll)
+    # The history answers 2.5 s late; unaimed, the first poll would come at 30 s.
+    stack.emulator.set_faults({"script": {"history": ["slow"]}, "slow_s": 2.5})
+    policy = PollPolicy(first_poll_after=30.0, min_interval=0.5, max_interval=1.0, jitter=0.0)
+    out = run_video(
+        I2VRequest(image=str(SAMPLE), prompt="beside the history"),
+        options=RunOptions(poll=policy),
+    )
+    assert out.status == "archived"
+    ((submitted_at, aimed),) = first_polls
+    assert len(answered) == 1 and submitted_at < answered[0]  # submitted before the answer
+    assert aimed is not None and aimed >= 3.9  # aimed from the history's 4 s tasks
+    assert stack.stats()["polls_by_prediction"][out.prediction_id] == 1

@@ -8,7 +8,9 @@ usually the slowest of them, with times spread wider an earlier one. Then come t
 margin and an extra margin for what `timings.inference` leaves out (queueing, output upload):
 it doubles when an aimed poll finds running a task whose own inference fitted the aim (a miss
 the spread of the times does not explain) and decays slowly while polls hit. Seeded from the
-account's history at the start of a run, so even a run's first wave aims.
+account's history at the start of a run, so even a run's first wave aims: in the background
+(`seed_in_background`), beside the run's first slot and submit, and waited for only by a wait
+that would otherwise poll at the fixed time (`learning`).
 
 It aimed at the 80th percentile and widened on every miss: with inference times that vary
 (10 s +- 1.5 s in the emulator), one first poll in five missed by design, each miss doubled
@@ -17,11 +19,13 @@ the margin, and a 40-video batch kept half its lanes idle (bench/batch.py --late
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
 import threading
 from collections import deque
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -46,6 +50,7 @@ class InferenceTimes:
         self._seen: dict[Key, deque[float]] = {}
         self._extra: dict[Key, float] = {}
         self._seeded: set[str] = set()
+        self._seeding: dict[str, Future[int]] = {}
         self._lock = threading.Lock()
 
     def record(
@@ -113,6 +118,40 @@ class InferenceTimes:
         with self._lock:
             extra = self._extra.get((model, duration), 0.0)
         return aim + policy.first_poll_margin + extra, aim
+
+    def seed_in_background(self, client: WaveSpeedClient, model: str) -> Future[int]:
+        """`seed_from_history` in a thread of its own, once per model: the history call is
+        then off the run's way to its first submit. The future's result: tasks learned from
+        (0 when the history was read already)."""
+        learning: Future[int] = Future()
+        with self._lock:
+            running = self._seeding.get(model)
+            if running is not None and not running.done():
+                return running
+            known = model in self._seeded or any(k[0] == model for k in self._seen)
+            if not known:
+                self._seeding[model] = learning
+        if known:  # read once a process: a later run learns nothing new from it
+            learning.set_result(0)
+            return learning
+
+        def seed() -> None:
+            learning.set_running_or_notify_cancel()  # running: nobody can cancel it now
+            try:
+                learning.set_result(self.seed_from_history(client, model))
+            except BaseException as exc:  # a bug: the waits then poll at the fixed time
+                learning.set_exception(exc)
+
+        run = contextvars.copy_context().run
+        threading.Thread(target=run, args=(seed,), name="wan-history", daemon=True).start()
+        return learning
+
+    def learning(self, model: str) -> Future[int] | None:
+        """The history read for `model` while it is under way; None once it is done (or
+        when none was started)."""
+        with self._lock:
+            running = self._seeding.get(model)
+        return running if running is not None and not running.done() else None
 
     def seed_from_history(
         self,

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
@@ -285,9 +285,8 @@ class Producer:
         except MissingLimitError as exc:
             return [failed_outcome(job, exc) for job in jobs]
         if self.options.poll.learn_first_poll:
-            learned = learn_inference_times(self.options.credentials_block)
-            if learned:
-                logger.info("first polls aimed from %d recent tasks in the history", learned)
+            # In the background: the history call is not on the way to the first submit.
+            learn_inference_times(self.options.credentials_block).add_done_callback(_learned)
         # A batch logs one progress line; a single video its "still running" notices.
         self._notices = len(jobs) == 1
         # progress: a line in the run's log (batches) and the CLI's live display.
@@ -483,6 +482,13 @@ def keep_client_open_for(pools: list[ThreadPoolExecutor]) -> None:
             client.__exit__(None, None, None)
 
     threading.Thread(target=drain, name="wan-drain", daemon=True).start()
+
+
+def _learned(reading: Future[int]) -> None:
+    if reading.exception() is not None:
+        logger.warning("first polls not aimed from the history: %r", reading.exception())
+    elif reading.result():
+        logger.info("first polls aimed from %d recent tasks in the history", reading.result())
 
 
 def failed_outcome(job: VideoJob, exc: BaseException) -> VideoOutcome:

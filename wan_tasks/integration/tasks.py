@@ -20,6 +20,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -151,13 +153,13 @@ def serializable(policy: CacheKeyFnPolicy) -> Any:
     return policy.configure(isolation_level="SERIALIZABLE", lock_manager=TASK_LOCKS)
 
 
-def learn_inference_times(credentials_block: str | None = None) -> int:
-    """Aim this process's first polls from the account's recent tasks (one history call, once
-    per process and model); returns how many tasks it learned from."""
+def learn_inference_times(credentials_block: str | None = None) -> Future[int]:
+    """Aim this process's first polls from the account's recent tasks: one history call, once
+    per process and model, in the background (the run goes on to its first submit beside it;
+    a wait that needs it waits for it: `_history_read`). The future's result: how many tasks
+    it learned from."""
     client = wavespeed_client(credentials_block)
-    if INFERENCE_TIMES.seeded(client.ops.model):
-        return 0
-    return INFERENCE_TIMES.seed_from_history(client, client.ops.model)
+    return INFERENCE_TIMES.seed_in_background(client, client.ops.model)
 
 
 # -- task run names: what each run works on, told apart in the UI --------------------------
@@ -297,6 +299,9 @@ def wait_for_prediction(
     """
     client = wavespeed_client(credentials_block)
     policy = poll or client.ops.poll
+    reading = _history_read(submitted, policy)
+    if reading is not None:
+        futures.wait([reading[0]], timeout=reading[1])
     pause, aimed = _first_poll(submitted, policy)
     polled: list[int] = []  # how many polls the wait made
     # progress: "still running after 40 s", also during the (often long) sleep to the first poll
@@ -349,6 +354,9 @@ async def await_prediction(
     """
     client = await async_wavespeed_client(credentials_block)
     policy = poll or client.ops.poll
+    reading = _history_read(submitted, policy)
+    if reading is not None:
+        await asyncio.wait([asyncio.wrap_future(reading[0])], timeout=reading[1])
     pause, aimed = _first_poll(submitted, policy)
     polled: list[int] = []  # how many polls the wait made
     notifier = asyncio.ensure_future(_still_running(submitted)) if notices else None
@@ -370,6 +378,20 @@ async def await_prediction(
         if notifier is not None:
             notifier.cancel()
     return _waited(submitted, prediction, aimed=aimed, polls=polled[-1])
+
+
+def _history_read(
+    submitted: SubmittedVideo, policy: PollPolicy
+) -> tuple[Future[int], float] | None:
+    """The run's history read, when it is still under way and the first poll would be aimed
+    from it, with how long it is worth waiting for: until the fixed first poll (past that,
+    the wait polls at the fixed time as it would have without the history, and waiting
+    cost nothing: the task is running meanwhile)."""
+    reading = INFERENCE_TIMES.learning(submitted.model) if policy.learn_first_poll else None
+    if reading is None:
+        return None
+    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    return reading, max(0.0, policy.first_poll_after - age)
 
 
 def _first_poll(submitted: SubmittedVideo, policy: PollPolicy) -> tuple[float, float | None]:
