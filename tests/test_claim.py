@@ -318,22 +318,30 @@ def test_the_submit_time_is_the_services_answer_not_the_ledgers_write(
 ) -> None:
     """The first poll is aimed from `submitted_at`: taken after the ledger's record of the
     id, every first poll came that write's round trip late. It is the time the POST was
-    answered, before the write, and the ledger records the same time."""
+    answered: after the answer, before the write; the ledger records the same time."""
     stack = make_stack()
     ledger = FileLedger(tmp_path / "ledger")
+    answers: list[datetime] = []
     writes: list[datetime] = []
-    record = ledger.record_prediction
+    submit, record = WaveSpeedClient.submit_payload, ledger.record_prediction
 
-    def slow_record(entry: LedgerEntry, prediction_id: str, **kw: Any) -> LedgerEntry | None:
+    def submit_payload(self: WaveSpeedClient, *args: Any, **kw: Any) -> Any:
+        prediction = submit(self, *args, **kw)
+        answers.append(datetime.now(UTC))
+        return prediction
+
+    def recording(entry: LedgerEntry, prediction_id: str, **kw: Any) -> LedgerEntry | None:
         writes.append(datetime.now(UTC))
         return record(entry, prediction_id, **kw)
 
-    monkeypatch.setattr(ledger, "record_prediction", slow_record)
+    monkeypatch.setattr(WaveSpeedClient, "submit_payload", submit_payload)
+    monkeypatch.setattr(ledger, "record_prediction", recording)
     request = derive_seed(req("answered-at"))
     with WaveSpeedClient(stack.emulator.api_key, stack.emulator.base_url) as client:
         got = submit_once(client, request, ledger=ledger)
         key = request_key(request, service=client.service_id)
-    assert len(writes) == 1 and got.submitted_at <= writes[0]
+    assert len(answers) == len(writes) == 1
+    assert answers[0] <= got.submitted_at <= writes[0]
     stored = ledger.read(key)
     assert stored is not None and stored.submitted_at == got.submitted_at
 

@@ -200,12 +200,13 @@ def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_po
 ) -> None:
     """The account's history was read before anything else of a run: a service round trip
     before the first submit, in every new worker process. It is now read beside the slot
-    and the submit; the wait, whose first poll is aimed from it, waits for it (at most
-    until the fixed first poll)."""
+    and the submit; the wait, whose first poll is aimed from it, waits for it. Here the
+    history answers only once the submit was answered: before, the run waited for it."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
-    from datetime import UTC, datetime
 
     from tests.conftest import SAMPLE, run_video
+    from wan_tasks.api.client import WaveSpeedClient
     from wan_tasks.flows.options import RunOptions
     from wan_tasks.integration import tasks
     from wan_tasks.integration.runtime import wavespeed_client
@@ -221,33 +222,82 @@ def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_po
         assert all(p.status.value == "completed" for p in done)
     learned = InferenceTimes()
     monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
-    answered: list[datetime] = []
+    submit_answered = threading.Event()
+    submit = WaveSpeedClient.submit_payload
+
+    def submit_payload(self: WaveSpeedClient, *args: Any, **kwargs: Any) -> Any:
+        prediction = submit(self, *args, **kwargs)
+        submit_answered.set()
+        return prediction
+
+    monkeypatch.setattr(WaveSpeedClient, "submit_payload", submit_payload)
+    after_the_submit: list[bool] = []
     read = learned.seed_from_history
 
     def seed(*args: Any, **kwargs: Any) -> int:
-        learned_from = read(*args, **kwargs)
-        answered.append(datetime.now(UTC))
-        return learned_from
+        after_the_submit.append(submit_answered.wait(20))
+        return read(*args, **kwargs)
 
     monkeypatch.setattr(learned, "seed_from_history", seed)
-    first_polls: list[tuple[datetime, float | None]] = []
-    aim = tasks._first_poll
-
-    def first_poll(submitted: Any, policy: PollPolicy) -> tuple[float, float | None]:
-        pause, aimed = aim(submitted, policy)
-        first_polls.append((submitted.submitted_at, aimed))
-        return pause, aimed
-
-    monkeypatch.setattr(tasks, "_first_poll", first_poll)
-    # The history answers 2.5 s late; unaimed, the first poll would come at 30 s.
-    stack.emulator.set_faults({"script": {"history": ["slow"]}, "slow_s": 2.5})
+    first_polls = _first_polls(monkeypatch)
+    # Unaimed, the first poll would come at 30 s.
     policy = PollPolicy(first_poll_after=30.0, min_interval=0.5, max_interval=1.0, jitter=0.0)
     out = run_video(
         I2VRequest(image=str(SAMPLE), prompt="beside the history"),
         options=RunOptions(poll=policy),
     )
     assert out.status == "archived"
-    ((submitted_at, aimed),) = first_polls
-    assert len(answered) == 1 and submitted_at < answered[0]  # submitted before the answer
+    assert after_the_submit == [True]
+    ((_, aimed),) = first_polls
     assert aimed is not None and aimed >= 3.9  # aimed from the history's 4 s tasks
     assert stack.stats()["polls_by_prediction"][out.prediction_id] == 1
+
+
+def test_a_history_read_that_does_not_end_leaves_the_first_poll_at_its_fixed_time(
+    make_stack: Callable[..., Any], monkeypatch: Any
+) -> None:
+    """The wait waits for the history at most until its fixed first poll: a read that hangs
+    costs the first poll its aim, never the video."""
+    import threading
+
+    from tests.conftest import SAMPLE, run_video
+    from wan_tasks.flows.options import RunOptions
+    from wan_tasks.integration import tasks
+
+    make_stack(latency_s=0.3)
+    learned = InferenceTimes()
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
+    release = threading.Event()
+
+    def seed(*args: Any, **kwargs: Any) -> int:
+        release.wait(60)
+        return 0
+
+    monkeypatch.setattr(learned, "seed_from_history", seed)
+    first_polls = _first_polls(monkeypatch)
+    policy = PollPolicy(first_poll_after=1.0, min_interval=0.5, max_interval=1.0, jitter=0.0)
+    try:
+        out = run_video(
+            I2VRequest(image=str(SAMPLE), prompt="history hangs"), options=RunOptions(poll=policy)
+        )
+        still_reading = learned.learning(MODEL) is not None
+    finally:
+        release.set()
+    assert out.status == "archived" and still_reading
+    ((pause, aimed),) = first_polls
+    assert aimed is None and pause <= 1.0
+
+
+def _first_polls(monkeypatch: Any) -> list[tuple[float, float | None]]:
+    """What each wait's first poll was: (seconds to it, the inference time it aimed at)."""
+    from wan_tasks.integration import tasks
+
+    seen: list[tuple[float, float | None]] = []
+    aim = tasks._first_poll
+
+    def first_poll(submitted: Any, policy: PollPolicy) -> tuple[float, float | None]:
+        seen.append(aim(submitted, policy))
+        return seen[-1]
+
+    monkeypatch.setattr(tasks, "_first_poll", first_poll)
+    return seen

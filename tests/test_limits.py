@@ -231,53 +231,77 @@ def test_a_runs_slot_requests_go_out_as_the_server_keeps_up() -> None:
     assert unpaced.most == 10 and unpaced.refused > 2 * paced
 
 
-def test_the_window_grows_on_answers_shrinks_on_refusals_and_loses_nothing_to_a_cancel() -> None:
-    """The window's own decisions: 1 at first; +1 per served answer up to MOST; halved by
-    a refusal, never below 1, and slower to grow after each; a waiter cancelled in the
-    queue takes no room."""
+def test_the_window_grows_on_answers_and_is_cut_once_a_burst() -> None:
+    """The window's own decisions: 1 at first; +1 per served answer up to MOST; the refusals
+    of requests out together cut it once (halved, never below 1), and growing again then
+    takes twice as many answers, until STREAK answers in a row halve that again."""
 
     async def run() -> list[int]:
-        window = limits.RequestWindow(most=4)
+        window = limits.RequestWindow()
+
+        async def answered(ok: bool) -> None:
+            number = await window.enter()
+            window.leave()
+            window.served(ok, number)
+
         seen = [window.size]
         for _ in range(6):
-            window.served(True)
+            await answered(True)
         seen.append(window.size)
-        window.served(False)
+        burst = [await window.enter() for _ in range(7)]  # out together, all refused
+        for number in burst:
+            window.leave()
+            window.served(False, number)
         seen.append(window.size)
-        for _ in range(3):
-            window.served(False)
+        await answered(False)  # sent after the cut: cuts again
         seen.append(window.size)
-        for _ in range(15):  # refused 4 times: growing again takes 16 served answers
-            window.served(True)
-        seen.append(window.size)
-        window.served(True)
-        seen.append(window.size)
-        for _ in range(4):
-            window.served(False)
-
-        entered = asyncio.Event()
-        release = asyncio.Event()
-
-        async def holder() -> None:
-            async with window.turn():
-                entered.set()
-                await release.wait()
-
-        first = asyncio.create_task(holder())
-        await entered.wait()
-        queued = asyncio.create_task(holder())
-        await asyncio.sleep(0)
-        queued.cancel()
-        await asyncio.gather(queued, return_exceptions=True)
-        release.set()
-        await first
-        seen.append(window.out)
-        async with asyncio.timeout(1):  # room again: a third gets in at once
-            async with window.turn():
-                seen.append(window.out)
+        # Cut twice: 4 answers a step; after 32 in a row, 2.
+        for steps in (3, 1, 4, 24, 2):
+            for _ in range(steps):
+                await answered(True)
+            seen.append(window.size)
         return seen
 
-    assert asyncio.run(run()) == [1, 4, 2, 1, 1, 2, 0, 1]
+    assert limits.RequestWindow.STREAK == 32
+    assert asyncio.run(run()) == [1, 7, 3, 1, 1, 2, 3, 9, 10]
+
+
+def test_a_lane_cancelled_while_it_waits_for_the_window_sends_nothing() -> None:
+    """A lane waiting for room (its run cancelled) leaves without sending its request, so
+    no slot is taken and given back behind it; one whose request failed makes room again."""
+    sent: list[int] = []
+    answer = asyncio.Event()
+
+    async def post(client: Any, body: dict[str, Any]) -> httpx.Response:
+        sent.append(body["slots"])
+        if body["slots"] == 3 and sent.count(3) == 1:
+            raise httpx.ConnectError("dropped")
+        await answer.wait()
+        return httpx.Response(200, json=GRANTED, request=httpx.Request("POST", "http://p.test"))
+
+    async def instant(_: float) -> None:
+        await asyncio.sleep(0)
+
+    async def run() -> int:
+        window = limits.RequestWindow()
+
+        def lane(slots: int) -> Any:
+            return acquire_lease(None, "l", slots, post=post, window=window, sleep=instant)  # type: ignore[arg-type]
+
+        first = asyncio.create_task(lane(1))
+        queued = asyncio.create_task(lane(2))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert sent == [1] and window.out == 1
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        answer.set()
+        await first
+        await lane(3)  # dropped once, asked again
+        return window.out
+
+    assert asyncio.run(run()) == 0
+    assert sent == [1, 3, 3]
 
 
 def test_a_lease_is_held_then_given_back_on_a_real_server(prefect_server: None) -> None:

@@ -136,14 +136,22 @@ class InferenceTimes:
             return learning
 
         def seed() -> None:
-            learning.set_running_or_notify_cancel()  # running: nobody can cancel it now
+            if not learning.set_running_or_notify_cancel():  # cancelled before it began
+                return
             try:
-                learning.set_result(self.seed_from_history(client, model))
-            except BaseException as exc:  # a bug: the waits then poll at the fixed time
-                learning.set_exception(exc)
+                learned = self.seed_from_history(client, model)
+            except Exception as exc:  # a bug: the first polls then come at the fixed time
+                logger.warning("first polls not aimed from the history: %r", exc)
+                learned = 0
+            learning.set_result(learned)
 
         run = contextvars.copy_context().run
-        threading.Thread(target=run, args=(seed,), name="wan-history", daemon=True).start()
+        try:
+            threading.Thread(target=run, args=(seed,), name="wan-history", daemon=True).start()
+        except RuntimeError:  # no thread to be had: nobody waits for a read that never ends
+            learning.cancel()
+            with self._lock:
+                self._seeding.pop(model, None)
         return learning
 
     def learning(self, model: str) -> Future[int] | None:

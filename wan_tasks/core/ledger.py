@@ -251,7 +251,10 @@ class Ledger(ABC):
         the claim was taken over meanwhile (its lease ran out); the caller reads what is there
         now."""
         done = entry.model_copy(
-            update={"prediction_id": prediction_id, "submitted_at": at or datetime.now(UTC)}
+            update={
+                "prediction_id": prediction_id,
+                "submitted_at": at if at is not None else datetime.now(UTC),
+            }
         )
         return self.replace(done, expected=entry)
 

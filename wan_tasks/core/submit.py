@@ -179,7 +179,7 @@ def submit_once(
             if earlier is not None and not earlier.released:
                 taken = _reconcile_taken_over(client, earlier, others, settle_s, name, log)
                 if taken is not None:
-                    pid = _recorded(ledger, mine, taken, name, log)
+                    pid = _recorded(ledger, mine, taken, name, log, at=earlier.intent_at)
                     return submitted(pid, earlier.payload, earlier.intent_at, run_id)
             try:
                 prediction, answered = _post(client, request, payload, key, budget, name, log)
@@ -194,7 +194,7 @@ def submit_once(
                             name,
                             found.id,
                         )
-                        pid = _recorded(ledger, mine, found.id, name, log)
+                        pid = _recorded(ledger, mine, found.id, name, log, at=mine.intent_at)
                         return submitted(pid, payload, mine.intent_at, run_id)
                 # The history, given time to settle, holds no such task: the service never
                 # took it. Whoever takes the claim over next (this task's retry, or another

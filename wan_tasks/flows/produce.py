@@ -485,9 +485,7 @@ def keep_client_open_for(pools: list[ThreadPoolExecutor]) -> None:
 
 
 def _learned(reading: Future[int]) -> None:
-    if reading.exception() is not None:
-        logger.warning("first polls not aimed from the history: %r", reading.exception())
-    elif reading.result():
+    if not reading.cancelled() and reading.result():
         logger.info("first polls aimed from %d recent tasks in the history", reading.result())
 
 

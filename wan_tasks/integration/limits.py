@@ -191,65 +191,77 @@ def acquire_backoff(attempt: int, rand: Callable[[], float] = random.random) -> 
 
 class RequestWindow:
     """How many of a run's slot requests may be out at once: 1 at first, one more after each
-    answer the server could serve (up to MOST), half as many after one it could not; after a
-    refusal, growing again takes twice as many served answers as before, so a server that
-    refuses company (SQLite) is probed less and less often. Waiters go in the order they
-    came; one cancelled while waiting takes nothing."""
+    answer the server could serve (up to MOST), half as many after one it could not, once a
+    burst (the refusals of requests sent before that cut count for nothing more). After a
+    cut, growing again takes twice as many served answers as before, and STREAK answers in a
+    row without a refusal halve that again: a server that refuses company (SQLite) is probed
+    less and less often, one that had a blip gets back to full pace. Waiters go in the
+    order they came; one cancelled while waiting takes nothing."""
 
     MOST = 16
     MOST_PATIENCE = 64
+    STREAK = 32
 
     def __init__(self, most: int = MOST) -> None:
         self.size = 1
         self.most = most
         self.out = 0
-        self._waiting: deque[asyncio.Future[None]] = deque()
-        # Served answers needed to grow by one, and those counted towards it.
+        self._waiting: deque[asyncio.Future[int]] = deque()
+        self._sent = 0  # requests let out so far; each one's number stamps its answer
+        self._cut_at = 0  # requests let out when the window was last cut
+        # Served answers needed to grow by one, those counted towards it, and those since
+        # the last cut or easing.
         self._patience = 1
         self._credit = 0
+        self._streak = 0
 
-    @asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def enter(self) -> int:
+        """Wait for room; the request's number (for `served`). Cancelled while waiting, it
+        takes nothing; once let in, its holder must `leave()`."""
         if self.out < self.size and not self._waiting:
-            self.out += 1
-        else:
-            ticket = asyncio.get_running_loop().create_future()
-            self._waiting.append(ticket)
-            try:
-                await ticket
-            except asyncio.CancelledError:
-                if ticket.done() and not ticket.cancelled():  # let in as it was cancelled
-                    self._leave()
-                elif ticket in self._waiting:
-                    self._waiting.remove(ticket)
-                raise
+            return self._let_out()
+        ticket: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(ticket)
         try:
-            yield
-        finally:
-            self._leave()
+            return await ticket
+        except asyncio.CancelledError:
+            if ticket.done() and not ticket.cancelled():  # let in as it was cancelled
+                self.leave()
+            elif ticket in self._waiting:
+                self._waiting.remove(ticket)
+            raise
 
-    def served(self, ok: bool) -> None:
-        """An answer came: `ok`, the server could serve the request (a grant, or "full")."""
-        if ok:
-            self._credit += 1
-            if self._credit >= self._patience:
-                self.size, self._credit = min(self.most, self.size + 1), 0
-        else:
-            self.size, self._credit = max(1, self.size // 2), 0
-            self._patience = min(self.MOST_PATIENCE, 2 * self._patience)
-        self._let_in()
-
-    def _leave(self) -> None:
+    def leave(self) -> None:
         self.out -= 1
         self._let_in()
+
+    def served(self, ok: bool, number: int) -> None:
+        """Request `number` was answered: `ok`, the server could serve it (a grant, or
+        "full"); else it refused (a 5xx, a dropped connection, a rate limit)."""
+        if ok:
+            self._credit += 1
+            self._streak += 1
+            if self._credit >= self._patience:
+                self.size, self._credit = min(self.most, self.size + 1), 0
+            if self._streak >= self.STREAK:
+                self._patience, self._streak = max(1, self._patience // 2), 0
+        elif number > self._cut_at:  # the first refusal of a burst cuts; the rest agree
+            self.size, self._credit, self._cut_at = max(1, self.size // 2), 0, self._sent
+            self._patience = min(self.MOST_PATIENCE, 2 * self._patience)
+            self._streak = 0
+        self._let_in()
+
+    def _let_out(self) -> int:
+        self.out += 1
+        self._sent += 1
+        return self._sent
 
     def _let_in(self) -> None:
         while self._waiting and self.out < self.size:
             ticket = self._waiting.popleft()
             if ticket.done():  # cancelled: its waiter is on its way out
                 continue
-            self.out += 1
-            ticket.set_result(None)
+            ticket.set_result(self._let_out())
 
 
 # The window a run's slot requests go through (None: no pacing). A ContextVar set by the
@@ -257,22 +269,25 @@ class RequestWindow:
 SLOT_REQUESTS: ContextVar[RequestWindow | None] = ContextVar("wan_slot_requests", default=None)
 
 
-async def _in_turn(
+async def _paced(
     post: Callable[[PrefectClient, dict[str, Any]], Awaitable[httpx.Response]],
     client: PrefectClient,
     body: dict[str, Any],
-    window: RequestWindow | None,
+    window: RequestWindow,
+    number: int,
 ) -> httpx.Response:
-    if window is None:
-        return await post(client, body)
-    async with window.turn():
-        try:
-            response = await post(client, body)
-        except Exception:
-            window.served(False)
-            raise
-        window.served(response.status_code not in _RETRYABLE and response.status_code != 429)
-        return response
+    """Request `number`, let in by `window`: its answer tells the window how the server is
+    doing, and its end makes room (also when its caller was cancelled meanwhile)."""
+    try:
+        response = await post(client, body)
+    except Exception:
+        window.served(False, number)
+        raise
+    finally:
+        window.leave()
+    code = response.status_code
+    window.served(code not in _RETRYABLE and code != 429, number)
+    return response
 
 
 async def _post_once(client: PrefectClient, body: dict[str, Any]) -> httpx.Response:
@@ -315,9 +330,14 @@ async def acquire_lease(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failures = 0
     while True:
-        # Shielded: a holder cancelled while its request is out (a cancelled run) must not
+        # Waiting for room in the window can be cancelled (nothing was sent); the request,
+        # once out, is shielded: a holder cancelled while it is out (a cancelled run) must not
         # lose a lease the server grants anyway, or its slots stay taken until it expires.
-        sent = asyncio.ensure_future(_in_turn(post, client, body, window))
+        if window is None:
+            sent = asyncio.ensure_future(post(client, body))
+        else:
+            number = await window.enter()
+            sent = asyncio.ensure_future(_paced(post, client, body, window, number))
         try:
             response = await asyncio.shield(sent)
         except asyncio.CancelledError:

@@ -387,9 +387,13 @@ def _history_read(
     from it, with how long it is worth waiting for: until the fixed first poll (past that,
     the wait polls at the fixed time as it would have without the history, and waiting
     cost nothing: the task is running meanwhile)."""
-    reading = INFERENCE_TIMES.learning(submitted.model) if policy.learn_first_poll else None
-    if reading is None:
+    if not policy.learn_first_poll:
         return None
+    reading = INFERENCE_TIMES.learning(submitted.model)
+    if reading is None or INFERENCE_TIMES.aim(
+        submitted.model, submitted.duration, policy.min_interval
+    ):
+        return None  # nothing under way, or the run's own tasks aim already
     age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
     return reading, max(0.0, policy.first_poll_after - age)
 
