@@ -212,10 +212,10 @@ def test_a_runs_slot_requests_go_out_as_the_server_keeps_up() -> None:
     """Ten lanes asking at once collided on a SQLite server, which answered 503 to all but
     one, again and again (10 lanes: 32 503s, the last lane 3 s late); one at a time, a
     PostgreSQL server's round trips put the last of 10 lanes 1.1 s behind the first (64
-    leases: ~6 s). The run's window lets one request out first, doubles while the server
+    leases: ~6 s). The run's window lets one request out first, grows while the server
     answers, halves on a refusal: against a server that keeps up, the requests of 64 lanes go
-    out several at once, in the order asked; against one that collides, barely more 503s
-    than lanes, where all at once keeps colliding."""
+    out several at once, in the order asked; against one that collides, fewer 503s than
+    lanes, where all at once keeps colliding."""
     keeps_up = _Server(collides=False)
     assert _lanes(keeps_up, limits.RequestWindow(), n=64) == 64
     assert keeps_up.order == list(range(1, 65))  # in the order asked
@@ -302,6 +302,61 @@ def test_a_lane_cancelled_while_it_waits_for_the_window_sends_nothing() -> None:
 
     assert asyncio.run(run()) == 0
     assert sent == [1, 3, 3]
+
+
+def test_a_refusal_cuts_the_window_before_it_makes_room_and_full_says_nothing() -> None:
+    """Four requests out, a fifth waiting: a 503 cuts the window (4 -> 2) before its request
+    makes room, so the fifth is not sent into the refusal; an answer "full" (423) neither
+    grows the window nor cuts it (nothing was granted, nothing collided)."""
+    sent: list[int] = []
+    answers: dict[int, asyncio.Future[int]] = {}
+
+    async def post(client: Any, body: dict[str, Any]) -> httpx.Response:
+        slots = body["slots"]
+        sent.append(slots)
+        answer = answers[slots] = asyncio.get_running_loop().create_future()
+        code = await answer
+        data = GRANTED if code == 200 else {"detail": "x"}
+        return httpx.Response(code, json=data, request=httpx.Request("POST", "http://p.test"))
+
+    async def instant(_: float) -> None:
+        await asyncio.sleep(0)
+
+    async def settle() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    async def run() -> list[int]:
+        window = limits.RequestWindow()
+        for _ in range(3):  # grown to 4 by served answers
+            number = await window.enter()
+            window.leave()
+            window.served(True, number)
+        sizes = [window.size]
+        number = await window.enter()
+        window.leave()
+        window.served(limits._verdict(423), number)
+        sizes.append(window.size)
+        lanes = [
+            asyncio.create_task(
+                acquire_lease(None, "l", k, post=post, window=window, sleep=instant)  # type: ignore[arg-type]
+            )
+            for k in range(1, 6)
+        ]
+        await settle()
+        assert sent == [1, 2, 3, 4]  # the fifth waits for room
+        answers.pop(1).set_result(503)
+        await settle()
+        sizes.append(window.size)
+        assert sent == [1, 2, 3, 4] and window.out == 3  # cut first: no room for the fifth
+        while answers or len(sent) < 6:
+            for slots in list(answers):
+                answers.pop(slots).set_result(200)
+            await settle()
+        await asyncio.gather(*lanes)
+        return [*sizes, window.out]
+
+    assert asyncio.run(run()) == [4, 4, 2, 0]
 
 
 def test_a_lease_is_held_then_given_back_on_a_real_server(prefect_server: None) -> None:

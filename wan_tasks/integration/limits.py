@@ -235,10 +235,12 @@ class RequestWindow:
         self.out -= 1
         self._let_in()
 
-    def served(self, ok: bool, number: int) -> None:
-        """Request `number` was answered: `ok`, the server could serve it (a grant, or
-        "full"); else it refused (a 5xx, a dropped connection, a rate limit)."""
-        if ok:
+    def served(self, ok: bool | None, number: int) -> None:
+        """Request `number` was answered: `ok`, the server served it (a grant); False, it
+        refused (a 5xx, a dropped connection, a rate limit); None, neither ("full")."""
+        if ok is None:
+            pass
+        elif ok:
             self._credit += 1
             self._streak += 1
             if self._credit >= self._patience:
@@ -277,17 +279,27 @@ async def _paced(
     number: int,
 ) -> httpx.Response:
     """Request `number`, let in by `window`: its answer tells the window how the server is
-    doing, and its end makes room (also when its caller was cancelled meanwhile)."""
+    doing (told before the request makes room: a refusal cuts the window first). The room
+    is made by the caller, when this task ends, however (also cancelled before it ran)."""
     try:
         response = await post(client, body)
     except Exception:
         window.served(False, number)
         raise
-    finally:
-        window.leave()
-    code = response.status_code
-    window.served(code not in _RETRYABLE and code != 429, number)
+    window.served(_verdict(response.status_code), number)
     return response
+
+
+def _leaving(window: RequestWindow) -> Callable[[object], None]:
+    return lambda _: window.leave()
+
+
+def _verdict(code: int) -> bool | None:
+    """What an answer says of the server's load: True served (a grant), False refused (a
+    5xx, a rate limit), None neither ("full": nothing was granted, nothing collided)."""
+    if code == 423:
+        return None
+    return not (code >= 500 or code in _RETRYABLE or code == 429)
 
 
 async def _post_once(client: PrefectClient, body: dict[str, Any]) -> httpx.Response:
@@ -338,6 +350,9 @@ async def acquire_lease(
         else:
             number = await window.enter()
             sent = asyncio.ensure_future(_paced(post, client, body, window, number))
+            # Room is made when the request's task ends, however: also cancelled before it
+            # ran (its own code would not have run to make it).
+            sent.add_done_callback(_leaving(window))
         try:
             response = await asyncio.shield(sent)
         except asyncio.CancelledError:
