@@ -11,7 +11,7 @@ generate_batch again on the finished (tuned) manifest. Every variant has its own
 The emulator renders each distinct duration once (`render_once`, as bench.growth does): a real
 render costs ~0.9 CPU-s a video here, on the two cores the system under test runs on, where
 the service renders on its own machines. `--real-render` renders every video (the figures
-in BENCHMARKS.md before 2026-12-07's "render once" note were measured that way).
+in BENCHMARKS.md above its section "A lane's cycle ..." of 2026-12-07 were measured that way).
 """
 
 from __future__ import annotations
