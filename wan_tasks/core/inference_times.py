@@ -99,7 +99,10 @@ class InferenceTimes:
     def seeded(self, model: str) -> bool:
         """Whether the history was read for `model` already (or tasks of it were seen)."""
         with self._lock:
-            return model in self._seeded or any(k[0] == model for k in self._seen)
+            return self._seeded_locked(model)
+
+    def _seeded_locked(self, model: str) -> bool:
+        return model in self._seeded or any(k[0] == model for k in self._seen)
 
     def first_poll_after(self, policy: PollPolicy, model: str, duration: int) -> tuple[float, bool]:
         """Seconds after the submit to poll first under `policy`, and whether that was aimed
@@ -128,7 +131,7 @@ class InferenceTimes:
             running = self._seeding.get(model)
             if running is not None and not running.done():
                 return running
-            known = model in self._seeded or any(k[0] == model for k in self._seen)
+            known = self._seeded_locked(model)
             if not known:
                 self._seeding[model] = learning
         if known:  # read once a process: a later run learns nothing new from it

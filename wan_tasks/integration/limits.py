@@ -238,16 +238,14 @@ class RequestWindow:
     def served(self, ok: bool | None, number: int) -> None:
         """Request `number` was answered: `ok`, the server served it (a grant); False, it
         refused (a 5xx, a dropped connection, a rate limit); None, neither ("full")."""
-        if ok is None:
-            pass
-        elif ok:
+        if ok:
             self._credit += 1
             self._streak += 1
             if self._credit >= self._patience:
                 self.size, self._credit = min(self.most, self.size + 1), 0
             if self._streak >= self.STREAK:
                 self._patience, self._streak = max(1, self._patience // 2), 0
-        elif number > self._cut_at:  # the first refusal of a burst cuts; the rest agree
+        elif ok is False and number > self._cut_at:  # a burst's first refusal cuts; not "full"
             self.size, self._credit, self._cut_at = max(1, self.size // 2), 0, self._sent
             self._patience = min(self.MOST_PATIENCE, 2 * self._patience)
             self._streak = 0

@@ -394,7 +394,7 @@ def _history_read(
         submitted.model, submitted.duration, policy.min_interval
     ):
         return None  # nothing under way, or the run's own tasks aim already
-    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    age = _age(submitted)
     return reading, max(0.0, policy.first_poll_after - age)
 
 
@@ -405,10 +405,15 @@ def _first_poll(submitted: SubmittedVideo, policy: PollPolicy) -> tuple[float, f
     The first poll lands near the expected inference time after the *submit*, not after the
     wait started; a reconnect to an old prediction polls at once."""
     first, aimed = INFERENCE_TIMES.aimed_poll(policy, submitted.model, submitted.duration)
-    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    age = _age(submitted)
     if 0 <= age < first:
         return first - age, aimed
     return 0.0, None
+
+
+def _age(submitted: SubmittedVideo) -> float:
+    """Seconds since the service answered the submit."""
+    return (datetime.now(UTC) - submitted.submitted_at).total_seconds()
 
 
 def _cancelled_after(submitted: SubmittedVideo, timeout_s: float) -> WaitTimeoutError:
@@ -725,12 +730,12 @@ async def _still_running(submitted: SubmittedVideo) -> None:
 
 
 def _next_notice_in(submitted: SubmittedVideo) -> float:
-    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    age = _age(submitted)
     return STILL_RUNNING_EVERY_S - age % STILL_RUNNING_EVERY_S
 
 
 def _still_running_line(submitted: SubmittedVideo, typical: float | None) -> str:
-    age = (datetime.now(UTC) - submitted.submitted_at).total_seconds()
+    age = _age(submitted)
     return (
         f"{submitted.prediction_id} ({submitted.item_id or 'video'}): still running after "
         f"{age:.0f} s" + (f"; typical {typical:.0f} s" if typical else "")
