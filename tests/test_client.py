@@ -912,3 +912,51 @@ def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert len(shared_ssl_context().get_ca_certs()) == 1
     assert loads == [str(tmp_path / "ca.pem")]
     assert shared_ssl_context() is shared_ssl_context()
+
+
+class _Bell:
+    """A `Wake` rung from another thread; records who listens."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[], None]] = []
+        self.unsubscribed = 0
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self.listeners.append(callback)
+
+        def unsubscribe() -> None:
+            self.unsubscribed += 1
+
+        return unsubscribe
+
+    def ring_from_a_thread(self) -> None:
+        def ring() -> None:
+            while not self.listeners:
+                time.sleep(0.01)
+            for listener in self.listeners:
+                listener()
+
+        threading.Thread(target=ring, daemon=True).start()
+
+
+def test_a_sleep_with_a_wake_ends_when_it_rings_in_both_drivers() -> None:
+    """A steered wait's sleep (`Sleep.wake`) ends when its news comes from another thread
+    (the sync driver, in a worker thread; the async one, on the event loop), says so, and
+    stops listening; one that is not rung sleeps it out and says it was not woken."""
+    from wan_tasks.api.client import _async_sleep, _sleep
+    from wan_tasks.api.operations import Sleep
+
+    bell = _Bell()
+    bell.ring_from_a_thread()
+    assert _sleep(Sleep(60.0, wake=bell)) is True and bell.unsubscribed == 1
+    quiet = _Bell()
+    assert _sleep(Sleep(0.01, wake=quiet)) is False and quiet.unsubscribed == 1
+
+    async def both() -> tuple[bool, bool]:
+        bell = _Bell()
+        bell.ring_from_a_thread()
+        rung = await _async_sleep(Sleep(60.0, wake=bell))
+        return rung, await _async_sleep(Sleep(0.01, wake=_Bell()))
+
+    assert asyncio.run(both()) == (True, False)
+    assert _sleep(Sleep(0.0)) is False  # no wake: a plain sleep

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -150,6 +151,38 @@ def test_seeded_from_the_accounts_history(
     assert not InferenceTimes().seeded(MODEL)
 
 
+def test_an_account_with_nothing_in_the_last_day_is_read_back_a_week(
+    make_emulator: Callable[..., Any], make_client: Callable[..., Any]
+) -> None:
+    """A daily schedule's previous run can be a little more than a day old: the history of
+    the last day is then empty, and the first wave went unaimed. The read now goes back as
+    far as the service keeps tasks (a week), and only when the last day has too few."""
+    from tests.conftest import SAMPLE
+
+    emu = make_emulator(latency_s=0.3)
+    client = make_client(emu)
+    for i in range(3):
+        client.run(I2VRequest(image=str(SAMPLE), prompt=f"yesterday {i}", duration=5))
+    engine = emu._server.engine
+    with engine.lock:
+        yesterday = list(engine.tasks.values())
+        for task in yesterday:
+            task.created -= 25 * 3600  # yesterday's run, an hour earlier than today's
+    before = emu.stats()["history_queries"]
+    times = InferenceTimes()
+    assert times.seed_from_history(client, MODEL) == 3
+    assert times.expected(MODEL, 5) is not None
+    assert emu.stats()["history_queries"] - before == 2  # the day, then the week
+    # Enough in the last day: one call, as before.
+    client.run(I2VRequest(image=str(SAMPLE), prompt="today", duration=5))
+    with engine.lock:
+        for task in yesterday:
+            task.created += 25 * 3600
+    before = emu.stats()["history_queries"]
+    assert InferenceTimes().seed_from_history(client, MODEL) == 4
+    assert emu.stats()["history_queries"] - before == 1
+
+
 def test_a_slow_answer_to_a_first_poll_that_hit_is_not_a_miss(
     make_stack: Callable[..., Any], monkeypatch: Any
 ) -> None:
@@ -200,7 +233,7 @@ def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_po
 ) -> None:
     """The account's history was read before anything else of a run: a service round trip
     before the first submit, in every new worker process. It is now read beside the slot
-    and the submit; the wait, whose first poll is aimed from it, waits for it. Here the
+    and the submit; the wait, whose first poll is aimed from it, listens for it. Here the
     history answers only once the submit was answered: before, the run waited for it."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -239,7 +272,7 @@ def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_po
         return read(*args, **kwargs)
 
     monkeypatch.setattr(learned, "seed_from_history", seed)
-    first_polls = _first_polls(monkeypatch)
+    aims = _aims(monkeypatch)
     # Unaimed, the first poll would come at 30 s.
     policy = PollPolicy(first_poll_after=30.0, min_interval=0.5, max_interval=1.0, jitter=0.0)
     out = run_video(
@@ -248,7 +281,7 @@ def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_po
     )
     assert out.status == "archived"
     assert after_the_submit == [True]
-    ((_, aimed),) = first_polls
+    (aimed,) = aims
     assert aimed is not None and aimed >= 3.9  # aimed from the history's 4 s tasks
     assert stack.stats()["polls_by_prediction"][out.prediction_id] == 1
 
@@ -256,8 +289,8 @@ def test_the_history_is_read_beside_the_first_submit_and_still_aims_its_first_po
 def test_a_history_read_that_does_not_end_leaves_the_first_poll_at_its_fixed_time(
     make_stack: Callable[..., Any], monkeypatch: Any
 ) -> None:
-    """The wait waits for the history at most until its fixed first poll: a read that hangs
-    costs the first poll its aim, never the video."""
+    """The wait listens for the history while it waits for its fixed first poll: a read that
+    hangs costs the first poll its aim, never the video."""
     import threading
 
     from tests.conftest import SAMPLE, run_video
@@ -267,37 +300,191 @@ def test_a_history_read_that_does_not_end_leaves_the_first_poll_at_its_fixed_tim
     make_stack(latency_s=0.3)
     learned = InferenceTimes()
     monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
-    release = threading.Event()
+    release, returned = threading.Event(), threading.Event()
 
     def seed(*args: Any, **kwargs: Any) -> int:
         release.wait(60)
+        returned.set()
         return 0
 
     monkeypatch.setattr(learned, "seed_from_history", seed)
-    first_polls = _first_polls(monkeypatch)
+    aims = _aims(monkeypatch)
     policy = PollPolicy(first_poll_after=1.0, min_interval=0.5, max_interval=1.0, jitter=0.0)
     try:
         out = run_video(
             I2VRequest(image=str(SAMPLE), prompt="history hangs"), options=RunOptions(poll=policy)
         )
-        still_reading = learned.learning(MODEL) is not None
+        still_reading = not returned.is_set()
     finally:
         release.set()
     assert out.status == "archived" and still_reading
-    ((pause, aimed),) = first_polls
-    assert aimed is None and pause <= 1.0
+    assert aims == [None]
 
 
-def _first_polls(monkeypatch: Any) -> list[tuple[float, float | None]]:
-    """What each wait's first poll was: (seconds to it, the inference time it aimed at)."""
+def _aims(monkeypatch: Any) -> list[float | None]:
+    """What each wait's first poll aimed at (None: not aimed at learned times)."""
     from wan_tasks.integration import tasks
 
-    seen: list[tuple[float, float | None]] = []
-    aim = tasks._first_poll
+    seen: list[float | None] = []
+    waited = tasks._waited
 
-    def first_poll(submitted: Any, policy: PollPolicy) -> tuple[float, float | None]:
-        seen.append(aim(submitted, policy))
-        return seen[-1]
+    def spy(submitted: Any, prediction: Any, *, aimed: float | None, polls: int) -> Any:
+        seen.append(aimed)
+        return waited(submitted, prediction, aimed=aimed, polls=polls)
 
-    monkeypatch.setattr(tasks, "_first_poll", first_poll)
+    monkeypatch.setattr(tasks, "_waited", spy)
     return seen
+
+
+def test_a_first_wave_staggers_listens_and_aims_once_a_time_is_learned() -> None:
+    """With nothing known for a model and duration, each wait polls on the policy's schedule
+    stretched by its own factor (the first: not at all; together they spread over one
+    growth step) and listens. The first time learned wakes the listeners, whose next poll
+    moves to that aim from their submit; a later wait aims its first poll at once; an aimed
+    poll that finds the task running goes back to the policy's schedule after a first
+    poll."""
+    from datetime import UTC, timedelta
+
+    times = InferenceTimes()
+    policy = PollPolicy(first_poll_after=10, min_interval=5, first_poll_margin=0.25, jitter=0.1)
+    t0 = datetime(2026, 12, 7, tzinfo=UTC)
+    clock = [t0]
+
+    def at(seconds: float) -> None:
+        clock[0] = t0 + timedelta(seconds=seconds)
+
+    def steer(submitted: float, duration: int = 5) -> Any:
+        return times.steer(
+            policy, MODEL, duration, t0 + timedelta(seconds=submitted), now=lambda: clock[0]
+        )
+
+    wave = [steer(0), steer(1)] + [steer(1) for _ in range(30)]
+    stretches = sorted(w.stretch for w in wave)
+    assert wave[0].stretch == 1.0 and all(1.0 <= x < 1.5 for x in stretches)
+    # Spread over the whole step: no gap between neighbours wider than 2/n of it.
+    gaps = [b - a for a, b in zip(stretches, [*stretches[1:], 1.5], strict=True)]
+    assert max(gaps) < 2 * 0.5 / len(wave)
+    assert steer(0, duration=8).stretch == 1.0  # each duration its own wave
+    first, listener = wave[0], wave[1]
+    stretch = listener.stretch
+    at(1)
+    assert first.next_poll(0, 0.0) == 9.0  # the policy's first poll, 10 s after its submit
+    assert listener.next_poll(0, 0.0) == pytest.approx(10 * stretch)
+    woken: list[str] = []
+    wake = listener.wake()
+    assert wake is not None
+    wake.subscribe(lambda: woken.append("listener"))
+    at(1 + 10 * stretch)
+    assert listener.next_poll(1, 5.5) == pytest.approx(5.5 * stretch)  # the next, stretched
+    at(2 + 10 * stretch)
+    times.record(MODEL, 5, 20.0)  # the first task of the wave to end took 20 s
+    assert woken == ["listener"]
+    # Woken: its next poll is 20.25 s after its own submit, not on its schedule.
+    assert listener.next_poll(1, 4.5) == pytest.approx(20.25 - (1 + 10 * stretch))
+    assert listener.wake() is None and listener.aimed_at is None  # aimed mid-wait only
+    times.record(MODEL, 5, 20.0)
+    assert woken == ["listener"]  # news once: later times wake nobody
+
+    later = steer(40)
+    at(40)
+    assert later.next_poll(0, 0.0) == pytest.approx(20.25) and later.aimed_at == 20.0
+    at(60.26)  # the aimed poll found it running
+    after = later.next_poll(1, 0.0)
+    assert 5.0 <= after <= 5.5  # min_interval (+ jitter), as after any first poll
+    at(61)
+    assert later.next_poll(1, 0.0) == pytest.approx(after - 0.74)  # the plan holds
+
+
+def test_news_that_came_between_a_look_and_a_sleep_wakes_it_at_once() -> None:
+    from datetime import UTC
+
+    times = InferenceTimes()
+    policy = PollPolicy(first_poll_after=10, min_interval=5)
+    waiting = times.steer(policy, MODEL, 8, datetime.now(UTC))
+    waiting.next_poll(0, 0.0)
+    stale = waiting.wake()
+    assert stale is not None
+    times.record(MODEL, 8, 30.0)
+    told: list[str] = []
+    stale.subscribe(lambda: told.append("at once"))
+    assert told == ["at once"]
+
+
+def test_a_first_wave_against_the_service_learns_from_its_first_task_to_end(
+    make_stack: Callable[..., Any], monkeypatch: Any
+) -> None:
+    """Four waits of a fresh account's first wave, on the event loop as a batch runs them,
+    on a schedule of 1, 2, 4, 8 s after the submit that each stretches by its own factor.
+    The first to see its 4.5 s task done tells the others, which were sleeping towards
+    their next poll: each then polls once more, at the aim, and finds its task done."""
+    import asyncio
+
+    from tests.conftest import SAMPLE
+    from wan_tasks.core.submit import submit_once
+    from wan_tasks.integration import tasks
+    from wan_tasks.integration.runtime import wavespeed_client
+
+    stack = make_stack(latency_s=4.5)
+    learned = InferenceTimes()
+    monkeypatch.setattr(tasks, "INFERENCE_TIMES", learned)
+    steers: dict[datetime, Any] = {}  # by the submit time of the wait's task
+    woken: dict[datetime, int] = {}  # polls made when the news woke it
+    make_steer = learned.steer
+
+    def steer(policy: PollPolicy, model: str, duration: int, submitted_at: datetime) -> Any:
+        made = make_steer(policy, model, duration, submitted_at)
+        steers[submitted_at] = made
+        listen = made.wake
+
+        def wake() -> Any:  # note which waits' sleeps the news woke, and when
+            inner = listen()
+            if inner is None:
+                return None
+
+            class Noted:
+                def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+                    def note() -> None:
+                        woken[submitted_at] = made._polls
+                        callback()
+
+                    return inner.subscribe(note)
+
+            return Noted()
+
+        made.wake = wake
+        return made
+
+    monkeypatch.setattr(learned, "steer", steer)
+    polls_made: dict[datetime, int] = {}
+    waited = tasks._waited
+
+    def spy(submitted: Any, prediction: Any, *, aimed: float | None, polls: int) -> Any:
+        polls_made[submitted.submitted_at] = polls
+        return waited(submitted, prediction, aimed=aimed, polls=polls)
+
+    monkeypatch.setattr(tasks, "_waited", spy)
+    client = wavespeed_client()
+    wave = [
+        submit_once(client, I2VRequest(image=str(SAMPLE), prompt=f"first wave {i}", seed=i))
+        for i in range(4)
+    ]
+    policy = PollPolicy(
+        first_poll_after=1.0, min_interval=1.0, multiplier=2.0, max_interval=1000, jitter=0.0
+    )
+
+    async def the_wave() -> list[Any]:
+        return await asyncio.gather(
+            *(tasks.await_prediction.fn(s, poll=policy, timeout_s=300, notices=False) for s in wave)
+        )
+
+    done = asyncio.run(the_wave())
+    assert all(p.status.value == "completed" for p in done)
+    assert set(steers) == set(polls_made) == {w.submitted_at for w in wave}
+    assert len({s.stretch for s in steers.values()}) == 4  # four different schedules
+    # The first to see its task done on its own schedule told the rest (at most one more
+    # could see its own by chance before the news reached it).
+    assert len(woken) >= 2
+    for at, before in woken.items():
+        assert polls_made[at] == before + 1  # one poll after the news, at the aim: done
+    assert max(polls_made.values()) <= 4  # none more often than the schedule
+    assert stack.stats()["submissions"] == 4

@@ -75,6 +75,7 @@ class Run:
         self.requests: list[httpx.Request] = []
         self.sleeps: list[float] = []
         self.timeline: list[tuple[str, float]] = []  # ("request" | "sleep", clock time)
+        self.wakes: list[float] = []  # clock times at which a sleep's `wake` fires
 
     def __call__(self, op: Operation[Any], script: Script | list[Answer]) -> Any:
         answers = list(script) if isinstance(script, list) else None
@@ -83,8 +84,16 @@ class Run:
             while True:
                 if isinstance(step, Sleep):
                     assert step.seconds >= 0
+                    end = self.clock.t + step.seconds
+                    due = [w for w in self.wakes if self.clock.t <= w < end]
+                    if step.wake is not None and due:
+                        self.wakes.remove(due[0])
+                        self.sleeps.append(due[0] - self.clock.t)
+                        self.clock.t = due[0]
+                        step = op.send(True)
+                        continue
                     self.sleeps.append(step.seconds)
-                    self.clock.t += step.seconds
+                    self.clock.t = end
                     step = op.send(None)
                     continue
                 assert isinstance(step, httpx.Request), f"unexpected step {step!r}"
@@ -266,6 +275,53 @@ def test_poll_deadline_shorter_than_the_first_poll() -> None:
     with pytest.raises(WaitTimeoutError):
         run(ops.wait(PID, timeout=3, poll_first=False), [env(pred())])
     assert run.sleeps == [3.0] and len(run.requests) == 1
+
+
+class ScriptedSteer:
+    """A PollSteer that knows nothing (its polls far off) until its news, at `news_at`, then
+    aims at `aim_at`; it listens only until it knows."""
+
+    class _Wake:
+        def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+            return lambda: None  # the in-memory driver fires it from Run.wakes
+
+    def __init__(self, clock: FakeClock, news_at: float, aim_at: float) -> None:
+        self.clock, self.news_at, self.aim_at = clock, news_at, aim_at
+        self.asked: list[tuple[int, float]] = []
+
+    def next_poll(self, polls: int, scheduled: float) -> float:
+        self.asked.append((polls, scheduled))
+        if self.clock.t < self.news_at:
+            return 100.0
+        return max(0.0, self.aim_at - self.clock.t)
+
+    def wake(self) -> Any:
+        return self._Wake() if self.clock.t < self.news_at else None
+
+
+def test_a_steered_wait_moves_its_next_poll_when_woken_and_keeps_the_floor() -> None:
+    """A wait with nothing to aim at sleeps on its steer's plan and is woken by news (the
+    first time learned for its model): it then polls at the new aim, never sooner than
+    min_interval after its last poll, and not past the deadline by more than that."""
+    ops, run, _ = make(poll=POLICY)
+    clock = run.clock
+    steer = ScriptedSteer(clock, news_at=1003.0, aim_at=1005.0)
+    run.wakes = [1003.0]
+    answers: list[Answer] = [env(pred()), env(DONE)]
+    done = run(ops.wait(PID, timeout=600, steer=steer), answers)
+    assert done.status is PredictionStatus.COMPLETED
+    # Woken at 3 s (planned 100), polled at the aim (5 s); running: the steer says "now",
+    # the floor makes it 5 s later.
+    assert run.poll_times == [1005.0, 1010.0]
+    assert run.sleeps == [3.0, 2.0, 5.0]
+    assert steer.asked[0] == (0, 0.0)  # the steer plans the first poll too
+
+    # Nothing ever learned: the plan holds until the deadline, where the last poll comes.
+    ops, run, _ = make(poll=POLICY)
+    never = ScriptedSteer(run.clock, news_at=float("inf"), aim_at=0.0)
+    with pytest.raises(WaitTimeoutError):
+        run(ops.wait(PID, timeout=60, steer=never), [env(pred())])
+    assert run.poll_times == [1060.0]  # one poll at the deadline, then out
 
 
 def test_transient_poll_failures_are_absorbed_within_the_deadline() -> None:

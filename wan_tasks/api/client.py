@@ -12,7 +12,9 @@ requests to the API's own base URL; output downloads (a CDN) never carry it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -31,6 +33,7 @@ from wan_tasks.api.operations import (
     DEFAULT_WAIT_TIMEOUT,
     Operation,
     Operations,
+    PollSteer,
     ReadImage,
     Sleep,
     Step,
@@ -133,8 +136,7 @@ class WaveSpeedClient(_Base):
             step: Step = next(op)
             while True:
                 if isinstance(step, Sleep):
-                    time.sleep(step.seconds)
-                    step = op.send(None)
+                    step = op.send(_sleep(step))
                     continue
                 if isinstance(step, ReadImage):
                     try:
@@ -176,11 +178,17 @@ class WaveSpeedClient(_Base):
         poll: PollPolicy | None = None,
         poll_first: bool = True,
         polled: list[int] | None = None,
+        steer: PollSteer | None = None,
     ) -> Prediction:
         """Poll until done (see Operations.wait); `poll_first=False` right after a submit."""
         return self._run(
             self.ops.wait(
-                prediction_id, timeout=timeout, poll=poll, poll_first=poll_first, polled=polled
+                prediction_id,
+                timeout=timeout,
+                poll=poll,
+                poll_first=poll_first,
+                polled=polled,
+                steer=steer,
             )
         )
 
@@ -253,6 +261,45 @@ class WaveSpeedClient(_Base):
         self.close()
 
 
+def _sleep(step: Sleep) -> bool:
+    """Sleep a step's seconds; True when its `wake` ended the sleep early."""
+    if step.wake is None:
+        time.sleep(step.seconds)
+        return False
+    woken = threading.Event()
+    unsubscribe = step.wake.subscribe(woken.set)
+    try:
+        return woken.wait(step.seconds)
+    finally:
+        unsubscribe()
+
+
+async def _async_sleep(step: Sleep) -> bool:
+    """`_sleep` on the event loop: a wake from another thread comes through the loop."""
+    if step.wake is None:
+        await asyncio.sleep(step.seconds)
+        return False
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[bool] = loop.create_future()
+
+    def settle() -> None:
+        if not woken.done():
+            woken.set_result(True)
+
+    def wake() -> None:
+        # A closed loop has nobody sleeping on it any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle)
+
+    unsubscribe = step.wake.subscribe(wake)
+    try:
+        return await asyncio.wait_for(woken, step.seconds)
+    except TimeoutError:
+        return False
+    finally:
+        unsubscribe()
+
+
 def _request_gate() -> asyncio.Semaphore:
     # At most as many API calls at once as the pool has connections: thousands of waits
     # polling at once would otherwise all queue inside httpcore's pool, whose assignment of
@@ -307,8 +354,7 @@ class AsyncWaveSpeedClient(_Base):
             step: Step = next(op)
             while True:
                 if isinstance(step, Sleep):
-                    await asyncio.sleep(step.seconds)
-                    step = op.send(None)
+                    step = op.send(await _async_sleep(step))
                     continue
                 if isinstance(step, ReadImage):
                     try:
@@ -352,11 +398,17 @@ class AsyncWaveSpeedClient(_Base):
         poll: PollPolicy | None = None,
         poll_first: bool = True,
         polled: list[int] | None = None,
+        steer: PollSteer | None = None,
     ) -> Prediction:
         """Poll until done (see Operations.wait); `poll_first=False` right after a submit."""
         return await self._run(
             self.ops.wait(
-                prediction_id, timeout=timeout, poll=poll, poll_first=poll_first, polled=polled
+                prediction_id,
+                timeout=timeout,
+                poll=poll,
+                poll_first=poll_first,
+                polled=polled,
+                steer=steer,
             )
         )
 

@@ -6,7 +6,9 @@ memory (tests do, with a fake clock and rng). The steps:
 
 - `httpx.Request`: the driver sends it and sends back the `httpx.Response`, or throws the
   transport error into the generator;
-- `Sleep`: the driver sleeps (`time.sleep` / `asyncio.sleep`) and sends back None;
+- `Sleep`: the driver sleeps (`time.sleep` / `asyncio.sleep`) and sends back None; a sleep
+  with a `wake` may end early when that fires, and the driver then sends back True (a wait
+  steered by what is learned meanwhile: `PollSteer`);
 - `ReadImage`: the driver calls `step.run()` (inline in the sync client, in a worker thread via
   `asyncio.to_thread` in the async one, so a 30 MB image never blocks the event loop) and sends
   back the `LocalImage`, or throws the error (a ValueError naming the file and the rule).
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -68,9 +70,34 @@ T = TypeVar("T")
 DEFAULT_WAIT_TIMEOUT = 1800.0
 
 
+class Wake(Protocol):
+    """Something a sleep can be woken by."""
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from any thread, once or more) when it fires, at once if it fired
+        already; returns the call that unsubscribes."""
+        ...
+
+
+class PollSteer(Protocol):
+    """Moves a wait's polls by what is learned while it waits (a first wave with nothing to
+    aim at learns from the first of its tasks to end). The operation still keeps the
+    service's minimum interval after each poll and the deadline."""
+
+    def next_poll(self, polls: int, scheduled: float) -> float:
+        """Seconds from now to the next poll, after `polls` polls; `scheduled`: what the
+        policy's own schedule has left."""
+        ...
+
+    def wake(self) -> Wake | None:
+        """What may change `next_poll`'s answer while the wait sleeps (None: nothing)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Sleep:
     seconds: float
+    wake: Wake | None = None
 
 
 @dataclass(frozen=True)
@@ -410,6 +437,33 @@ class Operations:
             logger.warning("%s refused (%s); retrying in %.1fs", op, error, delay)
             yield self._backoff(error, delay)
 
+    def _until_poll(
+        self,
+        scheduled: float,
+        polls: int,
+        last: float | None,
+        deadline: float,
+        policy: PollPolicy,
+        steer: PollSteer | None,
+    ) -> Operation[None]:
+        """Sleep until the next poll: `scheduled` seconds from now by the policy, or when the
+        steer says (asked again each time it wakes the sleep), never sooner than the
+        policy's `min_interval` after the last poll; past the deadline only by less than
+        that interval (the service's rule is a floor)."""
+        while True:
+            now = self._clock()
+            delay = scheduled if steer is None else steer.next_poll(polls, scheduled)
+            at = min(now + max(0.0, delay), deadline)
+            if last is not None:
+                at = max(at, last + policy.min_interval)
+            if at <= now:
+                return
+            wake = steer.wake() if steer is not None else None
+            woken = yield Sleep(at - now, wake=wake)
+            if not woken:
+                return
+            scheduled = max(0.0, at - self._clock())  # what is left of the plan
+
     def submit(self, request: I2VRequest, *, webhook: str | None = None) -> Operation[Submission]:
         payload = yield from self.prepare(request)
         prediction = yield from self.submit_payload(payload, webhook=webhook)
@@ -423,8 +477,12 @@ class Operations:
         poll: PollPolicy | None = None,
         poll_first: bool = True,
         polled: list[int] | None = None,
+        steer: PollSteer | None = None,
     ) -> Operation[Prediction]:
         """Poll until the prediction is terminal or the wall-clock deadline passes.
+
+        `steer`, if given, decides when each poll comes, the first one too (`poll_first`
+        then only says the policy's first delay is spent), and may wake the wait early.
 
         `polled`, if given, gets the number of polls made appended when the wait ends
         (however it ends): whether the first poll found the task done is a fact of the wait,
@@ -446,9 +504,10 @@ class Operations:
             delays.next()
         polls = 0
         first = poll_first
+        last: float | None = None  # when the last poll was answered
         try:
             while True:
-                if not first:
+                if not first or steer is not None:
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         raise WaitTimeoutError(
@@ -456,10 +515,8 @@ class Operations:
                             f"({polls} polls); it may still complete: wait on it again",
                             prediction_id=prediction_id,
                         )
-                    delay = min(delays.next(), remaining)
-                    if polls:
-                        delay = max(delay, policy.min_interval)
-                    yield Sleep(delay)
+                    scheduled = 0.0 if first else delays.next()
+                    yield from self._until_poll(scheduled, polls, last, deadline, policy, steer)
                 first = False
                 polls += 1
                 try:
@@ -470,7 +527,9 @@ class Operations:
                         prediction_id,
                         deadline=deadline,
                     )
+                    last = self._clock()
                 except WaveSpeedError as exc:
+                    last = self._clock()
                     if not exc.retryable or self._clock() >= deadline:
                         raise
                     logger.warning("poll of %s failed (%s); still waiting", prediction_id, exc)

@@ -9,8 +9,18 @@ margin and an extra margin for what `timings.inference` leaves out (queueing, ou
 it doubles when an aimed poll finds running a task whose own inference fitted the aim (a miss
 the spread of the times does not explain) and decays slowly while polls hit. Seeded from the
 account's history at the start of a run, so even a run's first wave aims: in the background
-(`seed_in_background`), beside the run's first slot and submit, and waited for only by a wait
-that would otherwise poll at the fixed time (`learning`).
+(`seed_in_background`), beside the run's first slot and submit.
+
+A wait with nothing to aim at (a fresh account, a duration not made lately, the history still
+being read) is steered while it waits (`steer`, a `PollSteer`): it polls on the policy's fixed
+schedule (10 s, then 5 s growing 1.5x: alone, a 60 s task is seen at ~76 s) but listens, and
+the first time learned for its model and duration (from the history, or from the first of its
+wave to end) moves its next poll to that aim. The waits of a wave stagger their schedules
+(each stretched by its own factor between 1 and the policy's multiplier), so together they
+poll the timeline densely and the first task to end is seen soon after it ends, while none
+polls more often than the policy allows. (A probe polling every `min_interval` for the wave
+was tried instead: one wait then polled ~12 times for a 60 s task, and a probe that ended
+without a time had to hand its role over.)
 
 It aimed at the 80th percentile and widened on every miss: with inference times that vary
 (10 s +- 1.5 s in the emulator), one first poll in five missed by design, each miss doubled
@@ -21,22 +31,29 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import logging
 import math
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 import httpx
 
 from wan_tasks.api.client import WaveSpeedClient
-from wan_tasks.api.policies import PollPolicy
+from wan_tasks.api.operations import Wake
+from wan_tasks.api.policies import PollDelays, PollPolicy
 from wan_tasks.errors import WaveSpeedError
 
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, int]
+
+# How far back the service's history goes (7 days, its documentation), less a margin for
+# the clocks: a `created_after` past it may be refused.
+HISTORY_KEPT = timedelta(days=7) - timedelta(hours=1)
 
 
 class InferenceTimes:
@@ -51,6 +68,8 @@ class InferenceTimes:
         self._extra: dict[Key, float] = {}
         self._seeded: set[str] = set()
         self._seeding: dict[str, Future[int]] = {}
+        self._news: dict[Key, _News] = {}
+        self._steered: dict[Key, int] = {}  # waits steered so far: each its own stretch
         self._lock = threading.Lock()
 
     def record(
@@ -70,6 +89,7 @@ class InferenceTimes:
         # aim is the one its poll used: the times have changed since.
         unexplained = early and (aimed_at is None or seconds <= aimed_at)
         with self._lock:
+            first = seconds > 0 and not self._seen.get(key)
             if seconds > 0:
                 self._seen.setdefault(key, deque(maxlen=self._keep)).append(seconds)
             extra = self._extra.get(key, 0.0)
@@ -77,14 +97,19 @@ class InferenceTimes:
                 self._extra[key] = min(self._max_extra, max(0.5, 2 * extra))
             elif not early:
                 self._extra[key] = extra * 0.95
+        if first:  # the waits of a first wave have something to aim at now
+            self._tell(key)
 
-    def aim(self, model: str, duration: int, miss_cost_s: float) -> float | None:
+    def aim(
+        self, model: str, duration: int, miss_cost_s: float, *, min_samples: int | None = None
+    ) -> float | None:
         """The first poll's time (before margins) with the least expected lateness over the
         recent times, when a task still running at the poll is seen `miss_cost_s` later (or
-        a multiple of it); of equal ones the latest (fewer polls). None: too few times."""
+        a multiple of it); of equal ones the latest (fewer polls). None: fewer times than
+        `min_samples` (None: the instance's)."""
         with self._lock:
             seen = sorted(self._seen.get((model, duration), ()))
-        if len(seen) < self._min_samples:
+        if not seen or len(seen) < (self._min_samples if min_samples is None else min_samples):
             return None
         return _least_late(tuple(seen), miss_cost_s)
 
@@ -157,40 +182,185 @@ class InferenceTimes:
                 self._seeding.pop(model, None)
         return learning
 
-    def learning(self, model: str) -> Future[int] | None:
-        """The history read for `model` while it is under way; None once it is done (or
-        when none was started)."""
-        with self._lock:
-            running = self._seeding.get(model)
-        return running if running is not None and not running.done() else None
-
     def seed_from_history(
         self,
         client: WaveSpeedClient,
         model: str,
         *,
-        within: timedelta = timedelta(days=1),
+        windows: tuple[timedelta, ...] = (timedelta(days=1), HISTORY_KEPT),
         limit: int = 50,
     ) -> int:
-        """Learn from the account's recent completed tasks of `model` (one history call).
-        Best effort: a history that cannot be read only means the first wave is not aimed."""
-        since = (datetime.now(UTC) - within).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        try:
-            page = client.history(
-                model=model, status="completed", created_after=since, page_size=limit
-            )
-        except (WaveSpeedError, httpx.HTTPError) as exc:
-            logger.debug("no inference times from history: %s", exc)
-            return 0
+        """Learn from the account's recent completed tasks of `model`: the tasks created
+        within the first of `windows`, or, when those are too few to aim at, within the next
+        (a daily schedule's last run can be a little over a day old; the service keeps a
+        week). One history call, two for an account with nothing in the last day. Best
+        effort: a history that cannot be read only means the first wave is not aimed."""
+        items: list[tuple[int, float]] = []
+        for within in windows:
+            since = (datetime.now(UTC) - within).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            try:
+                page = client.history(
+                    model=model, status="completed", created_after=since, page_size=limit
+                )
+            except (WaveSpeedError, httpx.HTTPError) as exc:
+                logger.debug("no inference times from history: %s", exc)
+                return 0
+            items = [
+                (duration, item.inference_ms / 1000)
+                for item in page.items
+                if item.inference_ms
+                and isinstance(duration := (item.input or {}).get("duration"), int)
+            ]
+            if len(items) >= self._min_samples:
+                break
         with self._lock:
             self._seeded.add(model)  # read once: an empty history stays empty for this run
-        learned = 0
-        for item in page.items:
-            duration = (item.input or {}).get("duration")
-            if item.inference_ms and isinstance(duration, int):
-                self.record(model, duration, item.inference_ms / 1000)
-                learned += 1
-        return learned
+        for duration, seconds in items:
+            self.record(model, duration, seconds)
+        return len(items)
+
+    def steer(
+        self,
+        policy: PollPolicy,
+        model: str,
+        duration: int,
+        submitted_at: datetime,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> WaitSteer:
+        """A `PollSteer` for one wait of a task submitted at `submitted_at` whose first poll
+        has nothing (or too little) to aim at. The n-th of a key stretches the policy's
+        schedule by multiplier ** frac(n * golden ratio): any number of waits spread evenly
+        over one growth step of the schedule."""
+        key = (model, duration)
+        with self._lock:
+            n = self._steered.get(key, 0)
+            self._steered[key] = n + 1
+        stretch = policy.multiplier ** ((n * _GOLDEN) % 1.0)
+        return WaitSteer(self, policy, key, submitted_at, now, stretch)
+
+    def _steering(self, key: Key, miss_cost_s: float) -> tuple[int, float | None, float]:
+        """At once: the news generation, the aim from every time known (None: none yet),
+        and the extra margin."""
+        with self._lock:
+            generation = self._news.setdefault(key, _News()).generation
+            seen = tuple(sorted(self._seen.get(key, ())))
+            extra = self._extra.get(key, 0.0)
+        return generation, (_least_late(seen, miss_cost_s) if seen else None), extra
+
+    def _tell(self, key: Key) -> None:
+        with self._lock:
+            news = self._news.setdefault(key, _News())
+            news.generation += 1
+            listeners = list(news.listeners.values())
+            news.listeners.clear()
+        for listener in listeners:
+            listener()
+
+
+class _News:
+    """One (model, duration)'s news: its first time learned. Sleeps that listen are woken
+    once, on the next generation. Guarded by its InferenceTimes' lock."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.listeners: dict[int, Callable[[], None]] = {}
+        self.ids = itertools.count()
+
+
+class _Since:
+    """A `Wake` that fires on the first news after `generation` (at once if it came already:
+    nothing is lost between a steer's look and its sleep)."""
+
+    def __init__(self, times: InferenceTimes, key: Key, generation: int) -> None:
+        self._times, self._key, self._generation = times, key, generation
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        times = self._times
+        with times._lock:
+            news = times._news.setdefault(self._key, _News())
+            moved = news.generation != self._generation
+            if not moved:
+                ident = next(news.ids)
+                news.listeners[ident] = callback
+        if moved:
+            callback()
+            return lambda: None
+
+        def unsubscribe() -> None:
+            with times._lock:
+                news.listeners.pop(ident, None)
+
+        return unsubscribe
+
+
+class WaitSteer:
+    """Steers one wait whose first poll has nothing to aim at (`InferenceTimes.steer`; a
+    `PollSteer` for `Operations.wait`).
+
+    Nothing known: the policy's schedule stretched by `stretch`, listening. Something known
+    (from the start, or learned while waiting): one poll at the aim plus the margins,
+    counted from the submit; if that finds the task running, the policy's schedule after a
+    first poll (`min_interval`, growing)."""
+
+    def __init__(
+        self,
+        times: InferenceTimes,
+        policy: PollPolicy,
+        key: Key,
+        submitted_at: datetime,
+        now: Callable[[], datetime],
+        stretch: float = 1.0,
+    ) -> None:
+        self._times, self._policy, self._key = times, policy, key
+        self._submitted_at, self._now = submitted_at, now
+        self.stretch = stretch
+        self._generation = 0
+        self._listening = True
+        self._polls = 0
+        self._last_poll_age: float | None = None
+        self._after_aim: PollDelays | None = None
+        self._next_at = 0.0  # age of the planned poll, once the aim was tried
+        self.aimed_at: float | None = None  # the inference time the first poll aimed at
+
+    def next_poll(self, polls: int, scheduled: float) -> float:
+        policy = self._policy
+        age = (self._now() - self._submitted_at).total_seconds()
+        polled = polls > self._polls
+        if polled:
+            self._polls, self._last_poll_age = polls, age
+        generation, aim, extra = self._times._steering(self._key, policy.min_interval)
+        self._generation, self._listening = generation, aim is None
+        if aim is None:
+            if polls == 0:
+                return max(0.0, policy.first_poll_after * self.stretch - age)
+            # After a poll, the policy's next delay, stretched; woken with nothing new, what
+            # is left of the plan.
+            return scheduled * self.stretch if polled else scheduled
+        at = aim + policy.first_poll_margin + extra
+        tried = self._last_poll_age is not None and self._last_poll_age >= at - _SAME_S
+        if not tried:
+            if polls == 0 and age < at:
+                self.aimed_at = aim
+            return max(0.0, at - age)
+        # The aimed poll found it running: the policy's schedule after a first poll.
+        if self._after_aim is None:
+            self._after_aim = policy.delays()
+            self._after_aim.next()  # the first delay is the aimed poll's
+        if polled:
+            self._next_at = age + self._after_aim.next()
+        return max(0.0, self._next_at - age)
+
+    def wake(self) -> Wake | None:
+        return _Since(self._times, self._key, self._generation) if self._listening else None
+
+
+# The stretches of successive waits: n * golden ratio (mod 1) fills [0, 1) evenly for any n.
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+# A poll this close before the aimed time is the aimed poll (two clocks, and timers that fire
+# a hair early).
+_SAME_S = 0.05
 
 
 @functools.lru_cache(maxsize=64)

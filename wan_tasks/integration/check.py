@@ -467,7 +467,7 @@ def _check_limits(
 def _typical_inference(
     credentials_block: str | None, model: str, default_s: float, timeout_s: float, *, history: bool
 ) -> tuple[float, str]:
-    """The median inference time of the account's recent 5 s videos (one history call), or
+    """The median inference time of the account's recent 5 s videos (from its history), or
     the default when there are too few of them."""
     if history:
         times = InferenceTimes(quantile=0.5)

@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -39,7 +38,7 @@ from wan_tasks.api.models import MODEL_ID, I2VRequest, Prediction
 from wan_tasks.api.policies import PollPolicy
 from wan_tasks.core.budget import Budget
 from wan_tasks.core.identity import derive_seed, request_key
-from wan_tasks.core.inference_times import InferenceTimes
+from wan_tasks.core.inference_times import InferenceTimes, WaitSteer
 from wan_tasks.core.ledger import ArchivedAt
 from wan_tasks.core.submit import SubmittedVideo, submit_once
 from wan_tasks.errors import (
@@ -156,8 +155,8 @@ def serializable(policy: CacheKeyFnPolicy) -> Any:
 def learn_inference_times(credentials_block: str | None = None) -> Future[int]:
     """Aim this process's first polls from the account's recent tasks: one history call, once
     per process and model, in the background (the run goes on to its first submit beside it;
-    a wait that needs it waits for it: `_history_read`). The future's result: how many tasks
-    it learned from."""
+    a wait with nothing to aim at yet listens for it: `InferenceTimes.steer`). The future's
+    result: how many tasks it learned from."""
     client = wavespeed_client(credentials_block)
     return INFERENCE_TIMES.seed_in_background(client, client.ops.model)
 
@@ -299,10 +298,7 @@ def wait_for_prediction(
     """
     client = wavespeed_client(credentials_block)
     policy = poll or client.ops.poll
-    reading = _history_read(submitted, policy)
-    if reading is not None:
-        futures.wait([reading[0]], timeout=reading[1])
-    pause, aimed = _first_poll(submitted, policy)
+    pause, aimed, steer = _first_poll(submitted, policy)
     polled: list[int] = []  # how many polls the wait made
     # progress: "still running after 40 s", also during the (often long) sleep to the first poll
     stop_notices = _still_running_notices(submitted)
@@ -310,7 +306,7 @@ def wait_for_prediction(
         if pause:
             time.sleep(pause)
         prediction = client.wait(
-            submitted.prediction_id, timeout=timeout_s, poll=policy, polled=polled
+            submitted.prediction_id, timeout=timeout_s, poll=policy, polled=polled, steer=steer
         )
     except WaitTimeoutError:
         if cancel_on_timeout:
@@ -322,6 +318,8 @@ def wait_for_prediction(
         raise
     finally:
         stop_notices()
+    if steer is not None:
+        aimed = steer.aimed_at
     return _waited(submitted, prediction, aimed=aimed, polls=polled[-1])
 
 
@@ -354,17 +352,14 @@ async def await_prediction(
     """
     client = await async_wavespeed_client(credentials_block)
     policy = poll or client.ops.poll
-    reading = _history_read(submitted, policy)
-    if reading is not None:
-        await asyncio.wait([asyncio.wrap_future(reading[0])], timeout=reading[1])
-    pause, aimed = _first_poll(submitted, policy)
+    pause, aimed, steer = _first_poll(submitted, policy)
     polled: list[int] = []  # how many polls the wait made
     notifier = asyncio.ensure_future(_still_running(submitted)) if notices else None
     try:
         if pause:
             await asyncio.sleep(pause)
         prediction = await client.wait(
-            submitted.prediction_id, timeout=timeout_s, poll=policy, polled=polled
+            submitted.prediction_id, timeout=timeout_s, poll=policy, polled=polled, steer=steer
         )
     except WaitTimeoutError:
         if cancel_on_timeout:
@@ -377,38 +372,31 @@ async def await_prediction(
     finally:
         if notifier is not None:
             notifier.cancel()
+    if steer is not None:
+        aimed = steer.aimed_at
     return _waited(submitted, prediction, aimed=aimed, polls=polled[-1])
 
 
-def _history_read(
+def _first_poll(
     submitted: SubmittedVideo, policy: PollPolicy
-) -> tuple[Future[int], float] | None:
-    """The run's history read, when it is still under way and the first poll would be aimed
-    from it, with how long it is worth waiting for: until the fixed first poll (past that,
-    the wait polls at the fixed time as it would have without the history, and waiting
-    cost nothing: the task is running meanwhile)."""
-    if not policy.learn_first_poll:
-        return None
-    reading = INFERENCE_TIMES.learning(submitted.model)
-    if reading is None or INFERENCE_TIMES.aim(
-        submitted.model, submitted.duration, policy.min_interval
-    ):
-        return None  # nothing under way, or the run's own tasks aim already
-    age = _age(submitted)
-    return reading, max(0.0, policy.first_poll_after - age)
-
-
-def _first_poll(submitted: SubmittedVideo, policy: PollPolicy) -> tuple[float, float | None]:
+) -> tuple[float, float | None, WaitSteer | None]:
     """(seconds to sleep before the first poll, the inference time it is aimed at: None when
-    it is not aimed at learned times).
+    it is not aimed at learned times, and the steer of a wait that has too little to aim at).
 
     The first poll lands near the expected inference time after the *submit*, not after the
-    wait started; a reconnect to an old prediction polls at once."""
+    wait started; a reconnect to an old prediction polls at once. A wait with too little to
+    aim at (a first wave, the history still being read) is steered while it waits instead:
+    it listens for what the first tasks to end teach (`InferenceTimes.steer`)."""
     first, aimed = INFERENCE_TIMES.aimed_poll(policy, submitted.model, submitted.duration)
+    if aimed is None and policy.learn_first_poll:
+        steer = INFERENCE_TIMES.steer(
+            policy, submitted.model, submitted.duration, submitted.submitted_at
+        )
+        return 0.0, None, steer
     age = _age(submitted)
     if 0 <= age < first:
-        return first - age, aimed
-    return 0.0, None
+        return first - age, aimed, None
+    return 0.0, None, None
 
 
 def _age(submitted: SubmittedVideo) -> float:
