@@ -337,12 +337,12 @@ def _aims(monkeypatch: Any) -> list[float | None]:
 
 
 def test_a_first_wave_staggers_listens_and_aims_once_a_time_is_learned() -> None:
-    """With nothing known for a model and duration, each wait polls on the policy's schedule
-    stretched by its own factor (the first: not at all; together they spread over one
-    growth step) and listens. The first time learned wakes the listeners, whose next poll
-    moves to that aim from their submit; a later wait aims its first poll at once; an aimed
-    poll that finds the task running goes back to the policy's schedule after a first
-    poll."""
+    """With nothing known for a model and duration, each wait polls first where the policy
+    says, then each later poll its own fraction (phase) of the way into the policy's next
+    interval (the first wait: not shifted; together they spread over every interval), and
+    listens. The first time learned wakes the listeners, whose next poll moves to that aim
+    from their submit; a later wait aims its first poll at once; an aimed poll that finds
+    the task running goes back to the policy's schedule after a first poll."""
     from datetime import UTC, timedelta
 
     times = InferenceTimes()
@@ -359,39 +359,45 @@ def test_a_first_wave_staggers_listens_and_aims_once_a_time_is_learned() -> None
         )
 
     wave = [steer(0), steer(1)] + [steer(1) for _ in range(30)]
-    stretches = sorted(w.stretch for w in wave)
-    assert wave[0].stretch == 1.0 and all(1.0 <= x < 1.5 for x in stretches)
-    # Spread over the whole step: no gap between neighbours wider than 2/n of it.
-    gaps = [b - a for a, b in zip(stretches, [*stretches[1:], 1.5], strict=True)]
-    assert max(gaps) < 2 * 0.5 / len(wave)
-    assert steer(0, duration=8).stretch == 1.0  # each duration its own wave
+    phases = sorted(w.phase for w in wave)
+    assert wave[0].phase == 0.0 and all(0.0 <= x < 1.0 for x in phases)
+    # Spread over the whole interval: no gap between neighbours wider than 2/n of it.
+    gaps = [b - a for a, b in zip(phases, [*phases[1:], 1.0], strict=True)]
+    assert max(gaps) < 2 / len(wave)
+    assert steer(0, duration=8).phase == 0.0  # each duration its own wave
     first, listener = wave[0], wave[1]
-    stretch = listener.stretch
+    phase = listener.phase
     at(1)
     assert first.next_poll(0, 0.0) == 9.0  # the policy's first poll, 10 s after its submit
-    assert listener.next_poll(0, 0.0) == pytest.approx(10 * stretch)
+    assert listener.next_poll(0, 0.0) == 10.0  # the first poll is never shifted
+    at(10)
+    assert first.next_poll(1, 5.0) == 5.0  # unshifted: the policy's 15, 22.5, 33.75...
+    assert first.next_poll(2, 7.5) == 7.5
+    at(11)
+    # The listener's polls: 15 + 7.5 * phase, then 22.5 + 11.25 * phase (from its submit).
+    assert listener.next_poll(1, 5.0) == pytest.approx(5.0 + phase * 7.5)
+    at(11 + 5.0 + phase * 7.5)
+    assert listener.next_poll(2, 7.5) == pytest.approx(7.5 + phase * (11.25 - 7.5))
     woken: list[str] = []
     wake = listener.wake()
     assert wake is not None
     wake.subscribe(lambda: woken.append("listener"))
-    at(1 + 10 * stretch)
-    assert listener.next_poll(1, 5.5) == pytest.approx(5.5 * stretch)  # the next, stretched
-    at(2 + 10 * stretch)
-    times.record(MODEL, 5, 20.0)  # the first task of the wave to end took 20 s
+    at(22)
+    times.record(MODEL, 5, 30.0)  # the first task of the wave to end took 30 s
     assert woken == ["listener"]
-    # Woken: its next poll is 20.25 s after its own submit, not on its schedule.
-    assert listener.next_poll(1, 4.5) == pytest.approx(20.25 - (1 + 10 * stretch))
+    # Woken at 21 s of its age: its next poll is 30.25 s after its own submit.
+    assert listener.next_poll(2, 10.0) == pytest.approx(9.25)
     assert listener.wake() is None and listener.aimed_at is None  # aimed mid-wait only
-    times.record(MODEL, 5, 20.0)
+    times.record(MODEL, 5, 30.0)
     assert woken == ["listener"]  # news once: later times wake nobody
 
     later = steer(40)
     at(40)
-    assert later.next_poll(0, 0.0) == pytest.approx(20.25) and later.aimed_at == 20.0
-    at(60.26)  # the aimed poll found it running
+    assert later.next_poll(0, 0.0) == pytest.approx(30.25) and later.aimed_at == 30.0
+    at(70.26)  # the aimed poll found it running
     after = later.next_poll(1, 0.0)
     assert 5.0 <= after <= 5.5  # min_interval (+ jitter), as after any first poll
-    at(61)
+    at(71)
     assert later.next_poll(1, 0.0) == pytest.approx(after - 0.74)  # the plan holds
 
 
@@ -414,9 +420,10 @@ def test_a_first_wave_against_the_service_learns_from_its_first_task_to_end(
     make_stack: Callable[..., Any], monkeypatch: Any
 ) -> None:
     """Four waits of a fresh account's first wave, on the event loop as a batch runs them,
-    on a schedule of 1, 2, 4, 8 s after the submit that each stretches by its own factor.
-    The first to see its 4.5 s task done tells the others, which were sleeping towards
-    their next poll: each then polls once more, at the aim, and finds its task done."""
+    on a schedule of 1, 2, 4, 8 s after the submit that each shifts by its own fraction of
+    each interval after the first poll. The first to see its 4.5 s task done tells the
+    others, which were sleeping towards their next poll: each then polls once more, at the
+    aim, and finds its task done."""
     import asyncio
 
     from tests.conftest import SAMPLE
@@ -480,7 +487,7 @@ def test_a_first_wave_against_the_service_learns_from_its_first_task_to_end(
     done = asyncio.run(the_wave())
     assert all(p.status.value == "completed" for p in done)
     assert set(steers) == set(polls_made) == {w.submitted_at for w in wave}
-    assert len({s.stretch for s in steers.values()}) == 4  # four different schedules
+    assert len({s.phase for s in steers.values()}) == 4  # four different schedules
     # The first to see its task done on its own schedule told the rest (at most one more
     # could see its own by chance before the news reached it).
     assert len(woken) >= 2

@@ -15,12 +15,12 @@ A wait with nothing to aim at (a fresh account, a duration not made lately, the 
 being read) is steered while it waits (`steer`, a `PollSteer`): it polls on the policy's fixed
 schedule (10 s, then 5 s growing 1.5x: alone, a 60 s task is seen at ~76 s) but listens, and
 the first time learned for its model and duration (from the history, or from the first of its
-wave to end) moves its next poll to that aim. The waits of a wave stagger their schedules
-(each stretched by its own factor between 1 and the policy's multiplier), so together they
-poll the timeline densely and the first task to end is seen soon after it ends, while none
-polls more often than the policy allows. (A probe polling every `min_interval` for the wave
-was tried instead: one wait then polled ~12 times for a 60 s task, and a probe that ended
-without a time had to hand its role over.)
+wave to end) moves its next poll to that aim. The waits of a wave stagger their polls after
+the first (each shifted by its own fraction of the interval it is in), so together they poll
+the timeline densely and the first task to end is seen soon after it ends, while none polls
+more often than the policy allows and every first poll stays where the policy puts it. (A
+probe polling every `min_interval` for the wave was tried instead: one wait then polled ~12
+times for a 60 s task, and a probe that ended without a time had to hand its role over.)
 
 It aimed at the 80th percentile and widened on every miss: with inference times that vary
 (10 s +- 1.5 s in the emulator), one first poll in five missed by design, each miss doubled
@@ -69,7 +69,7 @@ class InferenceTimes:
         self._seeded: set[str] = set()
         self._seeding: dict[str, Future[int]] = {}
         self._news: dict[Key, _News] = {}
-        self._steered: dict[Key, int] = {}  # waits steered so far: each its own stretch
+        self._steered: dict[Key, int] = {}  # waits steered so far: each its own phase
         self._lock = threading.Lock()
 
     def record(
@@ -229,15 +229,14 @@ class InferenceTimes:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> WaitSteer:
         """A `PollSteer` for one wait of a task submitted at `submitted_at` whose first poll
-        has nothing (or too little) to aim at. The n-th of a key stretches the policy's
-        schedule by multiplier ** frac(n * golden ratio): any number of waits spread evenly
-        over one growth step of the schedule."""
+        has nothing (or too little) to aim at. The n-th of a key polls frac(n * golden
+        ratio) of the way into each interval of the policy's schedule after the first poll:
+        any number of waits spread evenly over every interval."""
         key = (model, duration)
         with self._lock:
             n = self._steered.get(key, 0)
             self._steered[key] = n + 1
-        stretch = policy.multiplier ** ((n * _GOLDEN) % 1.0)
-        return WaitSteer(self, policy, key, submitted_at, now, stretch)
+        return WaitSteer(self, policy, key, submitted_at, now, (n * _GOLDEN) % 1.0)
 
     def _steering(self, key: Key, miss_cost_s: float) -> tuple[int, float | None, float]:
         """At once: the news generation, the aim from every time known (None: none yet),
@@ -298,7 +297,9 @@ class WaitSteer:
     """Steers one wait whose first poll has nothing to aim at (`InferenceTimes.steer`; a
     `PollSteer` for `Operations.wait`).
 
-    Nothing known: the policy's schedule stretched by `stretch`, listening. Something known
+    Nothing known: the policy's schedule, each poll after the first `phase` of the way into
+    the interval that follows it (the policy's next poll times t1, t2, t3...: t2 + phase *
+    (t3 - t2), t3 + phase * (t4 - t3)...), listening. Something known
     (from the start, or learned while waiting): one poll at the aim plus the margins,
     counted from the submit; if that finds the task running, the policy's schedule after a
     first poll (`min_interval`, growing)."""
@@ -310,11 +311,12 @@ class WaitSteer:
         key: Key,
         submitted_at: datetime,
         now: Callable[[], datetime],
-        stretch: float = 1.0,
+        phase: float = 0.0,
     ) -> None:
         self._times, self._policy, self._key = times, policy, key
         self._submitted_at, self._now = submitted_at, now
-        self.stretch = stretch
+        self.phase = phase
+        self._interval = policy.min_interval  # the policy's interval after the last poll
         self._generation = 0
         self._listening = True
         self._polls = 0
@@ -333,10 +335,18 @@ class WaitSteer:
         self._generation, self._listening = generation, aim is None
         if aim is None:
             if polls == 0:
-                return max(0.0, policy.first_poll_after * self.stretch - age)
-            # After a poll, the policy's next delay, stretched; woken with nothing new, what
-            # is left of the plan.
-            return scheduled * self.stretch if polled else scheduled
+                return max(0.0, policy.first_poll_after - age)
+            if not polled:  # woken with nothing new: what is left of the plan
+                return scheduled
+            # The policy's next delay (`scheduled`, jittered), shifted: from t(n) + phase *
+            # d(n) to t(n+1) + phase * d(n+1), where d is the interval after each poll; the
+            # first poll is not shifted.
+            following = min(
+                policy.max_interval, max(policy.min_interval, self._interval * policy.multiplier)
+            )
+            growth = following / self._interval if self._interval > 0 else 1.0
+            self._interval = following
+            return scheduled * (1 + self.phase * (growth if polls == 1 else growth - 1))
         at = aim + policy.first_poll_margin + extra
         tried = self._last_poll_age is not None and self._last_poll_age >= at - _SAME_S
         if not tried:
@@ -355,7 +365,7 @@ class WaitSteer:
         return _Since(self._times, self._key, self._generation) if self._listening else None
 
 
-# The stretches of successive waits: n * golden ratio (mod 1) fills [0, 1) evenly for any n.
+# The phases of successive waits: n * golden ratio (mod 1) fills [0, 1) evenly for any n.
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 # A poll this close before the aimed time is the aimed poll (two clocks, and timers that fire
