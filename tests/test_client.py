@@ -960,3 +960,27 @@ def test_a_sleep_with_a_wake_ends_when_it_rings_in_both_drivers() -> None:
 
     assert asyncio.run(both()) == (True, False)
     assert _sleep(Sleep(0.0)) is False  # no wake: a plain sleep
+
+
+def test_a_woken_sleep_cancelled_in_the_same_loop_iteration_stays_cancelled() -> None:
+    """The news wakes thousands of waits in one loop iteration; one cancelled in that same
+    iteration (a flow run cancelled) must end cancelled. `asyncio.wait_for` on Python 3.11
+    returned the wake's result instead and the wait polled on (a reviewer's reproduction)."""
+    from wan_tasks.api.client import _async_sleep
+    from wan_tasks.api.operations import Sleep
+
+    async def scenario() -> str:
+        bell = _Bell()
+        sleeper = asyncio.ensure_future(_async_sleep(Sleep(60.0, wake=bell)))
+        await asyncio.sleep(0)  # it sleeps, subscribed
+        for listener in bell.listeners:
+            listener()  # the news, from this thread: the wake is scheduled on the loop
+        await asyncio.sleep(0)  # the wake runs: the sleeper's future is done
+        sleeper.cancel()  # a cancellation in the same iteration
+        try:
+            await sleeper
+        except asyncio.CancelledError:
+            return f"cancelled, unsubscribed {bell.unsubscribed}"
+        return "returned: the cancellation was lost"
+
+    assert asyncio.run(scenario()) == "cancelled, unsubscribed 1"

@@ -396,9 +396,51 @@ def test_a_first_wave_staggers_listens_and_aims_once_a_time_is_learned() -> None
     assert later.next_poll(0, 0.0) == pytest.approx(30.25) and later.aimed_at == 30.0
     at(70.26)  # the aimed poll found it running
     after = later.next_poll(1, 0.0)
-    assert 5.0 <= after <= 5.5  # min_interval (+ jitter), as after any first poll
+    # min_interval (+ jitter), as after any first poll, stretched by the wait's phase (up to
+    # the multiplier) so that a wave's misses do not all come back at once
+    spread = 1 + later.phase * 0.5
+    assert 5.0 * spread <= after <= 5.5 * spread
     at(71)
     assert later.next_poll(1, 0.0) == pytest.approx(after - 0.74)  # the plan holds
+
+    # News that comes after a wait's scheduled poll already passed the aim: its task ran
+    # longer than the wave's first; the after-first-poll schedule, from that poll.
+    behind = steer(100, duration=8)
+    at(100)
+    assert behind.next_poll(0, 0.0) == 10.0
+    at(110)
+    behind.next_poll(1, 5.0)  # its first poll at 10 s found the task running
+    at(112)
+    times.record(MODEL, 8, 6.0)  # the wave's first 8 s video took 6 s
+    gap = behind.next_poll(1, 3.0)  # woken
+    assert 5.0 - 2.0 <= gap <= (5.5 * (1 + behind.phase * 0.5)) - 2.0
+
+
+def test_a_wait_woken_by_the_history_aims_at_all_of_it() -> None:
+    """The history's tasks are recorded at once and told once: a wait woken by the news
+    sees every one of them (it aimed at the first alone, a 120 s outlier, and stopped
+    listening: a reviewer saw 47 of 200 async waits do so)."""
+    from datetime import UTC
+    from types import SimpleNamespace
+
+    class History:
+        def history(self, **query: Any) -> Any:
+            ms = [120_000] + [60_000] * 49  # one slow outlier, then 49 typical tasks
+            items = [
+                SimpleNamespace(inference_ms=m, input={"duration": 5}, created_at=None) for m in ms
+            ]
+            return SimpleNamespace(items=items)
+
+    times = InferenceTimes()
+    now = datetime.now(UTC)
+    waiting = times.steer(PollPolicy(), MODEL, 5, now, now=lambda: now)
+    waiting.next_poll(0, 0.0)
+    seen: list[float] = []
+    wake = waiting.wake()
+    assert wake is not None
+    wake.subscribe(lambda: seen.append(waiting.next_poll(0, 0.0)))
+    assert times.seed_from_history(History(), MODEL) == 50  # type: ignore[arg-type]
+    assert seen == [pytest.approx(60.25)]
 
 
 def test_news_that_came_between_a_look_and_a_sleep_wakes_it_at_once() -> None:
@@ -492,6 +534,8 @@ def test_a_first_wave_against_the_service_learns_from_its_first_task_to_end(
     # could see its own by chance before the news reached it).
     assert len(woken) >= 2
     for at, before in woken.items():
-        assert polls_made[at] == before + 1  # one poll after the news, at the aim: done
+        # One poll after the news, at the aim: done (one more, 1 s later, if a loaded
+        # machine made the emulator's task end after its own reported time + 0.25 s).
+        assert before + 1 <= polls_made[at] <= before + 2
     assert max(polls_made.values()) <= 4  # none more often than the schedule
     assert stack.stats()["submissions"] == 4

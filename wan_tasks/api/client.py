@@ -293,11 +293,13 @@ async def _async_sleep(step: Sleep) -> bool:
 
     unsubscribe = step.wake.subscribe(wake)
     try:
-        return await asyncio.wait_for(woken, step.seconds)
-    except TimeoutError:
-        return False
+        # Not wait_for: on Python 3.11 it returns a future's result that came in the same
+        # loop iteration as a cancellation, and the cancellation is lost.
+        await asyncio.wait({woken}, timeout=step.seconds)
+        return woken.done() and not woken.cancelled()
     finally:
         unsubscribe()
+        woken.cancel()
 
 
 def _request_gate() -> asyncio.Semaphore:

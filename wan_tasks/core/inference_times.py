@@ -43,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 from wan_tasks.api.client import WaveSpeedClient
+from wan_tasks.api.models import Prediction
 from wan_tasks.api.operations import Wake
 from wan_tasks.api.policies import PollDelays, PollPolicy
 from wan_tasks.errors import WaveSpeedError
@@ -196,6 +197,7 @@ class InferenceTimes:
         week). One history call, two for an account with nothing in the last day. Best
         effort: a history that cannot be read only means the first wave is not aimed."""
         items: list[tuple[int, float]] = []
+        read = False
         for within in windows:
             since = (datetime.now(UTC) - within).strftime("%Y-%m-%dT%H:%M:%S.000Z")
             try:
@@ -203,21 +205,38 @@ class InferenceTimes:
                     model=model, status="completed", created_after=since, page_size=limit
                 )
             except (WaveSpeedError, httpx.HTTPError) as exc:
-                logger.debug("no inference times from history: %s", exc)
-                return 0
+                logger.debug("no (more) inference times from history: %s", exc)
+                break  # what a narrower window gave is still worth having
+            read = True
+            # Oldest first, so the newest are the ones kept (`keep`); the service's order is
+            # not documented, its times are.
+            rows = sorted(page.items, key=_created)
             items = [
                 (duration, item.inference_ms / 1000)
-                for item in page.items
+                for item in rows
                 if item.inference_ms
                 and isinstance(duration := (item.input or {}).get("duration"), int)
             ]
             if len(items) >= self._min_samples:
                 break
+        if read:
+            self._learn(model, items)
+        return len(items)
+
+    def _learn(self, model: str, items: list[tuple[int, float]]) -> None:
+        """Record the history's tasks at once, then tell the waits listening: a wait woken by
+        its first one would otherwise aim at that one alone (and stop listening)."""
+        news = []
         with self._lock:
             self._seeded.add(model)  # read once: an empty history stays empty for this run
-        for duration, seconds in items:
-            self.record(model, duration, seconds)
-        return len(items)
+            for duration, seconds in items:
+                key = (model, duration)
+                if not self._seen.get(key):
+                    news.append(key)
+                self._seen.setdefault(key, deque(maxlen=self._keep)).append(seconds)
+                self._extra[key] = self._extra.get(key, 0.0) * 0.95
+        for key in news:
+            self._tell(key)
 
     def steer(
         self,
@@ -348,21 +367,35 @@ class WaitSteer:
             self._interval = following
             return scheduled * (1 + self.phase * (growth if polls == 1 else growth - 1))
         at = aim + policy.first_poll_margin + extra
-        tried = self._last_poll_age is not None and self._last_poll_age >= at - _SAME_S
-        if not tried:
+        last = self._last_poll_age
+        if last is None or last < at - _SAME_S:  # the aim not tried yet
             if polls == 0 and age < at:
                 self.aimed_at = aim
             return max(0.0, at - age)
-        # The aimed poll found it running: the policy's schedule after a first poll.
+        # A poll at or after the aim found the task running (the aimed poll, or a poll of the
+        # schedule that came after where the wave's time said): the policy's schedule after
+        # a first poll, from that poll, each delay stretched by this wait's phase so that a
+        # wave's misses do not all come back at once.
+        spread = 1 + self.phase * (policy.multiplier - 1)
         if self._after_aim is None:
             self._after_aim = policy.delays()
             self._after_aim.next()  # the first delay is the aimed poll's
-        if polled:
-            self._next_at = age + self._after_aim.next()
+            self._next_at = last + self._after_aim.next() * spread
+        elif polled:
+            self._next_at = age + self._after_aim.next() * spread
         return max(0.0, self._next_at - age)
 
     def wake(self) -> Wake | None:
         return _Since(self._times, self._key, self._generation) if self._listening else None
+
+
+def _created(item: Prediction) -> datetime:
+    """When a history item was created, comparable whatever the service sent (a time without
+    a zone is UTC; none sorts first)."""
+    at = item.created_at
+    if at is None:
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 # The phases of successive waits: n * golden ratio (mod 1) fills [0, 1) evenly for any n.
