@@ -443,6 +443,45 @@ def test_a_wait_woken_by_the_history_aims_at_all_of_it() -> None:
     assert seen == [pytest.approx(60.25)]
 
 
+def test_the_history_keeps_its_newest_tasks_and_what_a_failed_wider_read_left() -> None:
+    """A page newest first (the emulator's order; the service's is not documented) keeps
+    the newest `keep` times, not the oldest; and when the week's read fails after a thin
+    day, the day's tasks are still learned."""
+    from datetime import UTC, timedelta
+    from types import SimpleNamespace
+
+    from wan_tasks.errors import TransientServerError
+
+    now = datetime.now(UTC)
+
+    def item(seconds: float, age_s: float) -> Any:
+        return SimpleNamespace(
+            inference_ms=seconds * 1000,
+            input={"duration": 5},
+            created_at=now - timedelta(seconds=age_s),
+        )
+
+    class Pages:
+        def __init__(self, *pages: Any) -> None:
+            self.pages = list(pages)
+
+        def history(self, **query: Any) -> Any:
+            page = self.pages.pop(0)
+            if isinstance(page, Exception):
+                raise page
+            return SimpleNamespace(items=page)
+
+    newest_first = [item(70.0, age) for age in range(5)] + [item(30.0, 100 + a) for a in range(45)]
+    times = InferenceTimes(keep=5)
+    assert times.seed_from_history(Pages(newest_first), MODEL) == 50  # type: ignore[arg-type]
+    assert times.expected(MODEL, 5) == 70.0  # the five newest, not five of the old 30 s
+
+    thin_day = Pages([item(40.0, 10), item(41.0, 20)], TransientServerError("down"))
+    times = InferenceTimes(min_samples=3)
+    assert times.seed_from_history(thin_day, MODEL) == 2  # type: ignore[arg-type]
+    assert times.aim(MODEL, 5, 5.0, min_samples=1) == 41.0 and times.seeded(MODEL)
+
+
 def test_news_that_came_between_a_look_and_a_sleep_wakes_it_at_once() -> None:
     from datetime import UTC
 
