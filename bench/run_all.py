@@ -4,7 +4,8 @@ server started once (its start time is reported, and excluded from every figure)
     python -m bench.run_all [--quick] [--only overhead,batch,...] [--no-diagnosis]
                             [--json results.json]
 
-Full (~22 min here): overhead, batch (100 videos), polls (60 s tasks), archive (1 GiB) on
+Full (~22 min here): overhead, batch (100 videos), polls (60 s tasks), a first wave's polls
+(virtual time), archive (1 GiB) on
 the default SQLite Prefect server; then, when PostgreSQL is installed, the diagnosis with the
 Prefect server on PostgreSQL: overhead again, the 100-video batch with the default and the
 tuned poll policy, and growth to 10, 100 and 1000 videos (without
@@ -37,6 +38,8 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("overhead", [], ["--quick"]),
     ("batch", [], ["--quick"]),
     ("polls", [], ["--quick"]),
+    # Virtual time, no servers: seconds.
+    ("firstwave", [], ["--quick"]),
     # Three interleaved runs each: one 1 GiB run swings by 20% on this shared machine.
     ("archive", ["--repeat", "3"], ["--quick"]),
     # Full runs do growth on PostgreSQL (DIAGNOSIS): on SQLite generate_batch is held to
