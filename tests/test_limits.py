@@ -304,6 +304,38 @@ def test_a_lane_cancelled_while_it_waits_for_the_window_sends_nothing() -> None:
     assert sent == [1, 3, 3]
 
 
+def test_a_lane_queued_for_the_window_keeps_its_acquire_timeout() -> None:
+    """`acquire_timeout_s` held only between tries: a lane queued behind a request the
+    server never answers waited for room without end. Now it gives up at its deadline,
+    having sent nothing and taken no room in the window."""
+    sent: list[int] = []
+    hang = asyncio.Event()
+
+    async def post(client: Any, body: dict[str, Any]) -> httpx.Response:
+        sent.append(body["slots"])
+        await hang.wait()  # the server never answers
+        raise AssertionError("unreachable")
+
+    async def run() -> tuple[str, int]:
+        window = limits.RequestWindow()
+        hung = asyncio.create_task(acquire_lease(None, "l", 1, post=post, window=window))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        try:
+            await acquire_lease(None, "l", 2, post=post, window=window, timeout_s=0.2)  # type: ignore[arg-type]
+            outcome = "got a lease"
+        except TimeoutError as exc:
+            outcome = str(exc)
+        out = window.out  # the hung request's, not the lane's that gave up
+        hung.cancel()
+        await asyncio.gather(hung, return_exceptions=True)
+        return outcome, out
+
+    # (Bounded: before, the lane waited for good.)
+    outcome, out = asyncio.run(asyncio.wait_for(run(), 60))
+    assert "no 2 slot(s) of 'l' within 0.2 s" in outcome
+    assert sent == [1] and out == 1
+
+
 def test_a_refusal_cuts_the_window_before_it_makes_room_and_full_says_nothing() -> None:
     """Four requests out, a fifth waiting: a 503 cuts the window (4 -> 2) before its request
     makes room, so the fifth is not sent into the refusal; an answer "full" (423) neither

@@ -346,7 +346,17 @@ async def acquire_lease(
         if window is None:
             sent = asyncio.ensure_future(post(client, body))
         else:
-            number = await window.enter()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                # The deadline holds while queued for room too (a server that hangs on the
+                # requests already out would hold the lane there).
+                async with asyncio.timeout(remaining):
+                    number = await window.enter()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"timed out: no {occupy} slot(s) of {name!r} within {timeout_s} s "
+                    "(queued behind the run's slot requests already out)"
+                ) from None
             sent = asyncio.ensure_future(_paced(post, client, body, window, number))
             # Room is made when the request's task ends, however: also cancelled before it
             # ran (its own code would not have run to make it).
