@@ -230,6 +230,32 @@ def test_an_output_behind_a_redirect_is_archived(make_stack: Callable[..., Stack
     assert stack.stats()["downloads"] == 2 and stack.stats()["submissions"] == 1
 
 
+def test_signed_outputs_are_not_asked_for_again_to_archive(
+    make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait's stored result keeps a signed output URL scrubbed; the archive step asked
+    the service for the prediction again to get the live URL: a call per video. The live
+    URL now goes from the wait to the archive in memory. A download that fails with it
+    (here a 404 from the CDN) is retried with a URL asked afresh."""
+    from wan_tasks.api.client import WaveSpeedClient
+
+    asked: list[str] = []
+    get_prediction = WaveSpeedClient.get_prediction
+
+    def counted(self: WaveSpeedClient, prediction_id: str) -> Any:
+        asked.append(prediction_id)
+        return get_prediction(self, prediction_id)
+
+    monkeypatch.setattr(WaveSpeedClient, "get_prediction", counted)
+    stack = make_stack(signed_outputs=True)
+    out = run_video(req("signed, in memory"), options=FAST)
+    assert out.status == "archived" and asked == []
+    stack.emulator.set_faults({"script": {"download": ["expire"]}})
+    again = run_video(req("signed, stale"), options=FAST)
+    assert again.status == "archived" and asked == [again.prediction_id]
+    assert stack.stats()["downloads"] == 3  # one, then a 404 and its retry
+
+
 def _forget_prefect_cache() -> None:
     """What a new worker (another Prefect home, no shared result storage) starts with."""
     from prefect.settings import get_current_settings

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -73,6 +74,38 @@ OUTPUT_LIFETIME_S = 7 * 24 * 3600.0
 ASSET_MATERIALIZED_EVENT = "prefect.asset.materialization.succeeded"
 # What this process has seen the service take, to aim first polls (PollPolicy.learn_first_poll).
 INFERENCE_TIMES = InferenceTimes()
+
+
+class LiveOutputs:
+    """The signed output URLs of predictions this process has just waited for, kept in memory
+    only, for the archive step that follows. The wait's persisted result keeps them scrubbed
+    (they are bearer credentials), and the archive step asked the service for them again: a
+    call per video. Bounded, and only for `keep_s`: an older entry, or another process (a
+    re-run, a retry after a crash), asks the service as before."""
+
+    def __init__(self, keep_s: float = 60.0, most: int = 10_000) -> None:
+        self._keep_s, self._most = keep_s, most
+        self._live: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, prediction_id: str, outputs: list[str]) -> None:
+        with self._lock:
+            self._live[prediction_id] = (time.monotonic(), list(outputs))
+            self._live.move_to_end(prediction_id)
+            while len(self._live) > self._most:
+                self._live.popitem(last=False)
+
+    def take(self, prediction_id: str) -> list[str] | None:
+        """The outputs once (a retry of the archive asks the service: the URL may be why it
+        failed), or None."""
+        with self._lock:
+            entry = self._live.pop(prediction_id, None)
+        if entry is None or time.monotonic() - entry[0] > self._keep_s:
+            return None
+        return entry[1]
+
+
+LIVE_OUTPUTS = LiveOutputs()
 
 
 # -- retry conditions --------------------------------------------------------------------
@@ -428,7 +461,10 @@ def _waited(
     )
     # The result is persisted: signed output URLs are bearer credentials, so the stored copy
     # keeps them scrubbed and the archive step asks the service for live ones.
-    return prediction.model_copy(update={"outputs": [redact_url(u) for u in prediction.outputs]})
+    stored = [redact_url(u) for u in prediction.outputs]
+    if stored != prediction.outputs:
+        LIVE_OUTPUTS.put(prediction.id, prediction.outputs)
+    return prediction.model_copy(update={"outputs": stored})
 
 
 @task(
@@ -552,8 +588,8 @@ def _download_and_archive(
         raise ArchiveError(f"prediction {prediction.id} has no output", retryable=False)
     client = wavespeed_client(credentials_block)
     url = prediction.outputs[0]
-    if is_redacted(url):  # the stored result's copy: fetch the live (signed) URL
-        live = client.get_prediction(prediction.id).outputs
+    if is_redacted(url):  # the stored result's copy: the live (signed) URL, kept or fetched
+        live = LIVE_OUTPUTS.take(prediction.id) or client.get_prediction(prediction.id).outputs
         if not live:
             raise ArchiveError(
                 f"prediction {prediction.id} no longer lists its output", retryable=True
