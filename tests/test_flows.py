@@ -349,3 +349,26 @@ def test_credentials_from_a_saved_block(stack: Stack, monkeypatch: pytest.Monkey
     # Read once, not per step: submit, its cache key, wait and archive each asked for it
     # (a Prefect API read each); a re-saved block is read again after BLOCK_REFRESH_S.
     assert loads[0] == 1
+
+
+def test_a_runs_two_artifacts_are_written_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table and the contact-sheet page are two Prefect API writes at the end of every
+    run (~0.1 s of a single video's, one after the other): they now go out together, each
+    with the run's context. Each write here waits for the other to start."""
+    from wan_tasks.flows import reporting
+    from wan_tasks.storage.archive import ArchiveTarget
+
+    both = threading.Barrier(2, timeout=30)
+    written: list[str] = []
+
+    def write() -> Callable[..., None]:
+        def create(*, key: str, **kwargs: Any) -> None:
+            both.wait()  # broken (an error) if the other write is not under way
+            written.append(key)
+
+        return create
+
+    monkeypatch.setattr(reporting, "create_table_artifact", write())
+    monkeypatch.setattr(reporting, "create_markdown_artifact", write())
+    reporting.publish_artifacts([], title="t", target=ArchiveTarget(bucket="videos"), key="k")
+    assert sorted(written) == ["k", "k-sheets"]
