@@ -93,6 +93,7 @@ def simulate(
                 5,
                 T0 + timedelta(seconds=w.submitted),
                 now=lambda: T0 + timedelta(seconds=clock[0]),
+                rng=random.Random(seed * 7919 + i),
             )
         # Before: the wait task slept first_poll_after from the submit, then polled on the
         # schedule; steered: the steer plans the first poll too.

@@ -372,3 +372,22 @@ def test_a_runs_two_artifacts_are_written_together(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(reporting, "create_markdown_artifact", write())
     reporting.publish_artifacts([], title="t", target=ArchiveTarget(bucket="videos"), key="k")
     assert sorted(written) == ["k", "k-sheets"]
+
+
+def test_when_both_artifacts_fail_the_first_is_raised_and_the_second_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wan_tasks.flows import reporting
+    from wan_tasks.storage.archive import ArchiveTarget
+
+    def failing(what: str) -> Callable[..., None]:
+        def create(**kwargs: Any) -> None:
+            raise RuntimeError(f"{what} refused")
+
+        return create
+
+    monkeypatch.setattr(reporting, "create_table_artifact", failing("table"))
+    monkeypatch.setattr(reporting, "create_markdown_artifact", failing("sheets"))
+    with pytest.raises(RuntimeError, match="table refused"):
+        reporting.publish_artifacts([], title="t", target=ArchiveTarget(bucket="videos"), key="k")
+    assert "sheets refused" in caplog.text

@@ -256,6 +256,34 @@ def test_signed_outputs_are_not_asked_for_again_to_archive(
     assert stack.stats()["downloads"] == 3  # one, then a 404 and its retry
 
 
+def test_live_outputs_keep_only_signed_urls_and_not_past_their_time() -> None:
+    """Only a URL whose signature the stored copy lost is kept (one merely re-encoded by the
+    scrub is usable as stored), taken once, and nothing stays past `keep_s` (a URL nobody
+    took: its archive ran in another process) or beyond the bound."""
+    from wan_tasks.api.models import Prediction
+    from wan_tasks.integration import tasks
+
+    now = [0.0]
+    live = tasks.LiveOutputs(keep_s=60.0, most=3, clock=lambda: now[0])
+    signed = "https://cdn.test/v.mp4?Expires=1&Signature=abc"
+
+    def waited(pid: str, url: str) -> list[str]:
+        done = Prediction.model_validate({"id": pid, "status": "completed", "outputs": [url]})
+        return tasks._stored_outputs(done, live)
+
+    waited("plain", "https://cdn.test/v.mp4?v=1&x")  # the scrub re-encodes it, nothing more
+    assert len(live) == 0
+    assert "abc" not in waited("signed", signed)[0]
+    assert live.take("signed") == [signed] and live.take("signed") is None
+    waited("old", signed)
+    now[0] = 61.0
+    waited("new", signed)
+    assert len(live) == 1 and live.take("old") is None  # dropped when "new" came
+    for i in range(5):
+        waited(f"many {i}", signed)
+    assert len(live) == 3
+
+
 def _forget_prefect_cache() -> None:
     """What a new worker (another Prefect home, no shared result storage) starts with."""
     from prefect.settings import get_current_settings

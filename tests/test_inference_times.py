@@ -482,6 +482,51 @@ def test_the_history_keeps_its_newest_tasks_and_what_a_failed_wider_read_left() 
     assert times.aim(MODEL, 5, 5.0, min_samples=1) == 41.0 and times.seeded(MODEL)
 
 
+def test_polls_after_a_missed_aim_spread_but_never_past_the_longest_interval() -> None:
+    """After an aimed poll that found the task running, each delay is stretched by the
+    wait's phase (a wave's misses do not come back at once), but never past `max_interval`:
+    stretched as well, a slow task was seen up to ~48 s after it ended (a reviewer's run)."""
+    import random
+    from datetime import UTC, timedelta
+
+    times = InferenceTimes()
+    policy = PollPolicy(first_poll_after=10, min_interval=5, max_interval=30, jitter=0.0)
+    t0 = datetime(2026, 12, 7, tzinfo=UTC)
+    clock = [t0]
+    for _ in range(2):  # the wait of interest is the third of the wave: phase 0.236
+        times.steer(policy, MODEL, 5, t0)
+    late = times.steer(policy, MODEL, 5, t0, now=lambda: clock[0], rng=random.Random(1))
+    assert late.phase > 0.2
+    times.record(MODEL, 5, 10.0)  # a fast outlier first
+    assert late.next_poll(0, 0.0) == pytest.approx(10.25)
+    age, gaps = 10.25, []
+    for polls in range(1, 9):  # every poll finds it running
+        clock[0] = t0 + timedelta(seconds=age)
+        gaps.append(late.next_poll(polls, 0.0))
+        age += gaps[-1]
+    stretch = 1 + late.phase * 0.5
+    assert gaps[:3] == pytest.approx([5 * stretch, 7.5 * stretch, 11.25 * stretch])
+    assert max(gaps) == pytest.approx(30.0) and gaps[-1] == pytest.approx(30.0)
+
+
+def test_a_history_that_answers_late_stays_behind_the_runs_own_times() -> None:
+    """The history read is in the background; when it answers after the run's own tasks
+    ended, its older times were appended after theirs and pushed them out of the `keep`
+    kept."""
+    from types import SimpleNamespace
+
+    class History:
+        def history(self, **query: Any) -> Any:
+            old = SimpleNamespace(inference_ms=30_000, input={"duration": 5}, created_at=None)
+            return SimpleNamespace(items=[old] * 50)
+
+    times = InferenceTimes(keep=20)
+    for _ in range(20):
+        times.record(MODEL, 5, 60.0)  # what this run saw today
+    assert times.seed_from_history(History(), MODEL) == 50  # type: ignore[arg-type]
+    assert times.expected(MODEL, 5) == 60.0
+
+
 def test_news_that_came_between_a_look_and_a_sleep_wakes_it_at_once() -> None:
     from datetime import UTC
 

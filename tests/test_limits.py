@@ -306,8 +306,10 @@ def test_a_lane_cancelled_while_it_waits_for_the_window_sends_nothing() -> None:
 
 def test_a_lane_queued_for_the_window_keeps_its_acquire_timeout() -> None:
     """`acquire_timeout_s` held only between tries: a lane queued behind a request the
-    server never answers waited for room without end. Now it gives up at its deadline,
-    having sent nothing and taken no room in the window."""
+    server does not answer waited for room until that request ended (Prefect's client gives
+    up on one after 60 s; the fake here never answers), past its own deadline. Now it gives
+    up at its deadline, having sent nothing and taken no room in the window. (A request
+    once sent is still not cut short by the deadline.)"""
     sent: list[int] = []
     hang = asyncio.Event()
 

@@ -34,6 +34,7 @@ import functools
 import itertools
 import logging
 import math
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -226,15 +227,20 @@ class InferenceTimes:
     def _learn(self, model: str, items: list[tuple[int, float]]) -> None:
         """Record the history's tasks at once, then tell the waits listening: a wait woken by
         its first one would otherwise aim at that one alone (and stop listening)."""
+        by_key: dict[Key, list[float]] = {}
+        for duration, seconds in items:
+            by_key.setdefault((model, duration), []).append(seconds)
         news = []
         with self._lock:
             self._seeded.add(model)  # read once: an empty history stays empty for this run
-            for duration, seconds in items:
-                key = (model, duration)
-                if not self._seen.get(key):
+            for key, older in by_key.items():
+                own = self._seen.get(key, ())
+                if not own:
                     news.append(key)
-                self._seen.setdefault(key, deque(maxlen=self._keep)).append(seconds)
-                self._extra[key] = self._extra.get(key, 0.0) * 0.95
+                # Older than what this run saw itself (a read that answered late): kept
+                # behind the run's own times, never pushing them out.
+                self._seen[key] = deque([*older, *own], maxlen=self._keep)
+                self._extra[key] = self._extra.get(key, 0.0) * 0.95 ** len(older)
         for key in news:
             self._tell(key)
 
@@ -246,6 +252,7 @@ class InferenceTimes:
         submitted_at: datetime,
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
     ) -> WaitSteer:
         """A `PollSteer` for one wait of a task submitted at `submitted_at` whose first poll
         has nothing (or too little) to aim at. The n-th of a key polls frac(n * golden
@@ -255,7 +262,7 @@ class InferenceTimes:
         with self._lock:
             n = self._steered.get(key, 0)
             self._steered[key] = n + 1
-        return WaitSteer(self, policy, key, submitted_at, now, (n * _GOLDEN) % 1.0)
+        return WaitSteer(self, policy, key, submitted_at, now, (n * _GOLDEN) % 1.0, rng)
 
     def _steering(self, key: Key, miss_cost_s: float) -> tuple[int, float | None, float]:
         """At once: the news generation, the aim from every time known (None: none yet),
@@ -331,10 +338,12 @@ class WaitSteer:
         submitted_at: datetime,
         now: Callable[[], datetime],
         phase: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         self._times, self._policy, self._key = times, policy, key
         self._submitted_at, self._now = submitted_at, now
         self.phase = phase
+        self._rng = rng or random.Random()
         self._interval = policy.min_interval  # the policy's interval after the last poll
         self._generation = 0
         self._listening = True
@@ -376,14 +385,21 @@ class WaitSteer:
         # schedule that came after where the wave's time said): the policy's schedule after
         # a first poll, from that poll, each delay stretched by this wait's phase so that a
         # wave's misses do not all come back at once.
-        spread = 1 + self.phase * (policy.multiplier - 1)
         if self._after_aim is None:
-            self._after_aim = policy.delays()
+            self._after_aim = policy.delays(self._rng)
             self._after_aim.next()  # the first delay is the aimed poll's
-            self._next_at = last + self._after_aim.next() * spread
+            self._next_at = last + self._stretched(self._after_aim.next())
         elif polled:
-            self._next_at = age + self._after_aim.next() * spread
+            self._next_at = age + self._stretched(self._after_aim.next())
         return max(0.0, self._next_at - age)
+
+    def _stretched(self, delay: float) -> float:
+        """`delay` stretched by the phase (up to the multiplier), never past the policy's
+        longest interval: a wave's misses spread out, none is seen later than the policy
+        allows."""
+        policy = self._policy
+        longest = max(policy.max_interval, policy.min_interval)
+        return max(delay, min(delay * (1 + self.phase * (policy.multiplier - 1)), longest))
 
     def wake(self) -> Wake | None:
         return _Since(self._times, self._key, self._generation) if self._listening else None

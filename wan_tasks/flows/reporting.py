@@ -224,5 +224,8 @@ def publish_artifacts(
 
     with ThreadPoolExecutor(2, thread_name_prefix="wan-artifacts") as pool:
         writes = [pool.submit(contextvars.copy_context().run, write) for write in (table, sheets)]
-        for done in writes:
-            done.result()
+    errors = [e for e in (w.exception() for w in writes) if e is not None]
+    for later in errors[1:]:  # the first is raised; a second is not lost
+        logger.warning("the run's contact-sheet artifact failed too: %r", later)
+    if errors:
+        raise errors[0]

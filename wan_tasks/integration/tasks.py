@@ -83,24 +83,35 @@ class LiveOutputs:
     call per video. Bounded, and only for `keep_s`: an older entry, or another process (a
     re-run, a retry after a crash), asks the service as before."""
 
-    def __init__(self, keep_s: float = 60.0, most: int = 10_000) -> None:
-        self._keep_s, self._most = keep_s, most
+    def __init__(
+        self, keep_s: float = 60.0, most: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._keep_s, self._most, self._clock = keep_s, most, clock
         self._live: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, prediction_id: str, outputs: list[str]) -> None:
+        now = self._clock()
         with self._lock:
-            self._live[prediction_id] = (time.monotonic(), list(outputs))
+            self._live[prediction_id] = (now, list(outputs))
             self._live.move_to_end(prediction_id)
-            while len(self._live) > self._most:
+            # Oldest first: drop what is past its time (a URL nobody took, say a wait whose
+            # archive ran elsewhere), and past the bound.
+            while self._live and (
+                len(self._live) > self._most
+                or now - next(iter(self._live.values()))[0] > self._keep_s
+            ):
                 self._live.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._live)
 
     def take(self, prediction_id: str) -> list[str] | None:
         """The outputs once (a retry of the archive asks the service: the URL may be why it
         failed), or None."""
         with self._lock:
             entry = self._live.pop(prediction_id, None)
-        if entry is None or time.monotonic() - entry[0] > self._keep_s:
+        if entry is None or self._clock() - entry[0] > self._keep_s:
             return None
         return entry[1]
 
@@ -461,10 +472,16 @@ def _waited(
     )
     # The result is persisted: signed output URLs are bearer credentials, so the stored copy
     # keeps them scrubbed and the archive step asks the service for live ones.
+    return prediction.model_copy(update={"outputs": _stored_outputs(prediction)})
+
+
+def _stored_outputs(prediction: Prediction, live: LiveOutputs | None = None) -> list[str]:
+    """The outputs as stored, signed URL parameters scrubbed; the live URLs of a scrubbed one
+    kept in `live` (the process's) for the archive step."""
     stored = [redact_url(u) for u in prediction.outputs]
-    if stored != prediction.outputs:
-        LIVE_OUTPUTS.put(prediction.id, prediction.outputs)
-    return prediction.model_copy(update={"outputs": stored})
+    if any(is_redacted(u) for u in stored):
+        (live if live is not None else LIVE_OUTPUTS).put(prediction.id, prediction.outputs)
+    return stored
 
 
 @task(
