@@ -324,11 +324,11 @@ class WaitSteer:
     `PollSteer` for `Operations.wait`).
 
     Nothing known: the policy's schedule, each poll after the first `phase` of the way into
-    the interval that follows it (the policy's next poll times t1, t2, t3...: t2 + phase *
-    (t3 - t2), t3 + phase * (t4 - t3)...), listening. Something known
-    (from the start, or learned while waiting): one poll at the aim plus the margins,
-    counted from the submit; if that finds the task running, the policy's schedule after a
-    first poll (`min_interval`, growing)."""
+    the interval that follows it (the policy's poll times t1, t2, t3...: t1, then t2 +
+    phase * (t3 - t2), t3 + phase * (t4 - t3)...), listening. Something known (from the
+    start, or learned while waiting): one poll at the aim plus the margins, counted from the
+    submit; if that finds the task running, the policy's schedule after a first poll
+    (`min_interval`, growing; stretched by the phase up to `max_interval`)."""
 
     def __init__(
         self,
