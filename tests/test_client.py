@@ -306,7 +306,7 @@ def test_outputs_expire_after_their_lifetime(make_emulator: Make, make_client: M
 
 
 def test_concurrency_cap_queues_tasks(make_emulator: Make, make_client: Make) -> None:
-    emu = make_emulator(concurrency=2, latency_s=0.5)
+    emu = make_emulator(concurrency=2, latency_s=1.0)
     client = make_client(emu)
     ids = [
         client.submit(request(image="http://127.0.0.1:1/never.png")).prediction.id for _ in range(5)
@@ -320,7 +320,9 @@ def test_concurrency_cap_queues_tasks(make_emulator: Make, make_client: Make) ->
         with pytest.raises(MediaAccessError):
             client.wait(i)
     stats = emu.stats()
-    assert stats["max_processing"] == 2 and stats["max_in_flight"] == 5
+    # The cap held, and tasks queued past it. (All five at once only if the five submits beat
+    # the first task's end: on a loaded machine one had ended before the fifth came.)
+    assert stats["max_processing"] == 2 and stats["max_in_flight"] >= 3
 
 
 def test_cancel(make_emulator: Make, make_client: Make) -> None:
