@@ -527,13 +527,13 @@ class Operations:
                         prediction_id,
                         deadline=deadline,
                     )
-                    last = self._clock()
                 except WaveSpeedError as exc:
-                    last = self._clock()
                     if not exc.retryable or self._clock() >= deadline:
                         raise
                     logger.warning("poll of %s failed (%s); still waiting", prediction_id, exc)
                     continue
+                finally:
+                    last = self._clock()  # answered or failed: the floor counts from here
                 if prediction.status is PredictionStatus.COMPLETED and prediction.outputs:
                     logger.info(
                         "prediction %s completed after %d polls (inference %s ms)",

@@ -30,6 +30,10 @@ class PollPolicy(BaseModel):
     multiplier: float = Field(default=1.5, ge=1.0)
     jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
 
+    def interval_after(self, interval: float) -> float:
+        """The schedule's interval (before jitter) that follows `interval`."""
+        return min(self.max_interval, max(self.min_interval, interval * self.multiplier))
+
     def delays(self, rng: random.Random | None = None) -> PollDelays:
         return PollDelays(self, rng or random.Random())
 
@@ -50,7 +54,7 @@ class PollDelays:
             self._next = p.min_interval
             return self._rng.uniform(p.first_poll_after, p.first_poll_after * (1 + p.jitter))
         base = self._next
-        self._next = min(p.max_interval, max(p.min_interval, self._next * p.multiplier))
+        self._next = p.interval_after(base)
         spread = base * p.jitter
         # Never below min_interval after the first poll: the service's rule is a floor.
         return self._rng.uniform(max(p.min_interval, base - spread), base + spread)

@@ -369,9 +369,7 @@ class WaitSteer:
             # The policy's next delay (`scheduled`, jittered), shifted: from t(n) + phase *
             # d(n) to t(n+1) + phase * d(n+1), where d is the interval after each poll; the
             # first poll is not shifted.
-            following = min(
-                policy.max_interval, max(policy.min_interval, self._interval * policy.multiplier)
-            )
+            following = policy.interval_after(self._interval)
             growth = following / self._interval if self._interval > 0 else 1.0
             self._interval = following
             return scheduled * (1 + self.phase * (growth if polls == 1 else growth - 1))
