@@ -96,6 +96,43 @@ def test_second_run_submits_nothing(stack: Stack) -> None:
     assert before["submissions"] == 1
 
 
+def test_a_rerun_of_a_finished_batch_waits_for_nothing(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached submit's stored result predates its video's archiving; the ledger knows it
+    landed, so a re-run goes from the cached submit to the archive without a wait task run
+    (before, it ran a cached wait per video, inside a slot). Videos that had not landed are
+    still waited for (tests/test_crash_resume.py)."""
+    from wan_tasks.flows import produce
+
+    waited: list[str] = []
+    real = produce.await_prediction
+
+    async def counting(submitted: Any, **kwargs: Any) -> Any:
+        waited.append(submitted.item_id)
+        return await real(submitted, **kwargs)
+
+    monkeypatch.setattr(produce, "await_prediction", counting)
+    rows = [
+        {"id": f"landed-{i}", "image": str(SAMPLE), "prompt": f"test landed rerun {i}"}
+        for i in range(3)
+    ]
+    manifest = write_manifest(tmp_path / "landed.jsonl", rows)
+    first = generate_batch(manifest, options=FAST)
+    assert first.archived == 3 and sorted(waited) == ["landed-0", "landed-1", "landed-2"]
+
+    waited.clear()
+    before = stack.stats()
+    again = generate_batch(manifest, options=FAST)
+    assert again.archived == 3 and again.new_spend_usd == 0, again
+    assert waited == []
+    after = stack.stats()
+    for counter in ("submissions", "result_polls", "downloads"):
+        assert after[counter] == before[counter], counter
+    assert [o.sha256 for o in again.outcomes] == [o.sha256 for o in first.outcomes]
+    assert [o.s3_uri for o in again.outcomes] == [o.s3_uri for o in first.outcomes]
+
+
 def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
     request = req("seed-minus-one")
     out = run_video(request, options=FAST)

@@ -62,7 +62,7 @@ from wan_tasks.integration.limits import (
     hold_slots,
     read_limit,
 )
-from wan_tasks.integration.runtime import close_async_clients, wavespeed_client
+from wan_tasks.integration.runtime import close_async_clients, open_ledger, wavespeed_client
 from wan_tasks.integration.tasks import (
     archive_to_s3,
     await_prediction,
@@ -219,7 +219,7 @@ class Producer:
 
     def _submit(self, video: _Video) -> SubmittedVideo:
         opts = self.options
-        return submit_i2v(
+        submitted = submit_i2v(
             video.request,
             variant=video.job.variant,
             attempt=video.attempt,
@@ -229,6 +229,26 @@ class Producer:
             rate_limit_name=opts.limits.per_minute,
             ledger=self.ledger,
         )
+        if submitted.archived is None and submitted.flow_run_id != self.this_run:
+            submitted = self._landed_since(submitted)
+        return submitted
+
+    def _landed_since(self, submitted: SubmittedVideo) -> SubmittedVideo:
+        """A submit made by an earlier run, with where its video landed if the ledger knows.
+
+        A cached submit returns the result stored when it was made, before its video was
+        archived: without this a re-run of a finished batch ran (and Prefect recorded) a
+        cached wait per video, inside a slot, on top of the cached submit and archive. The
+        ledger is what `submit_once` consults when it reconnects, so both paths now skip the
+        wait alike. One S3 GET a video, only for submits of earlier runs."""
+        if self.ledger is None:
+            return submitted
+        entry = open_ledger(self.ledger).read(submitted.request_key)
+        if entry is None or entry.archived is None:
+            return submitted
+        if entry.prediction_id != submitted.prediction_id:
+            return submitted  # not this prediction's record: let the wait and archive decide
+        return submitted.model_copy(update={"archived": entry.archived})
 
     async def _remake(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
         async with in_flight_slot(self.options.limits):
