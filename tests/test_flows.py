@@ -132,6 +132,17 @@ def test_a_rerun_of_a_finished_batch_waits_for_nothing(
     assert [o.sha256 for o in again.outcomes] == [o.sha256 for o in first.outcomes]
     assert [o.s3_uri for o in again.outcomes] == [o.s3_uri for o in first.outcomes]
 
+    # The shortcut's read failing costs the shortcut, not the videos: they wait as before.
+    class Unreadable:
+        def read(self, request_key: str) -> None:
+            raise OSError("store unavailable")
+
+    monkeypatch.setattr(produce, "open_ledger", lambda place: Unreadable())
+    third = generate_batch(manifest, options=FAST)
+    assert third.archived == 3, third
+    assert sorted(waited) == ["landed-0", "landed-1", "landed-2"]
+    assert stack.stats()["submissions"] == before["submissions"]
+
 
 def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
     request = req("seed-minus-one")

@@ -243,7 +243,13 @@ class Producer:
         wait alike. One S3 GET a video, only for submits of earlier runs."""
         if self.ledger is None:
             return submitted
-        entry = open_ledger(self.ledger).read(submitted.request_key)
+        try:
+            entry = open_ledger(self.ledger).read(submitted.request_key)
+        except Exception as exc:
+            # Only a shortcut: the wait and the archive step (with its retries) still do
+            # the job, so a store that fails this read must not fail the video.
+            logger.warning("%s: ledger read failed, waiting as usual: %s", submitted.item_id, exc)
+            return submitted
         if entry is None or entry.archived is None:
             return submitted
         if entry.prediction_id != submitted.prediction_id:
