@@ -107,7 +107,9 @@ def test_a_cancel_mid_post_keeps_the_budget_reservation(
 ) -> None:
     """Ctrl-C (or a cancel) while the POST is in flight: the task may exist and be billed
     (here it does), so the budget must still count it, as for a lost answer."""
-    stack = make_stack(faults={"script": {"submit": ["slow"]}, "slow_s": 4.0})
+    # The POST is held 15 s: the interrupt must land inside it, and on a loaded machine the
+    # watcher's stats call alone has taken longer than the 4 s this test once held it.
+    stack = make_stack(faults={"script": {"submit": ["slow"]}, "slow_s": 15.0})
     ledger = _ledger(stack, s3_store)
     request = derive_seed(req("cancel-mid-post"))
     budget = Budget(100)
