@@ -144,6 +144,63 @@ def test_a_rerun_of_a_finished_batch_waits_for_nothing(
     assert stack.stats()["submissions"] == before["submissions"]
 
 
+def test_the_rerun_shortcut_takes_only_this_predictions_record_in_this_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In memory: a submit of an earlier run goes straight to the archive step only when the
+    ledger says *its* prediction landed in the bucket this run archives to."""
+    from datetime import UTC, datetime
+
+    from wan_tasks.core.budget import Budget
+    from wan_tasks.core.ledger import ArchivedAt, LedgerEntry
+    from wan_tasks.core.submit import SubmittedVideo
+    from wan_tasks.flows import produce
+    from wan_tasks.storage.archive import ArchiveTarget
+
+    now = datetime.now(UTC)
+    producer = produce.Producer(ArchiveTarget(bucket="videos"), RunOptions(), Budget(None))
+    producer.this_run = "run-2"
+    submitted = SubmittedVideo(
+        request_key="k",
+        prediction_id="p1",
+        model="m",
+        seed=1,
+        duration=5,
+        cost_usd=Decimal("0.10"),
+        submitted_at=now,
+        flow_run_id="run-1",
+        redacted_request={},
+        redacted_payload={},
+    )
+    records: dict[str, LedgerEntry] = {}
+
+    class Book:
+        def read(self, request_key: str) -> LedgerEntry | None:
+            return records.get(request_key)
+
+    def landed(bucket: str, prediction_id: str = "p1") -> LedgerEntry:
+        where = ArchivedAt(bucket=bucket, key="v.mp4", sha256="0" * 64, size=1)
+        return LedgerEntry(
+            request_key="k",
+            model="m",
+            intent_at=now,
+            input_fingerprint="f",
+            payload={},
+            prediction_id=prediction_id,
+            archived=where,
+        )
+
+    monkeypatch.setattr(produce, "open_ledger", lambda place: Book())
+    assert producer._landed_since(submitted).archived is None  # no record
+    records["k"] = landed("videos")
+    found = producer._landed_since(submitted).archived
+    assert found is not None and found.key == "v.mp4"
+    records["k"] = landed("elsewhere")
+    assert producer._landed_since(submitted).archived is None
+    records["k"] = landed("videos", prediction_id="p2")
+    assert producer._landed_since(submitted).archived is None
+
+
 def test_seed_minus_one_records_the_concrete_seed(stack: Stack) -> None:
     request = req("seed-minus-one")
     out = run_video(request, options=FAST)
