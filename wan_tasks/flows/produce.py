@@ -250,10 +250,10 @@ class Producer:
             # the job, so a store that fails this read must not fail the video.
             logger.warning("%s: ledger read failed, waiting as usual: %s", submitted.item_id, exc)
             return submitted
-        if entry is None or entry.archived is None or entry.archived.bucket != self.target.bucket:
+        if entry is None or entry.prediction_id != submitted.prediction_id:
+            return submitted  # not this prediction's record: the wait and archive decide
+        if entry.archived is None or entry.archived.bucket != self.target.bucket:
             return submitted  # not landed where this run archives: the archive step fetches it
-        if entry.prediction_id != submitted.prediction_id:
-            return submitted  # not this prediction's record: let the wait and archive decide
         return submitted.model_copy(update={"archived": entry.archived})
 
     async def _remake(self, video: _Video) -> tuple[SubmittedVideo, Prediction | None]:
